@@ -1,0 +1,134 @@
+"""The `cadence` command: parse -> build -> run. No training logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cadence.config import ConfigError
+    from cadence.data import DataError
+
+    return (ConfigError, DataError)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="a YAML file or a built-in recipe name (see `cadence list recipes`); default: default",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set optimizer.lr=0.1 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadence",
+        description="Train PyTorch models with principled training strategies and optimizers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a recipe or YAML config")
+    _add_config_args(p)
+    p.add_argument(
+        "--run-dir", default=None, help="where to write the run (default: runs/NAME-TIME)"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="list optimizers, schedules, workloads or recipes")
+    p.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=["optimizers", "schedules", "workloads", "recipes", "all"],
+    )
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from cadence.config import load_config
+    from cadence.training.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, run_dir=args.run_dir)
+    table = Table(title=f"run finished: {summary['stop_reason']}", show_header=False)
+    fm = summary.get("final_metrics") or {}
+    rows = [
+        ("run dir", summary["run_dir"]),
+        ("steps", f"{summary['steps']:,}"),
+        (
+            "samples" if not summary["tokens"] else "tokens",
+            f"{summary['tokens'] or summary['samples']:,}",
+        ),
+        ("final train loss", f"{summary['final_train_loss']:.4f}"),
+    ]
+    rows += [(k, f"{v:.6g}") for k, v in fm.items()]
+    rows.append(
+        (f"best {summary['metric']}", f"{summary['best_metric']:.6g} (step {summary['best_step']})")
+    )
+    if summary["target"] is not None:
+        rows.append(("target step", str(summary["target_step"])))
+    rate = summary["tokens_per_s"] or summary["samples_per_s"]
+    unit = "tokens/s" if summary["tokens"] else "samples/s"
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s ({rate:,.0f} {unit})"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    return 1 if summary["stop_reason"] == "nonfinite" else 0
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    from cadence.config import recipe_description, recipe_names
+    from cadence.optim import OPTIMIZERS
+    from cadence.schedules import SCHEDULES
+    from cadence.workloads import WORKLOADS
+
+    sections = {
+        "optimizers": [(n, s.description) for n, s in OPTIMIZERS.items()],
+        "schedules": list(SCHEDULES.items()),
+        "workloads": [(n, s.description) for n, s in WORKLOADS.items()],
+        "recipes": [(n, recipe_description(n)) for n in recipe_names()],
+    }
+    for name, items in sections.items():
+        if args.what not in (name, "all"):
+            continue
+        table = Table(title=name, show_header=False, title_justify="left")
+        for key, desc in items:
+            table.add_row(f"[bold]{key}", desc)
+        console.print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    console = Console()
+    try:
+        return args.func(args, console)
+    except _user_errors() as exc:
+        print(f"cadence: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cadence: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Datasets, tokenizers and the resumable sampler; all local, no downloads."""
+
+from cadence.data.errors import DataError
+from cadence.data.sampler import EpochSampler
+from cadence.data.tabular import (
+    load_breast_cancer_split,
+    logreg_grad,
+    logreg_loss,
+    logreg_optimum,
+)
+from cadence.data.text import load_text, split_blocks
+from cadence.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
+from cadence.data.vision import load_digits, load_mnist, split_indices
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "DataError",
+    "EpochSampler",
+    "Tokenizer",
+    "build_tokenizer",
+    "load_breast_cancer_split",
+    "load_digits",
+    "load_mnist",
+    "load_text",
+    "load_tokenizer",
+    "logreg_grad",
+    "logreg_loss",
+    "logreg_optimum",
+    "split_blocks",
+    "split_indices",
+]

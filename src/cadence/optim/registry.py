@@ -1,0 +1,317 @@
+"""Name -> optimizer table used by configs, recipes and the trainer.
+
+Every builder takes its parameter groups from :mod:`cadence.optim.groups` and stamps each
+group with ``"base_lr"`` (the LR the config asked for that group) and ``"group_name"``. The
+trainer never keeps its own copy of the LRs: each step it writes
+``group["lr"] = group["base_lr"] * multiplier``, so schedules compose with per-group LRs
+(Muon vs. its AdamW half) without knowing about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import schedulefree
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from cadence.optim.chained import ChainedOptimizer
+from cadence.optim.groups import muon_split, param_groups
+from cadence.optim.lion import Lion
+
+__all__ = [
+    "OPTIMIZERS",
+    "AnyOptimizer",
+    "OptimizerSpec",
+    "build_optimizer",
+    "is_schedule_free",
+    "set_train_mode",
+]
+
+AnyOptimizer = Optimizer | ChainedOptimizer
+
+DEFAULT_MUON_MOMENTUM = 0.95
+DEFAULT_SCHEDULE_FREE_SGD_MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registry entry.
+
+    ``full_batch`` tells the trainer to feed the whole training set each step (only "gd");
+    ``schedule_free`` tells it to toggle train/eval mode around evaluation and checkpoints.
+    """
+
+    name: str
+    description: str
+    build: Callable[..., AnyOptimizer]
+    full_batch: bool = False
+    schedule_free: bool = False
+
+
+def _stamp(groups: list[dict[str, Any]], lr: float, prefix: str = "") -> list[dict[str, Any]]:
+    for g in groups:
+        g["lr"] = lr
+        g["base_lr"] = lr
+        g["group_name"] = prefix + g["group_name"]
+    return groups
+
+
+def _groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    groups = _stamp(param_groups(model, weight_decay), lr)
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return groups
+
+
+def _build_gd(
+    model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, **_: Any
+) -> AnyOptimizer:
+    if momentum != 0 or nesterov:
+        raise ValueError(
+            "optimizer.momentum: 'gd' is plain full-batch gradient descent; "
+            "use 'sgd' for momentum or nesterov"
+        )
+    return torch.optim.SGD(_groups(model, lr, weight_decay), lr=lr, momentum=0.0)
+
+
+def _build_sgd(
+    model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, **_: Any
+) -> AnyOptimizer:
+    # torch's SGD with momentum is heavy ball: v <- mu*v + g ; theta <- theta - lr*v.
+    return torch.optim.SGD(
+        _groups(model, lr, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov
+    )
+
+
+def _adam_family(cls: type[Optimizer]) -> Callable[..., AnyOptimizer]:
+    def build(
+        model: nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        **_: Any,
+    ) -> AnyOptimizer:
+        return cls(_groups(model, lr, weight_decay), lr=lr, betas=betas, eps=eps)
+
+    return build
+
+
+def _build_adafactor(model: nn.Module, *, lr: float, weight_decay: float, **_: Any) -> AnyOptimizer:
+    # Adafactor's eps/betas mean something else (relative-step clipping, beta2 decay
+    # schedule), so the Adam-style knobs are not forwarded; torch's defaults are the paper's.
+    return torch.optim.Adafactor(_groups(model, lr, weight_decay), lr=lr)
+
+
+def _build_lion(
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], **_: Any
+) -> AnyOptimizer:
+    # betas are used as given; recipes that pick Lion set the paper's (0.9, 0.99) explicitly
+    # rather than us guessing whether (0.9, 0.999) was meant or just a leftover default.
+    return Lion(_groups(model, lr, weight_decay), lr=lr, betas=betas)
+
+
+def _build_muon(
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    aux_lr: float,
+    **_: Any,
+) -> AnyOptimizer:
+    matrices, rest = muon_split(model)
+    inner: list[Optimizer] = []
+    if matrices:
+        # adjust_lr_fn="match_rms_adamw" rescales each orthogonalised update to the RMS an
+        # AdamW update would have (0.2 * sqrt(max(fan_in, fan_out))), so the AdamW-scale LR a
+        # config already has works for both halves; "original" would need ~50x larger LRs.
+        muon_group = {"params": matrices, "weight_decay": weight_decay, "group_name": "muon"}
+        inner.append(
+            torch.optim.Muon(
+                _stamp([muon_group], lr),
+                lr=lr,
+                weight_decay=weight_decay,
+                # Muon's own default; 0 would disable the momentum it is designed around.
+                momentum=momentum if momentum > 0 else DEFAULT_MUON_MOMENTUM,
+                nesterov=True,
+                adjust_lr_fn="match_rms_adamw",
+            )
+        )
+    if rest:
+        restricted = param_groups(model, weight_decay, only=rest)
+        inner.append(
+            torch.optim.AdamW(_stamp(restricted, aux_lr, "adamw_"), lr=aux_lr, betas=betas, eps=eps)
+        )
+    if not inner:
+        raise ValueError("model has no trainable parameters")
+    return ChainedOptimizer(inner)
+
+
+def _build_sf_adamw(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    **_: Any,
+) -> AnyOptimizer:
+    return schedulefree.AdamWScheduleFree(
+        _groups(model, lr, weight_decay), lr=lr, betas=betas, eps=eps
+    )
+
+
+def _build_sf_sgd(
+    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, **_: Any
+) -> AnyOptimizer:
+    # Schedule-free SGD's "momentum" is its interpolation weight; 0 would make it plain SGD
+    # with iterate averaging disabled, so 0 means "use the library's default 0.9".
+    mom = momentum if momentum > 0 else DEFAULT_SCHEDULE_FREE_SGD_MOMENTUM
+    return schedulefree.SGDScheduleFree(_groups(model, lr, weight_decay), lr=lr, momentum=mom)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in [
+        OptimizerSpec(
+            "gd",
+            "Full-batch gradient descent (torch SGD, no momentum); one step per pass.",
+            _build_gd,
+            full_batch=True,
+        ),
+        OptimizerSpec(
+            "sgd",
+            "Mini-batch SGD (torch); heavy-ball momentum when momentum > 0, optional Nesterov.",
+            _build_sgd,
+        ),
+        OptimizerSpec(
+            "adam",
+            "Adam (torch); weight decay is L2 in the gradient.",
+            _adam_family(torch.optim.Adam),
+        ),
+        OptimizerSpec(
+            "adamw", "AdamW (torch); decoupled weight decay.", _adam_family(torch.optim.AdamW)
+        ),
+        OptimizerSpec(
+            "nadam", "NAdam (torch): Adam with Nesterov momentum.", _adam_family(torch.optim.NAdam)
+        ),
+        OptimizerSpec(
+            "radam",
+            "RAdam (torch): variance-rectified Adam, no warmup needed.",
+            _adam_family(torch.optim.RAdam),
+        ),
+        OptimizerSpec(
+            "adafactor", "Adafactor (torch): factored second moments, low memory.", _build_adafactor
+        ),
+        OptimizerSpec(
+            "muon",
+            "Muon (torch) on hidden matrices + AdamW on embeddings, head, norms and biases.",
+            _build_muon,
+        ),
+        OptimizerSpec(
+            "lion",
+            "Lion (cadence): sign of interpolated momentum; small LR, large WD.",
+            _build_lion,
+        ),
+        OptimizerSpec(
+            "schedulefree-adamw",
+            "Schedule-free AdamW: no LR decay needed; evaluate in eval mode (averaged weights).",
+            _build_sf_adamw,
+            schedule_free=True,
+        ),
+        OptimizerSpec(
+            "schedulefree-sgd",
+            "Schedule-free SGD: no LR decay needed; evaluate in eval mode (averaged weights).",
+            _build_sf_sgd,
+            schedule_free=True,
+        ),
+    ]
+}
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    aux_lr: float | None = None,
+) -> Optimizer | ChainedOptimizer:
+    """Build the named optimizer over ``model``'s trainable parameters.
+
+    Errors name the config key (``optimizer.lr``...) so a bad YAML value is found at once.
+    Schedule-free optimizers come back already in train mode so the first ``step`` works;
+    the trainer still toggles them with :func:`set_train_mode` around evaluation.
+    """
+    spec = OPTIMIZERS.get(name)
+    if spec is None:
+        raise ValueError(
+            f"optimizer.name: unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}"
+        )
+    if not lr > 0:
+        raise ValueError(f"optimizer.lr: must be > 0, got {lr}")
+    if aux_lr is not None and not aux_lr > 0:
+        raise ValueError(f"optimizer.aux_lr: must be > 0, got {aux_lr}")
+    if momentum < 0:
+        raise ValueError(f"optimizer.momentum: must be >= 0, got {momentum}")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay: must be >= 0, got {weight_decay}")
+    if nesterov and momentum <= 0 and name in ("sgd", "gd"):
+        raise ValueError("optimizer.nesterov: Nesterov needs momentum > 0")
+    optimizer = spec.build(
+        model,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        betas=tuple(betas),
+        eps=eps,
+        aux_lr=lr if aux_lr is None else aux_lr,
+    )
+    if spec.schedule_free:
+        set_train_mode(optimizer, True)
+    return optimizer
+
+
+def _inner(optimizer: AnyOptimizer) -> list[Any]:
+    return optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+
+
+def _is_sf(opt: Any) -> bool:
+    # Duck-typed so every schedulefree class (and wrappers) qualifies: they all expose
+    # train()/eval() and keep a "train_mode" flag in each param group.
+    return (
+        callable(getattr(opt, "train", None))
+        and callable(getattr(opt, "eval", None))
+        and any("train_mode" in g for g in opt.param_groups)
+    )
+
+
+def is_schedule_free(optimizer: AnyOptimizer) -> bool:
+    """True when evaluation must switch to the averaged weights first."""
+    return any(_is_sf(opt) for opt in _inner(optimizer))
+
+
+def set_train_mode(optimizer: AnyOptimizer, training: bool) -> None:
+    """Put schedule-free optimizers in train mode (stepping) or eval mode (evaluate/save).
+
+    Schedule-free keeps the model's weights at the gradient-evaluation point while training;
+    the point worth evaluating or saving is the average, which only eval mode writes into
+    the parameters. Other optimizers have one set of weights, so this is a no-op for them.
+    """
+    for opt in _inner(optimizer):
+        if _is_sf(opt):
+            opt.train() if training else opt.eval()

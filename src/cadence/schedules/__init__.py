@@ -1,0 +1,44 @@
+"""Training-progress schedules: pure LR multipliers, a composable plateau scale, batch ramps."""
+
+from cadence.schedules.batch import LR_SCALING_RULES, BatchRamp, split_micro
+from cadence.schedules.lr import (
+    SCHEDULES,
+    Schedule,
+    build_schedule,
+    constant,
+    cosine,
+    exponential,
+    inverse_sqrt,
+    join,
+    linear,
+    multistep,
+    onecycle,
+    polynomial,
+    step,
+    warmup,
+    wsd,
+)
+from cadence.schedules.plateau import EMASmoother, Plateau
+
+__all__ = [
+    "LR_SCALING_RULES",
+    "SCHEDULES",
+    "BatchRamp",
+    "EMASmoother",
+    "Plateau",
+    "Schedule",
+    "build_schedule",
+    "constant",
+    "cosine",
+    "exponential",
+    "inverse_sqrt",
+    "join",
+    "linear",
+    "multistep",
+    "onecycle",
+    "polynomial",
+    "split_micro",
+    "step",
+    "warmup",
+    "wsd",
+]

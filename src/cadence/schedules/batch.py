@@ -1,0 +1,132 @@
+"""Batch-size ramps and micro-batch splitting.
+
+Growing the batch during training plays the role of decaying the LR (Smith et al., 2018, "Don't
+decay the learning rate, increase the batch size") while using hardware better late in a run.
+Like the LR schedules, a :class:`BatchRamp` is a pure function of the optimizer step, so a
+resumed run picks the right batch size from the step counter alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["LR_SCALING_RULES", "BatchRamp", "split_micro"]
+
+LR_SCALING_RULES = ("sqrt", "linear", "none")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class BatchRamp:
+    """Global batch size as a step function of training progress, plus the matching LR factor.
+
+    ``stages`` is ``[(fraction_of_training, global_batch_size), ...]``; stage ``i`` takes effect
+    at the first step ``t >= fraction_i * total_steps``. Before the first stage the batch is
+    ``base_size``. (The product is rounded to 9 decimals before taking the ceiling so that e.g.
+    ``0.3 * 10`` starts at step 3, not 4, despite binary floating point.)
+
+    ``rule`` says how the LR follows the batch: ``"sqrt"`` (``(size/base) ** 0.5``, the rule that
+    keeps the gradient-noise scale fixed for Adam-type optimizers), ``"linear"`` (``size/base``,
+    Goyal et al.'s rule for SGD) or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        base_size: int,
+        stages: Sequence[tuple[float, int]] = (),
+        *,
+        total_steps: int,
+        rule: str = "sqrt",
+    ) -> None:
+        if not _is_int(base_size) or base_size < 1:
+            raise ValueError(f"batch.size: must be a positive integer, got {base_size!r}")
+        if not _is_int(total_steps) or total_steps < 1:
+            raise ValueError(f"train.max_steps: must be a positive integer, got {total_steps!r}")
+        if rule not in LR_SCALING_RULES:
+            raise ValueError(
+                f"batch.lr_scaling: must be one of {', '.join(LR_SCALING_RULES)}; got {rule!r}"
+            )
+        parsed: list[tuple[float, int]] = []
+        for i, stage in enumerate(stages):
+            try:
+                frac, size = stage
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"batch.schedule[{i}]: expected [fraction, size], got {stage!r}"
+                ) from None
+            if not (
+                isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0.0 <= frac < 1.0
+            ):
+                raise ValueError(f"batch.schedule[{i}]: fraction must be in [0, 1), got {frac!r}")
+            # Sizes arrive from YAML lists of floats (e.g. [0.5, 64.0]); accept integral floats.
+            if isinstance(size, float) and size.is_integer():
+                size = int(size)
+            if not _is_int(size) or size < 1:
+                raise ValueError(
+                    f"batch.schedule[{i}]: size must be a positive integer, got {size!r}"
+                )
+            if parsed and frac <= parsed[-1][0]:
+                raise ValueError(
+                    f"batch.schedule: fractions must be strictly increasing, "
+                    f"got {[f for f, _ in parsed] + [frac]}"
+                )
+            parsed.append((float(frac), size))
+        self.base_size = base_size
+        self.total_steps = total_steps
+        self.rule = rule
+        self.stages: tuple[tuple[float, int], ...] = tuple(parsed)
+        self.stage_starts: tuple[int, ...] = tuple(
+            math.ceil(round(f * total_steps, 9)) for f, _ in parsed
+        )
+
+    def size_at(self, t: int) -> int:
+        """Global batch size for the step with ``t`` optimizer steps already completed."""
+        size = self.base_size
+        for start, (_, stage_size) in zip(self.stage_starts, self.stages):
+            if t >= start:
+                size = stage_size
+            else:
+                break
+        return size
+
+    def lr_scale_at(self, t: int) -> float:
+        """LR multiplier that compensates for the batch at step ``t`` being larger than base."""
+        if self.rule == "none":
+            return 1.0
+        ratio = self.size_at(t) / self.base_size
+        return math.sqrt(ratio) if self.rule == "sqrt" else ratio
+
+    @property
+    def max_size(self) -> int:
+        """Largest global batch of the run (what memory and data loaders must be sized for)."""
+        return max([self.base_size, *(s for _, s in self.stages)])
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchRamp(base_size={self.base_size}, stages={list(self.stages)}, "
+            f"total_steps={self.total_steps}, rule={self.rule!r})"
+        )
+
+
+def split_micro(global_size: int, micro_size: int | None) -> list[int]:
+    """Sizes of the micro-batches whose accumulated gradients make one global batch.
+
+    All are ``micro_size`` except possibly a smaller last one; the trainer must weight each
+    micro-batch's loss by ``size / global_size`` so the accumulated gradient is the mean over
+    the global batch, whatever the split.
+    """
+    if not _is_int(global_size) or global_size < 1:
+        raise ValueError(f"batch.size: must be a positive integer, got {global_size!r}")
+    if micro_size is None:
+        return [global_size]
+    if not _is_int(micro_size) or micro_size < 1:
+        raise ValueError(
+            f"batch.micro_size: must be a positive integer or null, got {micro_size!r}"
+        )
+    if micro_size >= global_size:
+        return [global_size]
+    full, rest = divmod(global_size, micro_size)
+    return [micro_size] * full + ([rest] if rest else [])

@@ -1,0 +1,43 @@
+"""metrics.jsonl: one JSON object per logged step, flushed as it is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cadence.training.events import Callback
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf; a diverged run still writes valid lines (as null).
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._fh = None
+
+    def on_start(self, trainer: Any) -> None:
+        # Kept open for the whole run (closed in on_end) so each row is one cheap append.
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._fh.flush()
+
+    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

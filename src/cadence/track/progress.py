@@ -1,0 +1,56 @@
+"""A rich progress bar: step, loss, lr, throughput, ETA; refreshed at log intervals only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from cadence.training.events import Callback
+
+
+class ProgressBar(Callback):
+    def __init__(self, total_steps: int, console: Console | None = None) -> None:
+        self.total = total_steps
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task = None
+
+    def on_start(self, trainer: Any) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, info="")
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        rate = (
+            f"{row['tokens_per_s']:,.0f} tok/s"
+            if "tokens_per_s" in row
+            else f"{row['samples_per_s']:,.0f} samples/s"
+        )
+        info = f"loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  {rate}"
+        if "val_loss" in row:
+            info += f"  val {row['val_loss']:.4f}"
+        self.progress.update(self.task, completed=row["step"], info=info)
+
+    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=summary["steps"])
+            self.progress.stop()
+            self.progress = None

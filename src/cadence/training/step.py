@@ -1,0 +1,69 @@
+"""One optimizer step over a global batch made of micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
+    """bf16 autocast where asked; fp32 runs get a no-op context."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    loss_sum: Callable[[nn.Module, Any], Tensor],
+    micro_batches: Sequence[Any],
+    total_units: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> Tensor:
+    """Backward each micro-batch's loss *sum* divided by the units of the whole global batch.
+
+    Dividing by the global count (tokens for text, samples otherwise), not by the number of
+    micro-batches, makes the accumulated gradient equal to the gradient of one large batch even
+    when micro-batches differ in size. Returns the mean loss as a device tensor (no host sync).
+    """
+    total = None
+    for batch in micro_batches:
+        with autocast():
+            loss = loss_sum(model, batch)
+        (loss / total_units).backward()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    return total / total_units
+
+
+def grad_norm_and_clip(params: Sequence[Tensor], max_norm: float | None) -> Tensor:
+    """The global gradient norm (before clipping), as a device tensor; clips in place if asked."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return norm
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: Any,
+    loss_sum: Callable[[nn.Module, Any], Tensor],
+    micro_batches: Sequence[Any],
+    total_units: int,
+    *,
+    clip_grad_norm: float | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    params: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """zero_grad -> accumulate -> norm/clip -> step. Returns (mean loss, grad norm) on device."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, loss_sum, micro_batches, total_units, autocast)
+    norm = grad_norm_and_clip(
+        params if params is not None else list(model.parameters()), clip_grad_norm
+    )
+    optimizer.step()
+    return loss, norm

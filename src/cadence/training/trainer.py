@@ -1,0 +1,260 @@
+"""The trainer's parts, assembled from a config: optimizer, schedules, data order, run control.
+
+`fit()` in loop.py reads top to bottom on one screen; everything it calls lives here so that each
+decision (the LR of a step, which samples it sees, when to evaluate or stop) is one small method.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from cadence.data import EpochSampler
+from cadence.optim import set_train_mode
+from cadence.schedules import EMASmoother, split_micro
+from cadence.training.components import (
+    batch_ramp_from,
+    lr_schedule_from,
+    optimizer_from,
+    plateau_from,
+)
+from cadence.training.ema import EMA
+from cadence.training.events import Callback
+from cadence.training.state import TrainState
+from cadence.training.step import autocast_context
+
+if TYPE_CHECKING:
+    from cadence.config import Config
+    from cadence.workloads import Workload
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        workload: Workload,
+        callbacks: Sequence[Callback] = (),
+        run_dir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.last_metrics: dict[str, float] | None = None
+        self.workload = workload
+        self.model = workload.model
+        self.device = next(self.model.parameters()).device
+        self.callbacks = list(callbacks)
+        t = cfg.train
+        self.optimizer = optimizer_from(cfg, self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.full_batch = cfg.batch.size == "full"
+        self.ramp = batch_ramp_from(cfg, workload.n_train)
+        self.schedule = lr_schedule_from(
+            cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
+        )
+        self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
+        self.smoother = EMASmoother(0.9)
+        self.ema = EMA(self.model, t.ema) if t.ema else None
+        # Full-batch GD visits the training set in order, every sample once per step.
+        self.sampler = EpochSampler(workload.n_train, t.seed, shuffle=not self.full_batch)
+        self.state = TrainState()
+        self.autocast = autocast_context(self.device, t.precision)
+        self.step_model = torch.compile(self.model) if t.compile else self.model
+        self._clock = self._clock_base = 0.0
+        self._last_log = (0.0, 0, 0)  # (elapsed, samples, tokens) at the previous log row
+        self._prev_loss: float | None = None
+
+    # ------------------------------------------------------------ per-step decisions
+
+    def emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def lr_multiplier(self, step: int) -> float:
+        """warmup -> schedule, times the plateau factor, times the batch-ramp LR rule."""
+        scale = self.plateau.scale if self.plateau is not None else 1.0
+        return self.schedule(step) * scale * self.ramp.lr_scale_at(step)
+
+    def apply_lr(self) -> float:
+        mult = self.lr_multiplier(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * mult
+        return self.cfg.optimizer.lr * mult
+
+    def batch_size(self) -> int:
+        return self.ramp.size_at(self.state.step)
+
+    def next_batches(self, size: int) -> tuple[list[Any], int]:
+        """The micro-batches of the next global batch, taken at the current data position."""
+        indices = self.sampler.indices(self.state.samples, size)
+        micro, start = [], 0
+        for n in split_micro(size, self.cfg.batch.micro_size):
+            micro.append(self.workload.batch(indices[start : start + n]))
+            start += n
+        return micro, sum(self.workload.units(m) for m in micro)
+
+    def advance(self, size: int) -> None:
+        self.state.step += 1
+        self.state.samples += size
+        self.state.tokens += size * self.workload.tokens_per_sample
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.state.elapsed_s = self._clock_base + (time.perf_counter() - self._clock)
+
+    def start_clock(self) -> None:
+        self._clock_base = self.state.elapsed_s
+        self._clock = time.perf_counter()
+
+    def due(self, every: int | None) -> bool:
+        return every is not None and self.state.step % every == 0
+
+    @property
+    def stopping(self) -> bool:
+        return self.state.stop_reason is not None
+
+    def stop(self, reason: str) -> None:
+        if self.state.stop_reason is None:
+            self.state.stop_reason = reason
+
+    # ------------------------------------------------------------ stop criteria
+
+    def check_budgets(self, loss: Tensor, grad_norm: Tensor) -> None:
+        t, st = self.cfg.train, self.state
+        if st.step >= t.max_steps:
+            self.stop("max_steps")
+        if t.max_samples is not None and st.samples >= t.max_samples:
+            self.stop("max_samples")
+        if t.max_tokens is not None and st.tokens >= t.max_tokens:
+            self.stop("max_tokens")
+        if t.max_time_s is not None and st.elapsed_s >= t.max_time_s:
+            self.stop("max_time")
+        # Convergence criteria need the values every step: a host sync, paid only when asked for.
+        if t.tol_grad_norm is not None and float(grad_norm) < t.tol_grad_norm:
+            self.stop("converged_grad_norm")
+        if t.tol_rel_loss is not None:
+            cur = float(loss)
+            prev, self._prev_loss = self._prev_loss, cur
+            if prev is not None and abs(cur - prev) <= t.tol_rel_loss * max(abs(prev), 1e-12):
+                self.stop("converged_loss")
+
+    def _better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return math.isfinite(value)
+        return value > best if self.workload.higher_is_better else value < best
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics at the current step; updates target, best, early stop, plateau."""
+        set_train_mode(self.optimizer, False)
+        self.model.eval()
+        with self.autocast():
+            metrics = self.workload.evaluate(self.model)
+            if self.ema is not None:
+                with self.ema.applied(self.model):
+                    ema_metrics = self.workload.evaluate(self.model)
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        self.model.train()
+        set_train_mode(self.optimizer, True)
+
+        st, t = self.state, self.cfg.train
+        value = metrics[self.workload.metric]
+        if self._better(value, st.best_metric):
+            st.best_metric, st.best_step, st.evals_since_best = value, st.step, 0
+        else:
+            st.evals_since_best += 1
+        vl = metrics.get("val_loss")
+        if vl is not None and (st.best_val_loss is None or vl < st.best_val_loss):
+            st.best_val_loss = vl
+        if t.target is not None and st.target_step is None:
+            hit = value >= t.target if self.workload.higher_is_better else value <= t.target
+            if hit:
+                st.target_step = st.step
+                if t.stop_at_target:
+                    self.stop("target")
+        if t.early_stop_patience is not None and st.evals_since_best >= t.early_stop_patience:
+            self.stop("early_stop")
+        if self.plateau is not None and self.cfg.plateau.monitor == "val_loss" and vl is not None:
+            self.plateau.update(vl)
+        self.emit("on_eval", metrics)
+        return metrics
+
+    # ------------------------------------------------------------ logging
+
+    def log(
+        self, loss: Tensor, grad_norm: Tensor, lr: float, size: int, metrics: dict | None
+    ) -> dict[str, Any]:
+        """Read the step's scalars back from the device (the only sync of a normal step)."""
+        st = self.state
+        train_loss, norm = float(loss), float(grad_norm)
+        st.last_train_loss = train_loss
+        if not (math.isfinite(train_loss) and math.isfinite(norm)):
+            self.stop("nonfinite")
+        smoothed = self.smoother.update(train_loss) if math.isfinite(train_loss) else train_loss
+        if self.plateau is not None and self.cfg.plateau.monitor == "train_loss":
+            self.plateau.update(smoothed)
+        t0, s0, k0 = self._last_log
+        dt = max(st.elapsed_s - t0, 1e-9)
+        row: dict[str, Any] = {
+            "step": st.step,
+            "samples": st.samples,
+            "epoch": st.samples / self.workload.n_train,
+            "lr": lr,
+            "batch_size": size,
+            "train_loss": train_loss,
+            "grad_norm": norm,
+            "time_s": st.elapsed_s,
+            "samples_per_s": (st.samples - s0) / dt,
+        }
+        if self.workload.tokens_per_sample:
+            row["tokens"] = st.tokens
+            row["tokens_per_s"] = (st.tokens - k0) / dt
+        if self.plateau is not None:
+            row["plateau_scale"] = self.plateau.scale
+        if metrics:
+            row.update(metrics)
+        self._last_log = (st.elapsed_s, st.samples, st.tokens)
+        self.emit("on_log", row)
+        return row
+
+    # ------------------------------------------------------------ results
+
+    def save_checkpoint(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        from cadence.training.checkpoint import save_checkpoint
+
+        path = save_checkpoint(self, self.run_dir / "checkpoints")
+        self.emit("on_checkpoint", str(path))
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        st, w = self.state, self.workload
+        wall = max(st.elapsed_s, 1e-9)
+        return {
+            "workload": w.name,
+            "optimizer": self.cfg.optimizer.name,
+            "schedule": self.cfg.schedule.name,
+            "metric": w.metric,
+            "higher_is_better": w.higher_is_better,
+            "final_train_loss": st.last_train_loss,
+            "final_metrics": self.last_metrics,
+            "best_metric": st.best_metric,
+            "best_step": st.best_step,
+            "best_val_loss": st.best_val_loss,
+            "target": self.cfg.train.target,
+            "target_step": st.target_step,
+            "steps": st.step,
+            "samples": st.samples,
+            "tokens": st.tokens,
+            "wall_time_s": st.elapsed_s,
+            "samples_per_s": st.samples / wall,
+            "tokens_per_s": st.tokens / wall,
+            "params": sum(p.numel() for p in self.params),
+            "stop_reason": st.stop_reason,
+        }

