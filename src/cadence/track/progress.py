@@ -23,16 +23,16 @@ class ProgressBar(Callback):
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None
         self.task = None
+        self.last_val: float | None = None
 
     def on_start(self, trainer: Any) -> None:
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
-            TimeRemainingColumn(),
+            TimeRemainingColumn(compact=True),
             console=self.console,
         )
         self.progress.start()
@@ -42,11 +42,13 @@ class ProgressBar(Callback):
         rate = (
             f"{row['tokens_per_s']:,.0f} tok/s"
             if "tokens_per_s" in row
-            else f"{row['samples_per_s']:,.0f} samples/s"
+            else f"{row['samples_per_s']:,.0f} smp/s"
         )
-        info = f"loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  {rate}"
+        info = f"loss {row['train_loss']:.3f} lr {row['lr']:.1e} {rate}"
         if "val_loss" in row:
-            info += f"  val {row['val_loss']:.4f}"
+            self.last_val = row["val_loss"]
+        if self.last_val is not None:
+            info += f" val {self.last_val:.3f}"
         self.progress.update(self.task, completed=row["step"], info=info)
 
     def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:

@@ -1,0 +1,84 @@
+"""Shared fixtures for the integration tests: tiny configs, a row recorder, one CPU thread.
+
+Configs are built from an empty YAML file (the dataclass defaults) rather than the default
+recipe, so a test states every setting it depends on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import cadence
+from cadence.config import Config
+from cadence.training import Callback
+
+# Tiny models per workload: every test trains for well under a second per step on one core.
+TINY: dict[str, list[str]] = {
+    "lm": [
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.seq_len=16",
+        "data.max_bytes=200000",
+        "train.eval_samples=16",
+    ],
+    "mnist": ["model.arch=mlp", "model.hidden=[32]"],
+    "mnist-cnn": ["model.arch=cnn"],
+    "digits": ["model.hidden=[32]"],
+    "logreg": [],
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    # Two shared cores: intra-op threads only add contention for models this small.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def empty_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "empty.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+@pytest.fixture
+def make_config(empty_yaml: Path) -> Callable[..., Config]:
+    """``make_config("mnist", "optimizer.lr=0.1", ...)``: a tiny, quiet, validated config.
+
+    The workload key may be ``mnist-cnn`` (the mnist workload with the CNN). Later overrides win.
+    """
+
+    def make(workload: str, *overrides: str) -> Config:
+        name = "mnist" if workload == "mnist-cnn" else workload
+        base = [f"workload={name}", *TINY[workload], "train.progress=false"]
+        return cadence.load_config(empty_yaml, [*base, *overrides])
+
+    return make
+
+
+class Recorder(Callback):
+    """Keeps every logged row and a reference to the trainer; observes only."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.trainer: Any = None
+
+    def on_start(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()

@@ -1,0 +1,111 @@
+"""The CLI as a user runs it: a subprocess, exit codes, one-line errors, the run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_LM = [
+    "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
+    "--set", "model.seq_len=16", "--set", "data.max_bytes=100000", "--set", "train.max_steps=6",
+    "--set", "train.eval_every=3", "--set", "train.log_every=2", "--set", "train.eval_samples=8",
+    "--set", "batch.size=4", "--set", "schedule.warmup=1", "--set", "train.threads=1",
+]  # fmt: skip
+
+
+def cadence(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cadence", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_train_leaves_a_complete_run_directory(tmp_path):
+    run = tmp_path / "run"
+    res = cadence("train", *TINY_LM, "--run-dir", str(run))
+    assert res.returncode == 0, res.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
+        assert (run / name).is_file(), name
+    assert (run / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["loss.png", "lr.png"]
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    required = {
+        "step",
+        "samples",
+        "tokens",
+        "lr",
+        "batch_size",
+        "train_loss",
+        "grad_norm",
+        "time_s",
+    }
+    assert all(required <= set(r) for r in rows)
+    assert "val_loss" in rows[1] and "val_loss" in rows[-1] and "val_loss" not in rows[0]
+    assert rows[-1]["tokens"] == 6 * 4 * 16
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stop_reason"] == "max_steps"
+    assert summary["params"] > 0 and summary["target_step"] is None
+    # The resolved config reproduces the run's settings.
+    res = cadence("train", str(run / "config.yaml"), "--run-dir", str(tmp_path / "again"))
+    assert res.returncode == 0, res.stderr
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["final_train_loss"] == summary["final_train_loss"]
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--set", "optimizer.lr=-1"], "optimizer.lr"),
+        (["--set", "optimizer.name=adamx"], "optimizer.name"),
+        (["--set", "schedule.name=nope"], "schedule.name"),
+        (["--set", "bogus.key=1"], "bogus"),
+        (["--set", "batch.size=abc"], "batch.size"),
+        (["--set", "data.path=/no/such/dir"], "data.path"),
+        (["--set", "optimizer.lr"], "--set"),
+        (["no-such-recipe"], "no-such-recipe"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, key):
+    run = tmp_path / "run"
+    res = cadence("train", *args, "--run-dir", str(run))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in res.stderr
+    assert not run.exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    res = cadence("train", *TINY_LM, "--run-dir", str(run))
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_list_names_every_registry_entry():
+    from cadence.config import recipe_names
+    from cadence.optim import OPTIMIZERS
+    from cadence.schedules import SCHEDULES
+    from cadence.workloads import WORKLOADS
+
+    res = cadence("list")
+    assert res.returncode == 0
+    for name in [*OPTIMIZERS, *SCHEDULES, *WORKLOADS, *recipe_names()]:
+        assert name in res.stdout, name
+
+
+def test_help_lists_commands():
+    res = cadence("--help")
+    assert res.returncode == 0 and "train" in res.stdout and "list" in res.stdout
+    res = cadence("train", "--help")
+    assert "--set" in res.stdout and "--run-dir" in res.stdout
