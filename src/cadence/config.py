@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,29 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads `3e-4` as a string; users write LRs that way, so accept the
+    YAML 1.2 float forms too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -227,7 +251,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text}: expected a dotted key such as optimizer.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -280,7 +304,7 @@ def _read_source(recipe_or_path: str | Path | None) -> tuple[dict[str, Any], str
             f"{src}: not a file and not a recipe; recipes: {', '.join(recipe_names())}"
         )
     try:
-        data = yaml.safe_load(text) or {}
+        data = _yaml_load(text) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -437,12 +461,20 @@ def validate(cfg: Config) -> None:
 
 
 def _check_buildable(cfg: Config) -> None:
-    """Build the pure parts (schedule, plateau, batch ramp) once, so their own argument checks
-    reject a bad config here, before any data is loaded or any file is written."""
+    """Build the optimizer (on a throwaway model), schedule, plateau and batch ramp once, so their
+    own argument checks reject a bad config here, before any data is loaded or file written."""
+    from torch import nn
+
     from cadence.schedules import split_micro
-    from cadence.training.components import batch_ramp_from, lr_schedule_from, plateau_from
+    from cadence.training.components import (
+        batch_ramp_from,
+        lr_schedule_from,
+        optimizer_from,
+        plateau_from,
+    )
 
     try:
+        optimizer_from(cfg, nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
         lr_schedule_from(cfg)
         plateau_from(cfg)
         if cfg.batch.size != "full":

@@ -1,4 +1,4 @@
-"""Shared fixtures for the integration tests: tiny configs, a row recorder, one CPU thread.
+"""Shared fixtures for the integration tests: tiny configs and one CPU thread.
 
 Configs are built from an empty YAML file (the dataclass defaults) rather than the default
 recipe, so a test states every setting it depends on.
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 import cadence
 from cadence.config import Config
-from cadence.training import Callback
 
 # Tiny models per workload: every test trains for well under a second per step on one core.
 TINY: dict[str, list[str]] = {
@@ -63,22 +61,3 @@ def make_config(empty_yaml: Path) -> Callable[..., Config]:
         return cadence.load_config(empty_yaml, [*base, *overrides])
 
     return make
-
-
-class Recorder(Callback):
-    """Keeps every logged row and a reference to the trainer; observes only."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-        self.trainer: Any = None
-
-    def on_start(self, trainer: Any) -> None:
-        self.trainer = trainer
-
-    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
-        self.rows.append(dict(row))
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()

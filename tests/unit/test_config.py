@@ -52,6 +52,15 @@ def test_overrides_are_typed_and_nested():
     assert load_config("gd-logreg").batch.size == "full"
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    cfg = load_config(None, ["optimizer.lr=3e-4", "optimizer.eps=1E-12", "train.tol_rel_loss=1e-9"])
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.eps == 1e-12
+    assert cfg.train.tol_rel_loss == 1e-9
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer: {lr: 5e-3}\n")
+    assert load_config(path).optimizer.lr == 5e-3
+
+
 def test_int_widens_to_float_but_float_does_not_narrow():
     assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
     with pytest.raises(ConfigError, match=r"^batch\.size: "):
@@ -83,11 +92,13 @@ def test_int_widens_to_float_but_float_does_not_narrow():
         ("optimizer.learning_rate=0.1", "optimizer.learning_rate"),
         ("trainer.max_steps=3", "trainer"),
         ("optimizer=3", "optimizer"),
+        ("optimizer.momentum=0.9", "optimizer.momentum"),  # gd is plain gradient descent
     ],
 )
 def test_bad_values_name_the_key(override, key):
+    recipe = "gd-logreg" if override.startswith("optimizer.momentum") else "default"
     with pytest.raises(ConfigError) as info:
-        load_config("default", [override])
+        load_config(recipe, [override])
     message = str(info.value)
     assert message.startswith(f"{key}:") or message.startswith(f"{key}["), message
     assert "\n" not in message

@@ -35,16 +35,21 @@ def accumulate_gradients(
         with autocast():
             loss = loss_sum(model, batch)
         (loss / total_units).backward()
-        total = loss.detach().float() if total is None else total + loss.detach().float()
+        # At least float32 (a bf16 loss is widened) but never narrower than the loss: a float64
+        # workload (logreg) keeps its precision for logging and the tol_rel_loss criterion.
+        part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
+        total = part if total is None else total + part
     return total / total_units
 
 
 def grad_norm_and_clip(params: Sequence[Tensor], max_norm: float | None) -> Tensor:
     """The global gradient norm (before clipping), as a device tensor; clips in place if asked."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    with_grad = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        # clip_grads_with_norm_ takes the *parameters* and scales their .grad; given the grads
+        # themselves (whose .grad is None) it finds nothing to clip and silently does nothing.
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
     return norm
 
 

@@ -179,8 +179,13 @@ class Trainer:
                     self.stop("target")
         if t.early_stop_patience is not None and st.evals_since_best >= t.early_stop_patience:
             self.stop("early_stop")
-        if self.plateau is not None and self.cfg.plateau.monitor == "val_loss" and vl is not None:
-            self.plateau.update(vl)
+        if self.plateau is not None:
+            # Patience counts evaluations for either monitor; the training loss is the EMA of the
+            # values read at log rows, so it is smoothed over the whole interval.
+            use_val = self.cfg.plateau.monitor == "val_loss"
+            monitor = vl if use_val else (self.smoother.value if self.smoother.count else None)
+            if monitor is not None:
+                self.plateau.update(monitor)
         self.emit("on_eval", metrics)
         return metrics
 
@@ -195,9 +200,8 @@ class Trainer:
         st.last_train_loss = train_loss
         if not (math.isfinite(train_loss) and math.isfinite(norm)):
             self.stop("nonfinite")
-        smoothed = self.smoother.update(train_loss) if math.isfinite(train_loss) else train_loss
-        if self.plateau is not None and self.cfg.plateau.monitor == "train_loss":
-            self.plateau.update(smoothed)
+        if math.isfinite(train_loss):
+            self.smoother.update(train_loss)
         t0, s0, k0 = self._last_log
         dt = max(st.elapsed_s - t0, 1e-9)
         row: dict[str, Any] = {

@@ -1,0 +1,444 @@
+"""Trainer overhead, model FLOP utilisation, and what bf16 autocast / torch.compile add.
+
+Everything is measured side by side in one run, because the machines this runs on are shared
+and noisy: the variants are interleaved (the order flips every repeat, A B C D / D C B A, which
+cancels a linear drift), and the report gives medians and ratios of neighbouring runs, never a
+single absolute number on its own.
+
+Variants, all over the same model (the default recipe's GPT, built by
+``cadence.workloads.build_workload`` and reset to the same initial weights before every run),
+the same batches in the same order, the same AdamW parameter groups and the same LR schedule:
+
+* ``plain``    - a nanoGPT-style loop written out here: sample batch, forward, cross_entropy,
+                 backward, clip, step, zero_grad; ``loss.item()`` every 10 steps only.
+* ``trainer``  - ``cadence.training.fit(Trainer(cfg, workload))``, the library's own loop.
+* ``bf16``     - the trainer with ``train.precision=bf16``.
+* ``compile``  - the trainer with ``train.compile=true`` (compile time reported separately).
+
+Throughput excludes warmup: it is measured between the metrics row logged at step ``warmup``
+and the one at ``warmup + steps`` (the rows' ``time_s`` and ``tokens`` for the trainer; the same
+step boundaries, right after the ``loss.item()`` sync, for the plain loop). MFU is achieved
+FLOP/s (tokens/s x ``model.flops_per_token()``) over the float32 square-matmul rate measured in
+the same run.
+
+    python benchmarks/overhead.py                 # full run (several minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick         # smoke run, one repeat, under a minute
+    python benchmarks/overhead.py --out           # also write benchmarks/results/overhead-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cadence import load_config
+from cadence.data import EpochSampler
+from cadence.optim import build_optimizer
+from cadence.training import Callback, Trainer, fit
+from cadence.training.components import lr_schedule_from
+from cadence.workloads import Workload, build_workload
+
+LOG_EVERY = 10  # the trainer's default log interval; the plain loop reads the loss as often
+VARIANTS = ("plain", "trainer", "bf16", "compile")
+TRAINER_OVERRIDES = {
+    "trainer": [],
+    "bf16": ["train.precision=bf16"],
+    "compile": ["train.compile=true"],
+}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def loadavg() -> list[float] | None:
+    with contextlib.suppress(OSError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n: int, iters: int, device: torch.device) -> float:
+    """FLOP/s of a float32 n x n matmul: 2 n^3 per product, timed over `iters` products."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2.0 * n**3 * iters / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- the two loops
+
+
+def window(marks: list[tuple[int, float, int]], start: int, end: int) -> dict[str, Any]:
+    """Throughput between the marks (step, seconds, tokens) at steps `start` and `end`.
+
+    Also the best 10-step chunk inside the window: noise only ever adds time, so the fastest
+    chunk is a second, noise-robust estimate of what the code itself costs.
+    """
+    by_step = {s: (t, k) for s, t, k in marks}
+    (t0, k0), (t1, k1) = by_step[start], by_step[end]
+    chunks = []
+    for s in range(start, end, LOG_EVERY):
+        (ta, ka), (tb, kb) = by_step[s], by_step[s + LOG_EVERY]
+        chunks.append((kb - ka) / (tb - ta))
+    return {
+        "tokens_per_s": (k1 - k0) / (t1 - t0),
+        "best_chunk_tokens_per_s": max(chunks),
+        "warmup_s": t0,  # time to reach the first measured step (includes compilation)
+        "window_s": t1 - t0,
+    }
+
+
+def run_plain(
+    workload: Workload, cfg: Any, init: dict, indices: torch.Tensor, warmup: int, steps: int
+) -> dict[str, Any]:
+    """The obvious nanoGPT-style loop over the same model, batches, optimizer and LR."""
+    model = workload.model
+    model.load_state_dict(init)
+    model.train()
+    o, t = cfg.optimizer, cfg.train
+    opt = build_optimizer(
+        o.name,
+        model,
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        betas=(o.betas[0], o.betas[1]),
+        eps=o.eps,
+        aux_lr=o.aux_lr,
+    )
+    lr_mult = lr_schedule_from(cfg)
+    data, device = workload.x_train, workload.x_train.device
+    batch, seq = indices.shape[1], workload.tokens_per_sample
+    total = warmup + steps
+    marks = [(0, 0.0, 0)]
+    loss_value = float("nan")
+    t_start = time.perf_counter()
+    for step in range(total):
+        mult = lr_mult(step)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+        blocks = data[indices[step].to(device)].long()
+        x, y = blocks[:, :-1], blocks[:, 1:]
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        if t.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % LOG_EVERY == 0:
+            loss_value = loss.item()  # the only host sync, as often as the trainer logs
+            done = step + 1
+            marks.append((done, time.perf_counter() - t_start, done * batch * seq))
+    result = window(marks, warmup, total)
+    result["final_loss"] = loss_value
+    return result
+
+
+class Marks(Callback):
+    """Records (step, time_s, tokens, train_loss) from the trainer's own metrics rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float, int, float]] = []
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        self.rows.append((row["step"], row["time_s"], row["tokens"], row["train_loss"]))
+
+
+def run_trainer(
+    workload: Workload, cfg: Any, init: dict, warmup: int, steps: int
+) -> dict[str, Any]:
+    """cadence's own loop: fit(Trainer(cfg, workload)); timings from its metrics rows."""
+    workload.model.load_state_dict(init)
+    marks = Marks()
+    fit(Trainer(cfg, workload, [marks]))
+    result = window([(0, 0.0, 0), *[r[:3] for r in marks.rows]], warmup, warmup + steps)
+    result["final_loss"] = next(v for s, _, _, v in marks.rows if s == warmup + steps)
+    return result
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def configs(args: argparse.Namespace) -> dict[str, Any]:
+    """One config per trainer variant: the recipe, no progress bar, no eval in the window."""
+    total = args.warmup + args.steps
+    base = load_config(args.recipe)
+    common = [
+        "train.progress=false",
+        f"train.max_steps={total}",
+        "train.eval_every=1000000000",  # evaluates once, at the end, after the timed window
+        f"train.log_every={LOG_EVERY}",
+        "train.checkpoint_every=null",
+    ]
+    if base.schedule.warmup >= total:  # a short run keeps a valid schedule; speed is unchanged
+        common.append(f"schedule.warmup={total // 2}")
+    cfgs = {"plain": load_config(args.recipe, common)}
+    for name, extra in TRAINER_OVERRIDES.items():
+        cfgs[name] = load_config(args.recipe, common + extra)
+    return cfgs
+
+
+def one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarise(raw: dict[str, list[dict]], flops_per_token: float, peak: float) -> dict[str, Any]:
+    """Medians per variant and medians of per-repeat ratios against the reference variant."""
+    refs = {"trainer": "plain", "bf16": "trainer", "compile": "trainer"}
+    out: dict[str, Any] = {}
+    for name, runs in raw.items():
+        ok = [r for r in runs if "error" not in r]
+        tps = median([r["tokens_per_s"] for r in ok])
+        entry: dict[str, Any] = {
+            "runs": len(ok),
+            "tokens_per_s": tps,
+            "best_chunk_tokens_per_s": max(
+                (r["best_chunk_tokens_per_s"] for r in ok), default=None
+            ),
+            "mfu": tps * flops_per_token / peak if tps else None,
+        }
+        errors = [r["error"] for r in runs if "error" in r]
+        if errors:
+            entry["error"] = errors[0]
+        ref = refs.get(name)
+        if ref is not None and ok:
+            pairs = [
+                (r["tokens_per_s"] / q["tokens_per_s"])
+                for r, q in zip(runs, raw[ref])
+                if "error" not in r and "error" not in q
+            ]
+            entry["vs"] = ref
+            entry["ratio_median"] = median(pairs)
+            entry["ratio_min"] = min(pairs, default=None)
+            entry["ratio_max"] = max(pairs, default=None)
+            best_ref = out[ref]["best_chunk_tokens_per_s"]
+            if best_ref:
+                entry["ratio_best_chunk"] = entry["best_chunk_tokens_per_s"] / best_ref
+        if name == "compile" and ok:
+            # The first compiled run pays for compilation inside its warmup steps; later runs
+            # reuse dynamo's cache. Excess over the warmup steps at the steady-state rate:
+            first = ok[0]
+            steady = first["warmup_tokens"] / first["tokens_per_s"]
+            entry["compile_s"] = max(0.0, first["warmup_s"] - steady)
+        out[name] = entry
+    return out
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    s, peak = result["summary"], result["matmul"]["peak_flops"]
+    labels = {
+        "plain": "plain PyTorch loop",
+        "trainer": "cadence trainer fp32",
+        "bf16": "trainer bf16 autocast",
+        "compile": "trainer torch.compile",
+    }
+    print()
+    head = (
+        f"{'variant':<24}{'tokens/s':>10}{'best 10-step':>14}{'MFU':>8}   ratio (median [min..max])"
+    )
+    print(head)
+    print("-" * len(head))
+    for name, e in s.items():
+        if e["runs"] == 0:
+            print(f"{labels[name]:<24}{'failed':>10}   {e.get('error', '')}")
+            continue
+        ratio = ""
+        if "ratio_median" in e:
+            ratio = (
+                f"{e['ratio_median']:.3f} [{e['ratio_min']:.3f}..{e['ratio_max']:.3f}]"
+                f" vs {e['vs']}; best-chunk {fmt(e.get('ratio_best_chunk'), '.3f')}"
+            )
+        print(
+            f"{labels[name]:<24}{e['tokens_per_s']:>10.0f}{e['best_chunk_tokens_per_s']:>14.0f}"
+            f"{e['mfu']:>8.1%}   {ratio}"
+        )
+        if name == "compile":
+            print(f"{'':<24}compile time ~{e['compile_s']:.1f} s (excluded from tokens/s)")
+    m = result["matmul"]
+    print(
+        f"\nfp32 matmul {m['n']}x{m['n']}: median {peak / 1e9:.1f} GFLOP/s "
+        f"(runs: {', '.join(f'{r / 1e9:.0f}' for r in m['rates'])}); "
+        f"model {result['flops_per_token'] / 1e6:.2f} MFLOP/token (6N + 12LdT)"
+    )
+    if "loss_check" in result:
+        lc = result["loss_check"]
+        print(
+            f"same work: train loss at step {lc['step']}: plain {lc['plain']:.4f}, "
+            f"trainer {lc['trainer']:.4f}"
+        )
+    print(f"load average before/after: {result['loadavg_start']} / {result['loadavg_end']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30, help="measured steps per run (x10)")
+    p.add_argument("--warmup", type=int, default=10, help="steps before the window (x10)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved repeats of every variant")
+    p.add_argument("--quick", action="store_true", help="smoke run: 10+10 steps, one repeat")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
+    p.add_argument("--recipe", default="default", help="recipe name or YAML path")
+    p.add_argument("--matmul-n", type=int, default=1024, help="size of the square matmul")
+    p.add_argument(
+        "--out",
+        nargs="?",
+        const=str(RESULTS_DIR),
+        help="write JSON: a .json path, or a folder for overhead-<date>.json (default folder: "
+        "benchmarks/results)",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.repeats = 10, 10, 1
+    if args.steps % LOG_EVERY or args.warmup % LOG_EVERY or args.steps < LOG_EVERY:
+        p.error(f"--steps and --warmup must be positive multiples of {LOG_EVERY}")
+    asked = {v.strip() for v in args.variants.split(",") if v.strip()}
+    unknown = asked - set(VARIANTS)
+    variants = [v for v in VARIANTS if v in asked]  # references first, for the ratios
+    if unknown or "plain" not in variants or "trainer" not in variants:
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}; plain and trainer are required")
+
+    now = datetime.datetime.now()
+    cfgs = configs(args)
+    workload = build_workload(cfgs["plain"])
+    device = workload.x_train.device
+    init = {k: v.detach().clone() for k, v in workload.model.state_dict().items()}
+    batch = int(cfgs["plain"].batch.size)
+    total = args.warmup + args.steps
+    sampler = EpochSampler(workload.n_train, cfgs["plain"].train.seed)
+    indices = sampler.indices(0, total * batch).view(total, batch)  # the trainer's own order
+    fpt = workload.model.flops_per_token()
+    hw = hardware(device)
+
+    print(f"cadence overhead benchmark  {now:%Y-%m-%d %H:%M}")
+    print(
+        f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), torch {hw['torch']}, "
+        f"{hw['threads']} threads, device {hw['device']}, python {hw['python']}"
+    )
+    print(
+        f"model: GPT {cfgs['plain'].model.n_layer}x{cfgs['plain'].model.d_model}, "
+        f"{workload.model.num_params():,} params; batch {batch} x {workload.tokens_per_sample} "
+        f"tokens; {args.warmup} warmup + {args.steps} measured steps; {args.repeats} repeats "
+        f"interleaved; variants {', '.join(variants)}"
+    )
+    start_load = loadavg()
+    raw: dict[str, list[dict]] = {v: [] for v in variants}
+    rates: list[float] = []
+    failed: dict[str, str] = {}
+    for rep in range(args.repeats):
+        rates.append(matmul_rate(args.matmul_n, 10, device))
+        order = variants if rep % 2 == 0 else variants[::-1]
+        for name in order:
+            if name in failed:
+                raw[name].append({"error": failed[name]})
+                continue
+            t0 = time.perf_counter()
+            try:
+                if name == "plain":
+                    r = run_plain(workload, cfgs[name], init, indices, args.warmup, args.steps)
+                else:
+                    r = run_trainer(workload, cfgs[name], init, args.warmup, args.steps)
+            except Exception as exc:  # e.g. inductor without a working C compiler
+                failed[name] = one_line(exc)
+                raw[name].append({"error": failed[name]})
+                print(f"  repeat {rep + 1}: {name:<8} FAILED {failed[name]}", flush=True)
+                continue
+            r["warmup_tokens"] = args.warmup * batch * workload.tokens_per_sample
+            r["wall_s"] = time.perf_counter() - t0
+            raw[name].append(r)
+            print(
+                f"  repeat {rep + 1}: {name:<8} {r['tokens_per_s']:>8.0f} tokens/s "
+                f"(best chunk {r['best_chunk_tokens_per_s']:.0f}, run {r['wall_s']:.1f} s)",
+                flush=True,
+            )
+    peak = statistics.median(rates)
+    result: dict[str, Any] = {
+        "date": now.isoformat(timespec="seconds"),
+        "hardware": hw,
+        "args": vars(args),
+        "batch": batch,
+        "seq_len": workload.tokens_per_sample,
+        "flops_per_token": fpt,
+        "matmul": {"n": args.matmul_n, "rates": rates, "peak_flops": peak},
+        "summary": summarise(raw, fpt, peak),
+        "raw": raw,
+        "loadavg_start": start_load,
+        "loadavg_end": loadavg(),
+    }
+    plain_ok = [r for r in raw["plain"] if "error" not in r]
+    trainer_ok = [r for r in raw["trainer"] if "error" not in r]
+    if plain_ok and trainer_ok:
+        result["loss_check"] = {
+            "step": total,
+            "plain": plain_ok[0]["final_loss"],
+            "trainer": trainer_ok[0]["final_loss"],
+        }
+    print_table(result)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix != ".json":
+            out = out / f"overhead-{now:%Y-%m-%d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
