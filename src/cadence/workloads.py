@@ -173,9 +173,41 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
+    """The workload's model from the config alone (no data), e.g. to load saved weights.
+
+    `vocab_size` is the tokenizer's, for `lm` (a BPE vocabulary can come out smaller than asked).
+    """
+    from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
+
+    m = cfg.model
+    if cfg.workload == "lm":
+        return GPT(
+            GPTConfig(
+                vocab_size=vocab_size or 256,
+                seq_len=m.seq_len,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                d_model=m.d_model,
+                norm=m.norm,
+                tie_embeddings=m.tie_embeddings,
+                dropout=m.dropout,
+            )
+        )
+    if cfg.workload == "logreg":
+        return LogisticRegression(IN_FEATURES["logreg"]).double()
+    arch = m.arch or WORKLOADS[cfg.workload].archs[0]
+    if arch == "cnn":
+        return SmallCNN()
+    return MLP(IN_FEATURES[cfg.workload], m.hidden, 10)
+
+
+# Input widths of the fixed data sets, so a model can be rebuilt without loading them.
+IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
+
+
 def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
     from cadence.data import build_tokenizer, load_text, split_blocks
-    from cadence.models import GPT, GPTConfig
 
     d, m = cfg.data, cfg.model
     text = load_text(d.path, d.max_bytes)
@@ -205,18 +237,7 @@ def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Worklo
             "or a shorter model.seq_len"
         )
     bytes_per_token = len(val_text.encode("utf-8")) / max(1, val_blocks.numel())
-    model = GPT(
-        GPTConfig(
-            vocab_size=tok.vocab_size,
-            seq_len=m.seq_len,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            d_model=m.d_model,
-            norm=m.norm,
-            tie_embeddings=m.tie_embeddings,
-            dropout=m.dropout,
-        )
-    )
+    model = build_model(cfg, vocab_size=tok.vocab_size)
     w = LanguageModelWorkload(
         model.to(device),
         train_blocks.to(device),
@@ -230,17 +251,14 @@ def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Worklo
     return w
 
 
-def _build_images(loader: Callable, default_arch: str):
+def _build_images(loader: Callable):
     def build(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
         from cadence.data import split_indices
-        from cadence.models import MLP, SmallCNN
 
         x, y = loader()
         # Small image sets hold out a fixed 20%; data.val_fraction is for text corpora.
         tr, va = split_indices(len(x), 0.2)
-        arch = cfg.model.arch or default_arch
-        n_in = int(np.prod(x.shape[1:]))
-        model = SmallCNN() if arch == "cnn" else MLP(n_in, cfg.model.hidden, 10)
+        model = build_model(cfg)
         return ClassificationWorkload(
             model.to(device),
             x[tr].to(device),
@@ -255,11 +273,10 @@ def _build_images(loader: Callable, default_arch: str):
 
 def _build_logreg(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
     from cadence.data import load_breast_cancer_split, logreg_optimum
-    from cadence.models import LogisticRegression
 
     xt, yt, xv, yv = load_breast_cancer_split(0.2)
     _, j_star = logreg_optimum(xt, yt, cfg.model.l2)
-    model = LogisticRegression(xt.shape[1]).double()
+    model = build_model(cfg)
     return LogRegWorkload(
         model.to(device),
         xt.to(device),
@@ -321,7 +338,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "val_accuracy",
             True,
             ("cnn", "mlp"),
-            _build_images(_load_mnist, "cnn"),
+            _build_images(_load_mnist),
         ),
         WorkloadSpec(
             "digits",
@@ -329,7 +346,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "val_accuracy",
             True,
             ("mlp",),
-            _build_images(_load_digits, "mlp"),
+            _build_images(_load_digits),
         ),
         WorkloadSpec(
             "logreg",
