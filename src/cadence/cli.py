@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir", default=None, help="where to write the run (default: runs/NAME-TIME)"
     )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR (or --run-dir) from its newest valid checkpoint; --set may raise "
+        "budgets such as train.max_steps",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list", help="list optimizers, schedules, workloads or recipes")
@@ -60,11 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from cadence.config import load_config
-    from cadence.training.run import train
+    from cadence.config import ConfigError, load_config
+    from cadence.training.run import resume, train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, run_dir=args.run_dir)
+    if args.resume is not None:
+        run_dir = args.run_dir if args.resume is True else args.resume
+        if run_dir is None:
+            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
+        summary = resume(run_dir, config=args.config, overrides=args.overrides)
+    else:
+        summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
+    reason = summary["stop_reason"] or ""
+    if reason.startswith("interrupted"):
+        print(
+            f"cadence: {reason} at step {summary['steps']}; checkpoint saved. Resume with: "
+            f"cadence train --resume {summary['run_dir']}",
+            file=sys.stderr,
+        )
+        return 143 if "SIGTERM" in reason else 130
+    if reason.startswith("nonfinite"):
+        print(
+            f"cadence: error: training stopped: {reason} (loss or gradient not finite); the last "
+            f"good state is checkpointed in {summary['run_dir']}/checkpoints. Try a lower "
+            "optimizer.lr, train.clip_grad_norm, or train.on_nonfinite=skip|rollback",
+            file=sys.stderr,
+        )
+        return 1
     table = Table(title=f"run finished: {summary['stop_reason']}", show_header=False)
     fm = summary.get("final_metrics") or {}
     rows = [
@@ -74,11 +104,14 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             "samples" if not summary["tokens"] else "tokens",
             f"{summary['tokens'] or summary['samples']:,}",
         ),
-        ("final train loss", f"{summary['final_train_loss']:.4f}"),
+        ("final train loss", _num(summary["final_train_loss"])),
     ]
-    rows += [(k, f"{v:.6g}") for k, v in fm.items()]
+    rows += [(k, _num(v)) for k, v in fm.items()]
     rows.append(
-        (f"best {summary['metric']}", f"{summary['best_metric']:.6g} (step {summary['best_step']})")
+        (
+            f"best {summary['metric']}",
+            f"{_num(summary['best_metric'])} (step {summary['best_step']})",
+        )
     )
     if summary["target"] is not None:
         rows.append(("target step", str(summary["target_step"])))
@@ -88,7 +121,11 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
-    return 1 if summary["stop_reason"] == "nonfinite" else 0
+    return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -128,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cadence: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # A runtime fault of the machine (disk full, permissions): one line, exit 1. Saves are
+        # atomic, so earlier checkpoints and files are intact.
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"cadence: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -112,7 +112,10 @@ class TrainConfig:
     stop_at_target: bool = True  # false: record the step the target was reached but keep training
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for forward/backward
     clip_grad_norm: float | None = None  # clip the global gradient norm to this
-    checkpoint_every: int | None = None  # save a checkpoint every N steps (and at the end)
+    checkpoint_every: int | None = None  # save a checkpoint every N steps (always at the end)
+    keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
+    rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
     compile: bool = False  # torch.compile the model
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated as ema_val_loss
     early_stop_patience: int | None = None  # stop after N evaluations without a better metric
@@ -334,6 +337,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: dotted keys, as users write them in --set."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
@@ -420,6 +435,17 @@ def validate(cfg: Config) -> None:
     for key in ("max_samples", "max_tokens", "max_time_s", "eval_samples", "checkpoint_every"):
         v = getattr(t, key)
         _check(v is None or v > 0, f"train.{key}: must be > 0 or null, got {v}")
+    _check(
+        t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}"
+    )
+    _check(
+        0 < t.rollback_lr_factor <= 1,
+        f"train.rollback_lr_factor: must be in (0, 1], got {t.rollback_lr_factor}",
+    )
+    _check(
+        t.on_nonfinite != "rollback" or t.checkpoint_every is not None,
+        "train.on_nonfinite: rollback needs train.checkpoint_every (a checkpoint to go back to)",
+    )
     _check(t.eval_every >= 1, f"train.eval_every: must be >= 1, got {t.eval_every}")
     _check(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     _check(

@@ -206,7 +206,7 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
 IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
 
 
-def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
     from cadence.data import build_tokenizer, load_text, split_blocks
 
     d, m = cfg.data, cfg.model
@@ -218,9 +218,12 @@ def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Worklo
     tr, va = split_blocks(raw, chunk, d.val_fraction)
     train_text = tr.tobytes().decode("utf-8", errors="replace")
     val_text = va.tobytes().decode("utf-8", errors="replace")
-    tok = build_tokenizer(d.tokenizer, train_text, d.vocab_size)
-    if run_dir is not None:
-        tok.save(run_dir)
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        from cadence.data import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)  # a resumed run keeps the tokenizer it trained with
+    else:
+        tok = build_tokenizer(d.tokenizer, train_text, d.vocab_size)
 
     def pack(t: str) -> Tensor:
         ids = np.asarray(tok.encode(t), dtype=np.int64)
@@ -252,7 +255,7 @@ def _build_lm(cfg: Config, device: torch.device, run_dir: Path | None) -> Worklo
 
 
 def _build_images(loader: Callable):
-    def build(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+    def build(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
         from cadence.data import split_indices
 
         x, y = loader()
@@ -271,7 +274,7 @@ def _build_images(loader: Callable):
     return build
 
 
-def _build_logreg(cfg: Config, device: torch.device, run_dir: Path | None) -> Workload:
+def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
     from cadence.data import load_breast_cancer_split, logreg_optimum
 
     xt, yt, xv, yv = load_breast_cancer_split(0.2)
@@ -360,9 +363,9 @@ WORKLOADS: dict[str, WorkloadSpec] = {
 }
 
 
-def build_workload(cfg: Config, run_dir: Path | None = None) -> Workload:
+def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
     """Seeded model init + data on the configured device."""
     torch.manual_seed(cfg.train.seed)
-    w = WORKLOADS[cfg.workload].build(cfg, resolve_device(cfg.train.device), run_dir)
+    w = WORKLOADS[cfg.workload].build(cfg, resolve_device(cfg.train.device), tokenizer_dir)
     w.name = cfg.workload
     return w

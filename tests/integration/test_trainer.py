@@ -287,7 +287,8 @@ def test_metrics_jsonl_and_run_directory_contract(make_config, tmp_path) -> None
     for name in ("loss.png", "lr.png"):
         assert (run_dir / "plots" / name).stat().st_size > 0, name
     assert any(p.is_file() for p in (run_dir / "tensorboard").rglob("*"))
-    assert not (run_dir / "checkpoints").exists()  # none asked for
+    # No periodic checkpoints were asked for: only the final one, which makes any run resumable.
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{steps:08d}"]
     assert cadence.load_config(run_dir / "config.yaml").to_dict() == cfg.to_dict()
 
     val_losses = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -651,7 +652,7 @@ def test_checkpoints_are_written_rotated_and_load_weights_only(make_config, tmp_
     assert sorted(p.name for p in root.iterdir()) == expected  # no temporaries left either
     for name in expected:
         folder = root / name
-        assert {p.name for p in folder.iterdir()} == {"model.safetensors", "trainer.pt"}
+        assert {p.name for p in folder.iterdir()} == {"model.safetensors", "trainer.pt", "checkpoint.json"}
         state = torch.load(folder / "trainer.pt", weights_only=True)
         assert state["train_state"]["step"] == int(name.removeprefix("step_"))
         assert {"optimizer", "smoother", "rng", "plateau", "ema"} <= set(state)

@@ -9,7 +9,9 @@ Design choices, and why:
   the learning rates the optimizers in this package use.
 * Attention goes through ``F.scaled_dot_product_attention`` so fused kernels are
   used where available; the rotary angles are indexed by absolute position
-  (``start_pos``) so a KV cache can be bolted on later without changing weights.
+  (``start_pos``), so incremental decoding with a :class:`KVCache` needs no change
+  to the weights: new tokens are rotated by their absolute position and attend to
+  the cached keys.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "KVCache"]
 
 
 @dataclass
@@ -96,6 +98,60 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+class KVCache:
+    """Preallocated per-layer keys and values, [B, H, max_len, head_dim] each.
+
+    Preallocation (rather than ``torch.cat`` per step) keeps decoding allocation-free.
+    ``valid`` marks which cached positions hold real tokens: rows of a batch can be
+    left-padded to a common length, and padded positions are never attended to. With
+    rotary embeddings only relative positions enter the attention scores, so a padded
+    row decodes exactly as it would alone.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` at ``start_pos`` and return everything cached up to them."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KVCache: positions up to {end} exceed the cache length {self.max_len}; "
+                "slide the window or allocate a longer cache"
+            )
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def mask(self, start_pos: int, t: int, device: torch.device) -> torch.Tensor:
+        """Boolean attention mask [B, 1, t, start_pos+t]: causal and not padding.
+
+        A query always sees itself, so a padding query never has an all-masked row
+        (which would make SDPA return NaN); real queries never see padding keys.
+        """
+        end = start_pos + t
+        q_pos = torch.arange(start_pos, end, device=device)[:, None]
+        k_pos = torch.arange(end, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None] & self.valid[:, None, :end]
+        allowed |= (k_pos == q_pos)[None]
+        return allowed[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary q/k."""
 
@@ -107,7 +163,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
@@ -115,9 +179,15 @@ class CausalSelfAttention(nn.Module):
         v = v.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            k, v = cache.update(layer, start_pos, k, v)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache.mask(start_pos, t, x.device)
+            )
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.proj(y)
 
@@ -146,8 +216,16 @@ class Block(nn.Module):
         self.mlp = MLPBlock(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, start_pos))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
 
@@ -206,21 +284,39 @@ class GPT(nn.Module):
             self.config.d_model // self.config.n_head, positions, self.config.rope_base
         )
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Logits [B, T, V] for token ids ``idx`` [B, T].
 
-        ``start_pos`` is the absolute position of ``idx[:, 0]``; it only shifts the
-        rotary angles, which is what a future KV cache needs.
+        ``start_pos`` is the absolute position of ``idx[:, 0]``; it shifts the rotary
+        angles. With a ``cache`` (see :meth:`new_cache`) the keys/values of ``idx`` are
+        stored at ``start_pos:start_pos+T`` and the queries attend to everything cached
+        before them, so decoding one token costs O(T) instead of re-running the prefix.
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT expects token ids of shape [B, T], got {tuple(idx.shape)}")
         _, t = idx.shape
         cos, sin = self._rope(start_pos, t, idx.device)
         x = self.drop(self.tok_emb(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i, start_pos)
         x = self.norm_f(x)
         return self.head(x).float()
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default seq_len)."""
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            cfg.n_head,
+            max_len or cfg.seq_len,
+            cfg.d_model // cfg.n_head,
+            dtype=p.dtype,
+            device=p.device,
+        )
 
     def output_parameter_names(self) -> set[str]:
         """Names of the output-layer weights (the head, or the tied embedding).

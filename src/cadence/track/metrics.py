@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cadence.io import atomic_path
 from cadence.training.events import Callback
 
 
@@ -24,6 +25,19 @@ class MetricsWriter(Callback):
         self._fh = None
 
     def on_start(self, trainer: Any) -> None:
+        self._open_at(trainer.state.step)
+
+    def on_rewind(self, trainer: Any, step: int) -> None:
+        self._open_at(step)
+
+    def _open_at(self, step: int) -> None:
+        """Keep the rows up to `step` (a resumed or rolled-back run logs the rest again), so the
+        file never holds a step twice; the rewrite is atomic."""
+        if self._fh is not None:
+            self._fh.close()
+        self.rows = [r for r in read_metrics(self.path) if r["step"] <= step] if step else []
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         # Kept open for the whole run (closed in on_end) so each row is one cheap append.
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
@@ -39,5 +53,7 @@ class MetricsWriter(Callback):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -36,7 +36,9 @@ class ProgressBar(Callback):
             console=self.console,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=self.total, info="")
+        self.task = self.progress.add_task(
+            "train", total=self.total, completed=trainer.state.step, info=""
+        )
 
     def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
         rate = (

@@ -16,9 +16,20 @@ class TensorBoardLogger(Callback):
         self.writer = None
 
     def on_start(self, trainer: Any) -> None:
+        self._open_at(trainer.state.step)
+
+    def on_rewind(self, trainer: Any, step: int) -> None:
+        self._open_at(step)
+
+    def _open_at(self, step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        if self.writer is not None:
+            self.writer.close()
+        # purge_step hides events past `step` written before a crash or a rollback.
+        self.writer = SummaryWriter(
+            log_dir=str(self.log_dir), purge_step=step + 1 if step else None
+        )
 
     def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
         for key, value in row.items():

@@ -1,49 +1,107 @@
-"""Checkpoints: weights as safetensors, the rest as a weights-only torch file, written atomically.
+"""Checkpoints that hold everything and are never half-written.
 
-Each checkpoint is a folder `step_XXXXXXXX/` built under a temporary name and renamed into place,
-so a crash mid-save leaves the previous checkpoints as they were.
+A checkpoint is a folder `step_XXXXXXXX/` with the weights (safetensors), the rest of the state
+(a torch file read back with `weights_only=True`, so nothing is ever unpickled), and a manifest
+with the SHA-256 of each file. It is built under a temporary name, fsynced and renamed into
+place: a crash mid-save leaves the previous checkpoints as they were, and a file damaged later
+(truncated, flipped bytes, replaced) fails its checksum and is passed over for an older one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 
-from cadence.optim import is_schedule_free, set_train_mode
+from cadence.optim import is_schedule_free
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
 
-KEEP_LAST = 3
+FORMAT = 1
+FILES = ("model.safetensors", "trainer.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and why."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def trainer_state(trainer: Trainer) -> dict[str, Any]:
-    """Everything besides the weights that a run needs to continue, with named keys."""
+    """Everything besides the weights that a run needs to continue exactly, with named keys."""
     state: dict[str, Any] = {
+        "format": FORMAT,
         "train_state": trainer.state.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "smoother": trainer.smoother.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+        "rng": rng_state(),
     }
     if trainer.plateau is not None:
         state["plateau"] = trainer.plateau.state_dict()
     if trainer.ema is not None:
         state["ema"] = trainer.ema.state_dict()
     if is_schedule_free(trainer.optimizer):
-        # The iterate the optimizer steps from (y); the saved model holds the averaged x.
+        # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
         state["train_weights"] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
     return state
 
 
-def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = KEEP_LAST) -> Path:
+def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
+    """Write `root/step_N/` atomically, then prune to the last `keep_last` plus the best."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{trainer.state.step:08d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -51,22 +109,115 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = KEEP_LAST) ->
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        state = trainer_state(trainer)
-        set_train_mode(trainer.optimizer, False)  # checkpoints hold the averaged weights
-        try:
+        torch.save(trainer_state(trainer), tmp / "trainer.pt")
+        with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
             save_model(trainer.model, str(tmp / "model.safetensors"))
-        finally:
-            set_train_mode(trainer.optimizer, True)
-        torch.save(state, tmp / "trainer.pt")
-        for name in ("model.safetensors", "trainer.pt"):
+        metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
+        manifest = {
+            "format": FORMAT,
+            "step": trainer.state.step,
+            "metric": metric,
+            "higher_is_better": trainer.workload.higher_is_better,
+            "files": {name: _sha256(tmp / name) for name in FILES},
+        }
+        (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
+        for name in (*FILES, "checkpoint.json"):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old)
+    prune(root, keep_last)
     return final
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / "checkpoint.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: missing or unreadable checkpoint.json ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cadence checkpoint (format {FORMAT})")
+    return manifest
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Checksums before anything is parsed: a damaged file is refused, never half-loaded."""
+    manifest = read_manifest(path)
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if _sha256(file) != manifest["files"].get(name):
+            raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
+    return manifest
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
+def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and one warning line per newer one passed over."""
+    warnings = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+            return path, warnings
+        except CheckpointError as exc:
+            warnings.append(f"skipping checkpoint {exc}")
+    return None, warnings
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints and the one with the best recorded metric."""
+    paths = list_checkpoints(root)
+    keep = set(paths[-keep_last:])
+    scored = []
+    for p in paths:
+        try:
+            m = read_manifest(p)
+        except CheckpointError:
+            continue
+        if m.get("metric") is not None:
+            sign = -1.0 if m.get("higher_is_better") else 1.0
+            scored.append((sign * m["metric"], p))
+    if scored:
+        keep.add(min(scored)[1])
+    for p in paths:
+        if p not in keep:
+            shutil.rmtree(p)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    verify(path)
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
+        raise CheckpointError(f"{path / 'trainer.pt'}: cannot be read ({exc})") from None
+
+
+def restore(trainer: Trainer, path: Path) -> None:
+    """Put the trainer exactly where it was when `path` was saved."""
+    state = load_checkpoint(path)
+    if "train_weights" in state:
+        trainer.model.load_state_dict(state["train_weights"])
+    else:
+        try:
+            load_model(trainer.model, str(path / "model.safetensors"), device=str(trainer.device))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({exc})") from None
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.state.load_state_dict(state["train_state"])
+    trainer.smoother.load_state_dict(state["smoother"])
+    if trainer.plateau is not None and "plateau" in state:
+        trainer.plateau.load_state_dict(state["plateau"])
+    if trainer.ema is not None and "ema" in state:
+        trainer.ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])

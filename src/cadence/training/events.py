@@ -20,7 +20,10 @@ class Callback:
 
     def on_checkpoint(self, trainer: Any, path: str) -> None: ...
 
+    def on_rewind(self, trainer: Any, step: int) -> None:
+        """The run went back to `step` (a rollback after a non-finite loss)."""
+
     def on_end(self, trainer: Any, summary: dict[str, Any]) -> None: ...
 
 
-EVENTS = ("on_start", "on_log", "on_eval", "on_checkpoint", "on_end")
+EVENTS = ("on_start", "on_log", "on_eval", "on_checkpoint", "on_rewind", "on_end")

@@ -9,7 +9,7 @@ from cadence.training.trainer import Trainer
 
 
 def fit(trainer: Trainer) -> dict[str, Any]:
-    """Train until a budget, the target, early stopping or convergence ends the run."""
+    """Train until a budget, the target, early stopping, convergence or a signal ends the run."""
     t, cfg = trainer, trainer.cfg.train
     t.model.train()
     t.emit("on_start")
@@ -18,7 +18,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
         size = t.batch_size()
         micro_batches, units = t.next_batches(size)
         lr = t.apply_lr()
-        loss, grad_norm = train_step(
+        loss, grad_norm, stepped = train_step(
             t.step_model,
             t.optimizer,
             t.workload.loss_sum,
@@ -28,15 +28,20 @@ def fit(trainer: Trainer) -> dict[str, Any]:
             autocast=t.autocast,
             params=t.params,
         )
+        if not stepped:
+            t.handle_nonfinite(size)
+            continue
         t.advance(size)
         t.check_budgets(loss, grad_norm)
-        metrics = t.evaluate() if t.due(cfg.eval_every) or t.stopping else None
-        if metrics is not None:
-            t.last_metrics = metrics
-        if metrics is not None or t.due(cfg.log_every) or t.stopping:
+        t.check_signals()
+        final = t.stopping and not t.interrupted
+        metrics = t.evaluate() if t.due(cfg.eval_every) or final else None
+        if metrics is not None or t.due(cfg.log_every) or final:
             t.log(loss, grad_norm, lr, size, metrics)
-        if t.due(cfg.checkpoint_every) or (t.stopping and cfg.checkpoint_every):
+        if t.due(cfg.checkpoint_every) or t.stopping:
             t.save_checkpoint()
+    if t.state.consecutive_skips:
+        t.save_checkpoint()  # stopped on a non-finite step: keep the last good state
     summary = t.summary()
     t.emit("on_end", summary)
     return summary

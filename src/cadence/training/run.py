@@ -1,4 +1,4 @@
-"""`train(config, run_dir)`: build the workload, fit, and leave a complete run directory."""
+"""`train` and `resume`: build the workload, fit, and leave a complete run directory."""
 
 from __future__ import annotations
 
@@ -10,17 +10,39 @@ from typing import Any
 import torch
 from safetensors.torch import save_model
 
-from cadence.config import Config, ConfigError, dump_config, load_config
+from cadence.config import Config, ConfigError, dump_config, flatten, load_config
 from cadence.io import atomic_path, atomic_write_json, atomic_write_text
-from cadence.optim import set_train_mode
 from cadence.track.metrics import MetricsWriter
 from cadence.track.plots import plot_run
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
+from cadence.training.checkpoint import CheckpointError, latest_valid, restore
 from cadence.training.events import Callback
 from cadence.training.loop import fit
+from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
-from cadence.workloads import build_workload
+from cadence.workloads import Workload, build_workload
+
+# Keys that may differ when a run is resumed: budgets, cadence of evaluation/logging/saving,
+# stopping targets and presentation. Anything else would make the continuation a different run.
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.max_steps",
+        "train.max_samples",
+        "train.max_tokens",
+        "train.max_time_s",
+        "train.eval_every",
+        "train.eval_samples",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.target",
+        "train.stop_at_target",
+        "train.early_stop_patience",
+        "train.progress",
+        "train.threads",
+    }
+)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -30,12 +52,16 @@ def default_run_dir(cfg: Config) -> Path:
 def prepare_run_dir(run_dir: Path) -> None:
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(
-            f"--run-dir {run_dir}: already holds a run; choose another directory or delete it"
+            f"--run-dir {run_dir}: already holds a run; resume it with "
+            f"`cadence train --resume {run_dir}`, or choose another directory"
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"--run-dir {run_dir}: cannot create it ({exc.strerror})") from None
+        raise ConfigError(f"--run-dir {run_dir}: cannot write there ({exc.strerror})") from None
 
 
 def train(
@@ -50,25 +76,90 @@ def train(
     directory is created, so a bad invocation leaves nothing behind.
     """
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    if cfg.train.threads is not None:
-        torch.set_num_threads(cfg.train.threads)
+    _set_threads(cfg)
     workload = build_workload(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(run_dir)
     tokenizer = workload.extras.get("tokenizer")
     if tokenizer is not None:
         tokenizer.save(run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    return _execute(cfg, workload, run_dir, callbacks, checkpoint=None)
 
+
+def resume(
+    run_dir: str | Path,
+    config: Config | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Continue a run from its newest valid checkpoint, exactly where it was.
+
+    The config is the run's own `config.yaml` (or `config`), with `overrides` on top; only the
+    keys in RESUMABLE_KEYS may differ from what the run was started with. Raising
+    `train.max_steps` extends a finished run (a `wsd` cooldown moves to the new end).
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no run there (config.yaml not found)")
+    saved = load_config(saved_path)
+    if isinstance(config, Config):
+        cfg = config
+    else:
+        cfg = load_config(config if config is not None else saved_path, overrides)
+    changed = sorted(
+        k
+        for k, v in flatten(cfg.to_dict()).items()
+        if flatten(saved.to_dict()).get(k) != v and k not in RESUMABLE_KEYS
+    )
+    if changed:
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the run's in {', '.join(changed)}; "
+            "only budgets, evaluation/logging/checkpoint cadence and targets may change"
+        )
+    checkpoint, warnings = latest_valid(run_dir / "checkpoints")
+    for line in warnings:
+        print(f"cadence: warning: {line}", flush=True)
+    if checkpoint is None:
+        raise ConfigError(
+            f"--resume {run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}; "
+            "start a new run instead"
+        )
+    _set_threads(cfg)
+    workload = build_workload(cfg, tokenizer_dir=run_dir)
+    return _execute(cfg, workload, run_dir, callbacks, checkpoint=checkpoint)
+
+
+def _set_threads(cfg: Config) -> None:
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def _execute(
+    cfg: Config,
+    workload: Workload,
+    run_dir: Path,
+    callbacks: Sequence[Callback],
+    checkpoint: Path | None,
+) -> dict[str, Any]:
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     cbs: list[Callback] = [writer, TensorBoardLogger(run_dir / "tensorboard"), *callbacks]
     if cfg.train.progress:
         cbs.append(ProgressBar(cfg.train.max_steps))
     trainer = Trainer(cfg, workload, cbs, run_dir=run_dir)
-    summary = fit(trainer)
+    if checkpoint is not None:
+        try:
+            restore(trainer, checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        trainer.state.stop_reason = None
+    with StopSignals() as signals:
+        trainer.signals = signals
+        summary = fit(trainer)
+        trainer.signals = None
 
-    set_train_mode(trainer.optimizer, False)  # schedule-free: ship the averaged weights
-    with atomic_path(run_dir / "model.safetensors") as tmp:
+    with trainer.averaged_weights(), atomic_path(run_dir / "model.safetensors") as tmp:
         save_model(trainer.model, str(tmp))
     if trainer.ema is not None:
         with (

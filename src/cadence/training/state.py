@@ -21,6 +21,10 @@ class TrainState:
     target_step: int | None = None  # first step at which train.target was reached
     last_train_loss: float | None = None  # last loss read back from the device
     skipped_steps: int = 0  # updates dropped because the loss or gradient was not finite
+    consecutive_skips: int = 0  # non-finite steps in a row (a run that only skips is stuck)
+    rollbacks: int = 0  # reloads of the last checkpoint after a non-finite step
+    lr_scale: float = 1.0  # LR multiplier lowered by each rollback
+    prev_loss: float | None = None  # previous step's loss, for the tol_rel_loss criterion
     stop_reason: str | None = None
 
     def state_dict(self) -> dict[str, Any]:

@@ -63,12 +63,20 @@ def train_step(
     clip_grad_norm: float | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     params: Sequence[Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """zero_grad -> accumulate -> norm/clip -> step. Returns (mean loss, grad norm) on device."""
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor, bool]:
+    """zero_grad -> accumulate -> norm/clip -> step. Returns (mean loss, grad norm, stepped).
+
+    With `check_finite`, a non-finite gradient norm (NaN/inf anywhere in the loss or the
+    gradients) skips `optimizer.step()`, so the weights and optimizer state stay at the last
+    good values. That check reads one boolean back from the device each step: a sync, which
+    frameworks that guard against overflow (Megatron's found_inf) pay too.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss = accumulate_gradients(model, loss_sum, micro_batches, total_units, autocast)
-    norm = grad_norm_and_clip(
-        params if params is not None else list(model.parameters()), clip_grad_norm
-    )
+    params = params if params is not None else list(model.parameters())
+    norm = grad_norm_and_clip(params, clip_grad_norm)
+    if check_finite and not bool(torch.isfinite(norm) & torch.isfinite(loss)):
+        return loss, norm, False
     optimizer.step()
-    return loss, norm
+    return loss, norm, True

@@ -6,9 +6,10 @@ decision (the LR of a step, which samples it sees, when to evaluate or stop) is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +17,9 @@ import torch
 from torch import Tensor
 
 from cadence.data import EpochSampler
-from cadence.optim import set_train_mode
+from cadence.optim import is_schedule_free, set_train_mode
 from cadence.schedules import EMASmoother, split_micro
+from cadence.training.checkpoint import latest_valid, restore, save_checkpoint
 from cadence.training.components import (
     batch_ramp_from,
     lr_schedule_from,
@@ -67,7 +69,7 @@ class Trainer:
         self.step_model = torch.compile(self.model) if t.compile else self.model
         self._clock = self._clock_base = 0.0
         self._last_log = (0.0, 0, 0)  # (elapsed, samples, tokens) at the previous log row
-        self._prev_loss: float | None = None
+        self.signals = None  # a StopSignals while fit() runs under train()/resume()
 
     # ------------------------------------------------------------ per-step decisions
 
@@ -78,7 +80,7 @@ class Trainer:
     def lr_multiplier(self, step: int) -> float:
         """warmup -> schedule, times the plateau factor, times the batch-ramp LR rule."""
         scale = self.plateau.scale if self.plateau is not None else 1.0
-        return self.schedule(step) * scale * self.ramp.lr_scale_at(step)
+        return self.schedule(step) * scale * self.ramp.lr_scale_at(step) * self.state.lr_scale
 
     def apply_lr(self) -> float:
         mult = self.lr_multiplier(self.state.step)
@@ -99,6 +101,7 @@ class Trainer:
         return micro, sum(self.workload.units(m) for m in micro)
 
     def advance(self, size: int) -> None:
+        self.state.consecutive_skips = 0
         self.state.step += 1
         self.state.samples += size
         self.state.tokens += size * self.workload.tokens_per_sample
@@ -138,7 +141,7 @@ class Trainer:
             self.stop("converged_grad_norm")
         if t.tol_rel_loss is not None:
             cur = float(loss)
-            prev, self._prev_loss = self._prev_loss, cur
+            prev, self.state.prev_loss = self.state.prev_loss, cur
             if prev is not None and abs(cur - prev) <= t.tol_rel_loss * max(abs(prev), 1e-12):
                 self.stop("converged_loss")
 
@@ -149,18 +152,39 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
 
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Schedule-free: swap in the averaged weights (eval mode) for evaluation and saving.
+
+        The train-mode weights are copied back bit for bit afterwards rather than recomputed by
+        `optimizer.train()`, whose interpolation is not exactly invertible in floating point:
+        the trajectory then does not depend on how often a run evaluates or checkpoints, which
+        exact resume needs.
+        """
+        if not is_schedule_free(self.optimizer):
+            yield
+            return
+        saved = [p.detach().clone() for p in self.params]
+        set_train_mode(self.optimizer, False)
+        try:
+            yield
+        finally:
+            set_train_mode(self.optimizer, True)
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
     def evaluate(self) -> dict[str, float]:
         """Validation metrics at the current step; updates target, best, early stop, plateau."""
-        set_train_mode(self.optimizer, False)
         self.model.eval()
-        with self.autocast():
+        with self.averaged_weights(), self.autocast():
             metrics = self.workload.evaluate(self.model)
             if self.ema is not None:
                 with self.ema.applied(self.model):
                     ema_metrics = self.workload.evaluate(self.model)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         self.model.train()
-        set_train_mode(self.optimizer, True)
+        self.last_metrics = metrics
 
         st, t = self.state, self.cfg.train
         value = metrics[self.workload.metric]
@@ -198,8 +222,6 @@ class Trainer:
         st = self.state
         train_loss, norm = float(loss), float(grad_norm)
         st.last_train_loss = train_loss
-        if not (math.isfinite(train_loss) and math.isfinite(norm)):
-            self.stop("nonfinite")
         if math.isfinite(train_loss):
             self.smoother.update(train_loss)
         t0, s0, k0 = self._last_log
@@ -220,6 +242,10 @@ class Trainer:
             row["tokens_per_s"] = (st.tokens - k0) / dt
         if self.plateau is not None:
             row["plateau_scale"] = self.plateau.scale
+        if st.skipped_steps:
+            row["skipped_steps"] = st.skipped_steps
+        if st.rollbacks:
+            row["rollbacks"] = st.rollbacks
         if metrics:
             row.update(metrics)
         self._last_log = (st.elapsed_s, st.samples, st.tokens)
@@ -231,11 +257,58 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.run_dir is None:
             return None
-        from cadence.training.checkpoint import save_checkpoint
-
-        path = save_checkpoint(self, self.run_dir / "checkpoints")
+        path = save_checkpoint(
+            self, self.run_dir / "checkpoints", keep_last=self.cfg.train.keep_checkpoints
+        )
         self.emit("on_checkpoint", str(path))
         return path
+
+    # ------------------------------------------------------------ faults and signals
+
+    MAX_CONSECUTIVE_SKIPS = 10
+    MAX_ROLLBACKS = 5
+
+    def check_signals(self) -> None:
+        if self.signals is not None and self.signals.received:
+            self.stop(f"interrupted ({self.signals.received})")
+
+    @property
+    def interrupted(self) -> bool:
+        return (self.state.stop_reason or "").startswith("interrupted")
+
+    def handle_nonfinite(self, size: int) -> None:
+        """A step whose loss or gradient was not finite; its update was not applied.
+
+        `stop` ends the run at the last good state (the checkpoint written on stopping holds
+        it); `skip` moves past the batch without an update; `rollback` reloads the newest valid
+        checkpoint and lowers the LR by `train.rollback_lr_factor`.
+        """
+        st, policy = self.state, self.cfg.train.on_nonfinite
+        bad_step = st.step + 1
+        st.skipped_steps += 1
+        st.consecutive_skips += 1
+        if policy == "stop":
+            self.stop(f"nonfinite at step {bad_step}")
+        elif policy == "skip":
+            st.samples += size  # drop this batch, keep the data order of the run
+            st.tokens += size * self.workload.tokens_per_sample
+            if st.consecutive_skips >= self.MAX_CONSECUTIVE_SKIPS:
+                self.stop(f"nonfinite at step {bad_step}: {st.consecutive_skips} steps in a row")
+        else:
+            self.rollback(bad_step)
+
+    def rollback(self, bad_step: int) -> None:
+        path, _ = latest_valid(self.run_dir / "checkpoints") if self.run_dir else (None, [])
+        if path is None or self.state.rollbacks >= self.MAX_ROLLBACKS:
+            why = "no checkpoint to roll back to" if path is None else "too many rollbacks"
+            self.stop(f"nonfinite at step {bad_step}: {why}")
+            return
+        kept = (self.state.rollbacks + 1, self.state.lr_scale, self.state.skipped_steps)
+        restore(self, path)
+        st = self.state
+        st.rollbacks, st.skipped_steps = kept[0], kept[2]
+        st.lr_scale = kept[1] * self.cfg.train.rollback_lr_factor
+        self.emit("on_rewind", st.step)
 
     def summary(self) -> dict[str, Any]:
         st, w = self.state, self.workload

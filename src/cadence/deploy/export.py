@@ -1,0 +1,252 @@
+"""Export a run: consolidated safetensors, or ONNX checked against PyTorch.
+
+Both formats write a self-describing folder: the weights (or graph), the run's ``config.yaml``,
+the ``tokenizer.json`` of language models and an ``export.json`` manifest that records what was
+exported and how well it matches. A safetensors export is itself a loadable run directory, so
+``cadence generate`` and ``cadence serve`` accept it. Files are written to a temporary folder and
+moved into place only when every check passed, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cadence.config import ConfigError, dump_config
+from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
+
+__all__ = ["ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
+
+# Max |onnxruntime - PyTorch| allowed on the exported outputs (logits). fp32 kernels differ in
+# summation order only, which on these models stays around 1e-6; 1e-4 leaves headroom for
+# wider models without hiding a real mismatch (a wrong op is off by O(1)).
+ONNX_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how closely the exported model matches the run's."""
+
+    format: str
+    out: Path
+    files: list[str]
+    max_abs_diff: float  # exported vs the run's model, on random inputs
+    tolerance: float
+    quantization: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def random_inputs(run: LoadedRun, seed: int = 0) -> list[torch.Tensor]:
+    """Inputs of several batch sizes (and sequence lengths for lm) to compare outputs on."""
+    g = torch.Generator().manual_seed(seed)
+    if run.kind == "lm":
+        v, t = run.tokenizer.vocab_size, run.seq_len  # type: ignore[union-attr]
+        shapes = [(1, 1), (3, max(1, t // 2 + 1)), (2, t)]
+        return [torch.randint(0, v, s, generator=g) for s in shapes]
+    shape = CLASSIFIER_INPUTS[run.config.workload]
+    return [torch.randn((b, *shape), generator=g, dtype=run.dtype) for b in (1, 5)]
+
+
+class _Logits(nn.Module):
+    """A one-input view of the model, so the exported graph has exactly one named input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@torch.no_grad()
+def _torch_outputs(model: nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    return [model(x).numpy() for x in inputs]
+
+
+def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(
+        max(np.abs(x.astype(np.float64) - y.astype(np.float64)).max() for x, y in zip(a, b))
+    )
+
+
+def _copy_metadata(run: LoadedRun, dst: Path) -> list[str]:
+    (dst / "config.yaml").write_text(dump_config(run.config))
+    files = ["config.yaml"]
+    if run.tokenizer is not None:
+        run.tokenizer.save(dst)  # type: ignore[attr-defined]
+        files.append("tokenizer.json")
+    return files
+
+
+def _export_safetensors(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
+    from safetensors.torch import save_model
+
+    save_model(run.model, str(tmp / "model.safetensors"))
+    files = ["model.safetensors", *_copy_metadata(run, tmp)]
+    # Round trip: rebuild from what was written, exactly as a user of the export would.
+    rebuilt = load_run(tmp)
+    inputs = random_inputs(run)
+    return files, _max_diff(
+        _torch_outputs(run.model, inputs), _torch_outputs(rebuilt.model, inputs)
+    )
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_outputs(session: Any, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: x.numpy()})[0] for x in inputs]
+
+
+def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
+    from torch.export import Dim
+
+    example = random_inputs(run)[-1]
+    batch = Dim("batch", min=1, max=4096)
+    dims: dict[int, Any] = {0: batch}
+    if run.kind == "lm":
+        # The rotary table covers seq_len positions; the graph is valid up to that length.
+        dims[1] = Dim("seq", min=1, max=run.seq_len)
+    input_name = "idx" if run.kind == "lm" else "inputs"
+    program = torch.onnx.export(
+        _Logits(run.model).eval(),
+        (example,),
+        dynamo=True,
+        dynamic_shapes=(dims,),
+        input_names=[input_name],
+        output_names=["logits"],
+        verbose=False,
+    )
+    program.save(str(tmp / "model.onnx"))
+    inputs = random_inputs(run, seed=1)  # not the tracing example
+    diff = _max_diff(
+        _torch_outputs(run.model, inputs), _ort_outputs(_ort_session(tmp / "model.onnx"), inputs)
+    )
+    return ["model.onnx", *_copy_metadata(run, tmp)], diff
+
+
+@torch.no_grad()
+def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
+    """Dynamic int8 weights for CPU, scored against fp32 on the workload's validation data."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cadence.workloads import build_workload
+
+    if run.dtype != torch.float32:
+        raise ConfigError(
+            f"--quantize int8: the {run.config.workload} model is {run.dtype}; "
+            "dynamic int8 quantisation needs a float32 model"
+        )
+    quantize_dynamic(
+        str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8
+    )
+    fp32, int8 = _ort_session(tmp / "model.onnx"), _ort_session(tmp / "model.int8.onnx")
+    inputs = random_inputs(run, seed=2)
+    report: dict[str, Any] = {
+        "file": "model.int8.onnx",
+        "bytes_fp32": (tmp / "model.onnx").stat().st_size,
+        "bytes_int8": (tmp / "model.int8.onnx").stat().st_size,
+        "max_abs_diff_logits": _max_diff(_ort_outputs(fp32, inputs), _ort_outputs(int8, inputs)),
+    }
+    cfg = run.config
+    cfg.train.device = "cpu"
+    workload = build_workload(cfg)
+    n = min(len(workload.x_val), 64 if run.kind == "lm" else 2048)
+    x_val = workload.x_val[:n].cpu()
+    if run.kind == "lm":
+        blocks = x_val.long()
+        x, y = [blocks[:, :-1]], blocks[:, 1:]
+    else:
+        x, y = [x_val.reshape(n, *CLASSIFIER_INPUTS[cfg.workload])], workload.y_val[:n].cpu()
+    for label, session in (("fp32", fp32), ("int8", int8)):
+        logits = torch.from_numpy(_ort_outputs(session, x)[0])
+        if run.kind == "lm":
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+            report[f"val_loss_{label}"] = float(loss)
+        else:
+            report[f"val_loss_{label}"] = float(torch.nn.functional.cross_entropy(logits, y))
+            report[f"val_accuracy_{label}"] = float((logits.argmax(-1) == y).float().mean())
+    report["val_loss_change"] = report["val_loss_int8"] - report["val_loss_fp32"]
+    if run.kind != "lm":
+        report["val_accuracy_change"] = report["val_accuracy_int8"] - report["val_accuracy_fp32"]
+    report["val_examples"] = n
+    return report
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    ema: bool = False,
+    quantize: str | None = None,
+    tolerance: float = ONNX_TOLERANCE,
+) -> ExportResult:
+    """Export ``run_dir`` as ``safetensors`` or ``onnx`` into ``out`` (default RUN/export/FMT)."""
+    if fmt not in ("safetensors", "onnx"):
+        raise ConfigError(f"--format: unknown format {fmt!r}; choose safetensors or onnx")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize: unknown scheme {quantize!r}; the only one is int8")
+    if quantize and fmt != "onnx":
+        raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
+    run = load_run(run_dir, ema=ema)
+    dest = Path(out) if out is not None else Path(run_dir) / "export" / fmt
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"--out {dest}: exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        if fmt == "safetensors":
+            files, diff = _export_safetensors(run, tmp)
+            tol = 0.0  # the same weights in the same PyTorch model: bit-identical outputs
+        else:
+            files, diff = _export_onnx(run, tmp)
+            tol = tolerance
+        result = ExportResult(fmt, dest, files, diff, tol)
+        if diff > tol:
+            raise RuntimeError(
+                f"export: {fmt} outputs differ from PyTorch by {diff:.3g} > tolerance {tol:g}; "
+                "nothing was written"
+            )
+        if quantize:
+            result.quantization = _quantize(run, tmp)
+            result.files.append("model.int8.onnx")
+        manifest = {
+            **{k: v for k, v in asdict(result).items() if k not in ("out", "files")},
+            "source": str(Path(run_dir).resolve()),
+            "weights": run.weights.name,
+            "workload": run.config.workload,
+            "kind": run.kind,
+            "input": (
+                {"name": "idx", "dtype": "int64", "shape": ["batch", f"seq<={run.seq_len}"]}
+                if run.kind == "lm"
+                else {
+                    "name": "inputs",
+                    "dtype": str(run.dtype).removeprefix("torch."),
+                    "shape": ["batch", *CLASSIFIER_INPUTS[run.config.workload]],
+                }
+            ),
+            "output": {"name": "logits"},
+        }
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        result.files.append("export.json")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in result.files:
+            os.replace(tmp / name, dest / name)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
