@@ -652,7 +652,11 @@ def test_checkpoints_are_written_rotated_and_load_weights_only(make_config, tmp_
     assert sorted(p.name for p in root.iterdir()) == expected  # no temporaries left either
     for name in expected:
         folder = root / name
-        assert {p.name for p in folder.iterdir()} == {"model.safetensors", "trainer.pt", "checkpoint.json"}
+        assert {p.name for p in folder.iterdir()} == {
+            "model.safetensors",
+            "trainer.pt",
+            "checkpoint.json",
+        }
         state = torch.load(folder / "trainer.pt", weights_only=True)
         assert state["train_state"]["step"] == int(name.removeprefix("step_"))
         assert {"optimizer", "smoother", "rng", "plateau", "ema"} <= set(state)
