@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["optimizers", "schedules", "workloads", "recipes", "all"],
     )
     p.set_defaults(func=cmd_list)
+
+    from cadence.deploy.cli import add_parsers as add_deploy_parsers
+
+    add_deploy_parsers(sub)
     return parser
 
 

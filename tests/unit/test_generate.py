@@ -15,7 +15,7 @@ from cadence.deploy.generate import (
     sample_next,
     window_keep,
 )
-from cadence.models import GPT, GPTConfig, KVCache
+from cadence.models.gpt import GPT, GPTConfig, KVCache
 
 
 @pytest.fixture(autouse=True)

@@ -147,11 +147,6 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
 
     from cadence.workloads import build_workload
 
-    if run.dtype != torch.float32:
-        raise ConfigError(
-            f"--quantize int8: the {run.config.workload} model is {run.dtype}; "
-            "dynamic int8 quantisation needs a float32 model"
-        )
     quantize_dynamic(
         str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8
     )
@@ -204,6 +199,11 @@ def export_run(
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
     run = load_run(run_dir, ema=ema)
+    if quantize and run.dtype != torch.float32:
+        raise ConfigError(
+            f"--quantize int8: the {run.config.workload} model is {run.dtype}; "
+            "dynamic int8 quantisation needs a float32 model"
+        )
     dest = Path(out) if out is not None else Path(run_dir) / "export" / fmt
     if dest.exists() and not dest.is_dir():
         raise ConfigError(f"--out {dest}: exists and is not a folder")

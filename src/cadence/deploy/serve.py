@@ -35,7 +35,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cadence.deploy.generate import (
     SamplingParams,
@@ -296,6 +296,39 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) if parts else "body"
 
 
+def _validation_response(errors: list[Any]) -> JSONResponse:
+    """422 whose ``error`` names the first bad field (``body`` for malformed JSON)."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    name = _field_name(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        name, msg = "body", f"malformed JSON ({first.get('ctx', {}).get('error', 'invalid')})"
+    else:
+        msg = first.get("msg", "invalid")
+    detail = [
+        {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors
+    ]
+    return JSONResponse({"error": f"{name}: {msg}", "detail": detail}, status_code=422)
+
+
+async def _parse_body(request: Request, model: type[BaseModel]) -> Any:
+    """Validate the raw body as JSON whatever the Content-Type says.
+
+    ``curl -d`` sends form encoding by default; refusing that would only confuse people, and
+    parsing the bytes ourselves also reports malformed JSON the same way as a wrong field.
+    """
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise _Invalid(exc.errors()) from None
+
+
+class _Invalid(Exception):
+    def __init__(self, errors: list[Any]) -> None:
+        super().__init__("invalid request")
+        self.errors = errors
+
+
 def _predict_tensor(run: LoadedRun, inputs: list[list[Any]]) -> torch.Tensor:
     shape = CLASSIFIER_INPUTS[run.config.workload]
     size = int(np.prod(shape))
@@ -339,17 +372,11 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        name = _field_name(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            name, msg = "body", f"malformed JSON ({first.get('ctx', {}).get('error', 'invalid')})"
-        else:
-            msg = first.get("msg", "invalid")
-        detail = [
-            {"field": _field_name(tuple(e.get("loc", ()))), "message": e.get("msg")} for e in errors
-        ]
-        return JSONResponse({"error": f"{name}: {msg}", "detail": detail}, status_code=422)
+        return _validation_response(list(exc.errors()))
+
+    @app.exception_handler(_Invalid)
+    async def _invalid_body(request: Request, exc: _Invalid) -> JSONResponse:
+        return _validation_response(exc.errors)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -401,8 +428,11 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/predict")
-    async def predict(body: PredictRequest) -> dict[str, Any]:
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
+
+    @app.post("/v1/predict", openapi_extra=body_doc)
+    async def predict(request: Request) -> dict[str, Any]:
+        body: PredictRequest = await _parse_body(request, PredictRequest)
         if run.kind != "classifier":
             raise HTTPError(400, "model: this server holds a language model; use /v1/generate")
         if len(body.inputs) > settings.max_predict_inputs:
@@ -422,8 +452,9 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
             "classes": list(range(classes)),
         }
 
-    @app.post("/v1/generate", response_model=None)
-    async def generate_endpoint(body: GenerateRequest) -> dict[str, Any] | StreamingResponse:
+    @app.post("/v1/generate", response_model=None, openapi_extra=body_doc)
+    async def generate_endpoint(request: Request) -> dict[str, Any] | StreamingResponse:
+        body: GenerateRequest = await _parse_body(request, GenerateRequest)
         if run.kind != "lm":
             raise HTTPError(
                 400, f"model: this server holds a {run.config.workload} classifier; use /v1/predict"
