@@ -50,7 +50,7 @@ class ConfigError(ValueError):
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"  # see `cadence list optimizers`
-    lr: float = 3e-3  # base (peak) learning rate; schedules multiply it
+    lr: float | Literal["auto"] = 3e-3  # base (peak) LR; 'auto' runs the LR range test first
     momentum: float = 0.0  # heavy-ball momentum (sgd, muon, schedulefree-sgd); 0 = library default
     nesterov: bool = False  # Nesterov momentum for sgd (needs momentum > 0)
     weight_decay: float = (
@@ -124,6 +124,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch intra-op threads (null = torch's default)
     progress: bool = True  # show a progress bar
+    log_noise_scale: bool = False  # measure the gradient noise scale (critical batch) as it trains
+    noise_scale_every: int | None = None  # steps between measurements (null = eval_every)
 
 
 @dataclass
@@ -384,7 +386,7 @@ def validate(cfg: Config) -> None:
         o.name in OPTIMIZERS,
         f"optimizer.name: unknown optimizer {o.name!r}; choose one of: {', '.join(OPTIMIZERS)}",
     )
-    _check(o.lr > 0, f"optimizer.lr: must be > 0, got {o.lr}")
+    _check(o.lr == "auto" or o.lr > 0, f"optimizer.lr: must be > 0 or 'auto', got {o.lr}")
     _check(o.aux_lr is None or o.aux_lr > 0, f"optimizer.aux_lr: must be > 0, got {o.aux_lr}")
     _check(0 <= o.momentum < 1, f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
@@ -460,6 +462,10 @@ def validate(cfg: Config) -> None:
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
         f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}",
+    )
+    _check(
+        t.noise_scale_every is None or t.noise_scale_every >= 1,
+        f"train.noise_scale_every: must be >= 1 or null, got {t.noise_scale_every}",
     )
     _check(t.threads is None or t.threads >= 1, f"train.threads: must be >= 1, got {t.threads}")
     _check(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")

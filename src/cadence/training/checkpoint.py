@@ -10,9 +10,11 @@ place: a crash mid-save leaves the previous checkpoints as they were, and a file
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,29 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors' `save_model`, with a failed write raised as the OSError it is.
+
+    safetensors reports an I/O failure (a full disk) as its own SafetensorError, and torch.save
+    as a RuntimeError from its zip writer; the CLI turns OSErrors into one line and exit 1.
+    """
+    try:
+        save_model(model, str(path))
+    except Exception as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    # Serialised in memory, written by Python: a failed write is an OSError, not torch's
+    # RuntimeError("unexpected pos ...").
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getbuffer())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,6 +117,8 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
         state["plateau"] = trainer.plateau.state_dict()
     if trainer.ema is not None:
         state["ema"] = trainer.ema.state_dict()
+    if trainer.noise_scale is not None:
+        state["noise_scale"] = trainer.noise_scale.state_dict()
     if is_schedule_free(trainer.optimizer):
         # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
         state["train_weights"] = {
@@ -109,9 +136,9 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        torch.save(trainer_state(trainer), tmp / "trainer.pt")
+        _save_state(trainer_state(trainer), tmp / "trainer.pt")
         with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
-            save_model(trainer.model, str(tmp / "model.safetensors"))
+            save_weights(trainer.model, tmp / "model.safetensors")
         metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
         manifest = {
             "format": FORMAT,
@@ -200,7 +227,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
-        raise CheckpointError(f"{path / 'trainer.pt'}: cannot be read ({exc})") from None
+        # torch's own message spans paragraphs (and suggests weights_only=False): not shown.
+        raise CheckpointError(
+            f"{path / 'trainer.pt'}: not a readable weights-only checkpoint "
+            f"({type(exc).__name__}); remove {path} to resume from an earlier one"
+        ) from None
 
 
 def restore(trainer: Trainer, path: Path) -> None:
@@ -212,7 +243,11 @@ def restore(trainer: Trainer, path: Path) -> None:
         try:
             load_model(trainer.model, str(path / "model.safetensors"), device=str(trainer.device))
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({exc})") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path / 'model.safetensors'}: cannot be read ({first}); "
+                f"remove {path} to resume from an earlier one"
+            ) from None
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.state.load_state_dict(state["train_state"])
     trainer.smoother.load_state_dict(state["smoother"])
@@ -220,4 +255,6 @@ def restore(trainer: Trainer, path: Path) -> None:
         trainer.plateau.load_state_dict(state["plateau"])
     if trainer.ema is not None and "ema" in state:
         trainer.ema.load_state_dict(state["ema"])
+    if trainer.noise_scale is not None and "noise_scale" in state:
+        trainer.noise_scale.load_state_dict(state["noise_scale"])
     set_rng_state(state["rng"])

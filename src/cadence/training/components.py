@@ -54,10 +54,12 @@ def batch_ramp_from(cfg: Config, n_train: int) -> BatchRamp:
 
 def optimizer_from(cfg: Config, model: nn.Module) -> AnyOptimizer:
     o = cfg.optimizer
+    # 'auto' is resolved by the LR range test before training; 1.0 only lets the config check
+    # build the optimizer once.
     return build_optimizer(
         o.name,
         model,
-        lr=o.lr,
+        lr=1.0 if o.lr == "auto" else o.lr,
         momentum=o.momentum,
         nesterov=o.nesterov,
         weight_decay=o.weight_decay,

@@ -14,6 +14,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
     t.model.train()
     t.emit("on_start")
     t.start_clock()
+    t.check_progress_budgets()  # a resumed run may already be at its budget
     while not t.stopping:
         size = t.batch_size()
         micro_batches, units = t.next_batches(size)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 
 from cadence.config import Config, ConfigError, dump_config, flatten, load_config
 from cadence.io import atomic_path, atomic_write_json, atomic_write_text
@@ -16,7 +16,7 @@ from cadence.track.metrics import MetricsWriter
 from cadence.track.plots import plot_run
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
-from cadence.training.checkpoint import CheckpointError, latest_valid, restore
+from cadence.training.checkpoint import CheckpointError, latest_valid, restore, save_weights
 from cadence.training.events import Callback
 from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
@@ -83,6 +83,13 @@ def train(
     tokenizer = workload.extras.get("tokenizer")
     if tokenizer is not None:
         tokenizer.save(run_dir)
+    if cfg.optimizer.lr == "auto":
+        from cadence.tune import suggest_lr
+
+        # The range test restores the weights and RNG; the chosen LR is what config.yaml records.
+        lr = suggest_lr(cfg, workload, run_dir=run_dir)
+        print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
+        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
     return _execute(cfg, workload, run_dir, callbacks, checkpoint=None)
 
 
@@ -160,13 +167,13 @@ def _execute(
         trainer.signals = None
 
     with trainer.averaged_weights(), atomic_path(run_dir / "model.safetensors") as tmp:
-        save_model(trainer.model, str(tmp))
+        save_weights(trainer.model, tmp)
     if trainer.ema is not None:
         with (
             trainer.ema.applied(trainer.model),
             atomic_path(run_dir / "model_ema.safetensors") as tmp,
         ):
-            save_model(trainer.model, str(tmp))
+            save_weights(trainer.model, tmp)
     plot_run(writer.rows, run_dir / "plots", title=f"{cfg.workload} · {cfg.optimizer.name}")
     summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)

@@ -70,6 +70,12 @@ class Trainer:
         self._clock = self._clock_base = 0.0
         self._last_log = (0.0, 0, 0)  # (elapsed, samples, tokens) at the previous log row
         self.signals = None  # a StopSignals while fit() runs under train()/resume()
+        self.noise_scale = None
+        if t.log_noise_scale:
+            from cadence.tune.noise_scale import NoiseScaleMonitor
+
+            self.noise_scale = NoiseScaleMonitor(every=t.noise_scale_every or t.eval_every)
+            self.noise_scale.on_start(self)
 
     # ------------------------------------------------------------ per-step decisions
 
@@ -127,6 +133,20 @@ class Trainer:
     # ------------------------------------------------------------ stop criteria
 
     def check_budgets(self, loss: Tensor, grad_norm: Tensor) -> None:
+        self.check_progress_budgets()
+        t = self.cfg.train
+        # Convergence criteria need the values every step: a host sync, paid only when asked for.
+        if t.tol_grad_norm is not None and float(grad_norm) < t.tol_grad_norm:
+            self.stop("converged_grad_norm")
+        if t.tol_rel_loss is not None:
+            cur = float(loss)
+            prev, self.state.prev_loss = self.state.prev_loss, cur
+            if prev is not None and abs(cur - prev) <= t.tol_rel_loss * max(abs(prev), 1e-12):
+                self.stop("converged_loss")
+
+    def check_progress_budgets(self) -> None:
+        """Step, sample, token and time budgets. Also checked before the first step, so that
+        resuming a run that already reached its budget trains nothing more."""
         t, st = self.cfg.train, self.state
         if st.step >= t.max_steps:
             self.stop("max_steps")
@@ -136,14 +156,6 @@ class Trainer:
             self.stop("max_tokens")
         if t.max_time_s is not None and st.elapsed_s >= t.max_time_s:
             self.stop("max_time")
-        # Convergence criteria need the values every step: a host sync, paid only when asked for.
-        if t.tol_grad_norm is not None and float(grad_norm) < t.tol_grad_norm:
-            self.stop("converged_grad_norm")
-        if t.tol_rel_loss is not None:
-            cur = float(loss)
-            prev, self.state.prev_loss = self.state.prev_loss, cur
-            if prev is not None and abs(cur - prev) <= t.tol_rel_loss * max(abs(prev), 1e-12):
-                self.stop("converged_loss")
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -248,6 +260,10 @@ class Trainer:
             row["rollbacks"] = st.rollbacks
         if metrics:
             row.update(metrics)
+        ns = self.noise_scale
+        if ns is not None and st.step % ns.every == 0:
+            # Extra forward/backward passes on batches of its own; weights and RNG untouched.
+            row.update({k: v for k, v in ns.measure(self, st.step).items() if k != "step"})
         self._last_log = (st.elapsed_s, st.samples, st.tokens)
         self.emit("on_log", row)
         return row

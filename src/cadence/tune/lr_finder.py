@@ -137,8 +137,8 @@ def suggest_from_curve(
 ) -> tuple[float, int]:
     """The LR of the steepest descent of ``losses`` against ``log(lr)`` -> (lr, index).
 
-    Only points after ``skip_start``, up to the minimum of the curve and with a loss below the
-    starting level qualify, so a steep recovery from an early spike is not mistaken for progress.
+    Only points after ``skip_start``, up to the minimum of the curve and whose whole slope window
+    lies below the starting level qualify, so a steep recovery from an early spike is not mistaken for progress.
     ``start_level`` defaults to the median loss of the skipped start.
     """
     x = np.log(np.asarray(lrs, dtype=np.float64))
@@ -157,7 +157,9 @@ def suggest_from_curve(
     candidates = [
         i
         for i in range(skip_start, i_min + 1)
-        if np.isfinite(slopes[i]) and slopes[i] < 0 and y[i] <= level
+        if np.isfinite(slopes[i])
+        and slopes[i] < 0
+        and y[max(0, i - half_width) : i + half_width + 1].max() <= level
     ]
     if not candidates:
         # The loss never went down below where it started: the range starts too late (or the

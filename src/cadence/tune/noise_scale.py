@@ -156,7 +156,9 @@ def measure_grad_norms(
             loss = loss_sum(model, batch)
         (loss / n).backward()
         grads = [
-            p.grad.detach().double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+            p.grad.detach().double()
+            if p.grad is not None
+            else torch.zeros_like(p, dtype=torch.float64)
             for p in params
         ]
         sq_small += sum((g * g).sum() for g in grads)
@@ -191,9 +193,7 @@ class NoiseScaleEstimate:
         return dataclasses.asdict(self)
 
 
-def _draw(
-    cfg: Config, workload: Workload, gen: torch.Generator, size: int
-) -> tuple[Any, int]:
+def _draw(cfg: Config, workload: Workload, gen: torch.Generator, size: int) -> tuple[Any, int]:
     # Independent draws with replacement: the i.i.d. sampling the estimators assume.
     idx = torch.randint(0, workload.n_train, (size,), generator=gen)
     batch = workload.batch(idx)
@@ -336,8 +336,14 @@ class NoiseScaleMonitor(Callback):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"estimator": self.estimator.state_dict(), "last": self._last}
+        state: dict[str, Any] = {"estimator": self.estimator.state_dict(), "last": self._last}
+        if self._gen is not None:
+            state["generator"] = self._gen.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.estimator.load_state_dict(state["estimator"])
         self._last = int(state["last"])
+        if "generator" in state:
+            self._gen = torch.Generator().manual_seed(0)
+            self._gen.set_state(state["generator"])
