@@ -115,6 +115,14 @@ def matmul_rate(n: int, iters: int, device: torch.device) -> float:
 # ---------------------------------------------------------------- the two loops
 
 
+def reset(model: torch.nn.Module, init: dict) -> None:
+    """The same starting point for every run: initial weights, and no gradients left over
+    (fit() leaves the last step's .grad on the parameters; a loop that zeroes gradients after
+    the step would otherwise add them to its first gradient)."""
+    model.load_state_dict(init)
+    model.zero_grad(set_to_none=True)
+
+
 def window(marks: list[tuple[int, float, int]], start: int, end: int) -> dict[str, Any]:
     """Throughput between the marks (step, seconds, tokens) at steps `start` and `end`.
 
@@ -140,7 +148,7 @@ def run_plain(
 ) -> dict[str, Any]:
     """The obvious nanoGPT-style loop over the same model, batches, optimizer and LR."""
     model = workload.model
-    model.load_state_dict(init)
+    reset(model, init)
     model.train()
     o, t = cfg.optimizer, cfg.train
     opt = build_optimizer(
@@ -197,7 +205,7 @@ def run_trainer(
     workload: Workload, cfg: Any, init: dict, warmup: int, steps: int
 ) -> dict[str, Any]:
     """cadence's own loop: fit(Trainer(cfg, workload)); timings from its metrics rows."""
-    workload.model.load_state_dict(init)
+    reset(workload.model, init)
     marks = Marks()
     fit(Trainer(cfg, workload, [marks]))
     result = window([(0, 0.0, 0), *[r[:3] for r in marks.rows]], warmup, warmup + steps)
@@ -208,9 +216,17 @@ def run_trainer(
 # ---------------------------------------------------------------- the benchmark
 
 
-def configs(args: argparse.Namespace) -> dict[str, Any]:
-    """One config per trainer variant: the recipe, no progress bar, no eval in the window."""
-    total = args.warmup + args.steps
+def steps_of(args: argparse.Namespace, name: str) -> int:
+    return args.steps if name in ("plain", "trainer") else args.slow_steps
+
+
+def repeats_of(args: argparse.Namespace, name: str) -> int:
+    return args.repeats if name in ("plain", "trainer") else min(args.repeats, args.slow_repeats)
+
+
+def make_config(args: argparse.Namespace, name: str) -> Any:
+    """The recipe, no progress bar, no eval in the timed window, this variant's precision."""
+    total = args.warmup + steps_of(args, name)
     base = load_config(args.recipe)
     common = [
         "train.progress=false",
@@ -221,10 +237,7 @@ def configs(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if base.schedule.warmup >= total:  # a short run keeps a valid schedule; speed is unchanged
         common.append(f"schedule.warmup={total // 2}")
-    cfgs = {"plain": load_config(args.recipe, common)}
-    for name, extra in TRAINER_OVERRIDES.items():
-        cfgs[name] = load_config(args.recipe, common + extra)
-    return cfgs
+    return load_config(args.recipe, common + TRAINER_OVERRIDES.get(name, []))
 
 
 def one_line(exc: BaseException) -> str:
@@ -256,7 +269,7 @@ def summarise(raw: dict[str, list[dict]], flops_per_token: float, peak: float) -
             entry["error"] = errors[0]
         ref = refs.get(name)
         if ref is not None and ok:
-            pairs = [
+            pairs = [  # runs of the same repeat, next to each other in time
                 (r["tokens_per_s"] / q["tokens_per_s"])
                 for r, q in zip(runs, raw[ref])
                 if "error" not in r and "error" not in q
@@ -331,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30, help="measured steps per run (x10)")
     p.add_argument("--warmup", type=int, default=10, help="steps before the window (x10)")
-    p.add_argument("--repeats", type=int, default=4, help="interleaved repeats of every variant")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every variant")
+    p.add_argument(
+        "--slow-steps", type=int, default=10, help="measured steps for bf16 and compile (x10)"
+    )
+    p.add_argument(
+        "--slow-repeats", type=int, default=2, help="repeats (the first ones) for bf16 and compile"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 10+10 steps, one repeat")
     p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
     p.add_argument("--recipe", default="default", help="recipe name or YAML path")
@@ -345,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.repeats = 10, 10, 1
-    if args.steps % LOG_EVERY or args.warmup % LOG_EVERY or args.steps < LOG_EVERY:
-        p.error(f"--steps and --warmup must be positive multiples of {LOG_EVERY}")
+        args.steps, args.warmup, args.repeats, args.slow_steps = 10, 10, 1, 10
+    for n in (args.steps, args.warmup, args.slow_steps):
+        if n % LOG_EVERY or n < LOG_EVERY:
+            p.error(f"--steps, --slow-steps and --warmup must be positive multiples of {LOG_EVERY}")
     asked = {v.strip() for v in args.variants.split(",") if v.strip()}
     unknown = asked - set(VARIANTS)
     variants = [v for v in VARIANTS if v in asked]  # references first, for the ratios
@@ -355,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--variants: choose from {', '.join(VARIANTS)}; plain and trainer are required")
 
     now = datetime.datetime.now()
-    cfgs = configs(args)
+    cfgs = {name: make_config(args, name) for name in variants}
     workload = build_workload(cfgs["plain"])
     device = workload.x_train.device
     init = {k: v.detach().clone() for k, v in workload.model.state_dict().items()}
     batch = int(cfgs["plain"].batch.size)
-    total = args.warmup + args.steps
+    total = args.warmup + max(args.steps, args.slow_steps)
     sampler = EpochSampler(workload.n_train, cfgs["plain"].train.seed)
     indices = sampler.indices(0, total * batch).view(total, batch)  # the trainer's own order
     fpt = workload.model.flops_per_token()
@@ -374,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model: GPT {cfgs['plain'].model.n_layer}x{cfgs['plain'].model.d_model}, "
         f"{workload.model.num_params():,} params; batch {batch} x {workload.tokens_per_sample} "
-        f"tokens; {args.warmup} warmup + {args.steps} measured steps; {args.repeats} repeats "
+        f"tokens; {args.warmup} warmup + {args.steps} measured steps x {args.repeats} repeats "
+        f"(bf16/compile: {args.slow_steps} x {min(args.repeats, args.slow_repeats)}), "
         f"interleaved; variants {', '.join(variants)}"
     )
     start_load = loadavg()
@@ -385,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         rates.append(matmul_rate(args.matmul_n, 10, device))
         order = variants if rep % 2 == 0 else variants[::-1]
         for name in order:
+            if rep >= repeats_of(args, name):
+                continue
             if name in failed:
                 raw[name].append({"error": failed[name]})
                 continue
@@ -393,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "plain":
                     r = run_plain(workload, cfgs[name], init, indices, args.warmup, args.steps)
                 else:
-                    r = run_trainer(workload, cfgs[name], init, args.warmup, args.steps)
+                    r = run_trainer(workload, cfgs[name], init, args.warmup, steps_of(args, name))
             except Exception as exc:  # e.g. inductor without a working C compiler
                 failed[name] = one_line(exc)
                 raw[name].append({"error": failed[name]})
@@ -425,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer_ok = [r for r in raw["trainer"] if "error" not in r]
     if plain_ok and trainer_ok:
         result["loss_check"] = {
-            "step": total,
+            "step": args.warmup + args.steps,
             "plain": plain_ok[0]["final_loss"],
             "trainer": trainer_ok[0]["final_loss"],
         }
