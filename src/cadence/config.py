@@ -44,7 +44,14 @@ def _yaml_load(text: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """A user error in a config: the message names the key and what would fix it."""
+    """A user error in a config: the message names the key and what would fix it.
+
+    The message is always one line: user text echoed into it (a key, a --set value) has its line
+    breaks escaped, so the CLI's error stays a single line whatever was typed.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("\\n".join(str(message).splitlines()) or str(message))
 
 
 @dataclass
@@ -250,11 +257,11 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optimizer.lr=0.1'`` -> (['optimizer', 'lr'], 0.1); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set optimizer.lr=0.1")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.lr=0.1")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text}: expected a dotted key such as optimizer.lr")
+        raise ConfigError(f"--set {text!r}: expected a dotted key such as optimizer.lr")
     try:
         value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:

@@ -1,0 +1,168 @@
+"""Shared pieces of the resume and fault tests: tiny configs, the CLI as a subprocess, crashes.
+
+Runs are compared on their final weights (bytes of model.safetensors) and on metrics.jsonl with
+the wall-time-derived fields left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cadence.training.events import Callback
+
+# Fields that depend on the clock, not on the computation.
+WALL_FIELDS = frozenset({"time_s", "samples_per_s", "tokens_per_s"})
+
+# A GPT small enough that a step takes milliseconds on one core.
+TINY_LM = [
+    "workload=lm",
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.seq_len=16",
+    "data.max_bytes=100000",
+    "batch.size=4",
+    "schedule.warmup=2",
+    "train.eval_samples=8",
+    "train.threads=1",
+    "train.progress=false",
+]
+
+# The digits MLP with a hidden matrix (so muon has something to route), plus the two stateful
+# controllers the issue names: a plateau that reduces at every evaluation that does not improve
+# by half (so it fires in a few steps for every optimizer) and a batch ramp 4 -> 8 at mid-run.
+DIGITS_CONTROLLED = [
+    "workload=digits",
+    "model.hidden=[32,32]",
+    "batch.size=4",
+    "batch.schedule=[[0.5, 8]]",
+    "plateau.enabled=true",
+    "plateau.patience=0",
+    "plateau.threshold=0.5",
+    "train.eval_samples=64",
+    "train.threads=1",
+    "train.progress=false",
+]
+
+
+def as_sets(overrides: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cadence", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+    )
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cadence", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+
+
+def last_logged_step(metrics: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 when there is none yet)."""
+    try:
+        text = metrics.read_text()
+    except FileNotFoundError:
+        return 0
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]  # complete lines only
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def wait_for_step(
+    proc: subprocess.Popen[str], metrics: Path, step: int, timeout: float = 180
+) -> int:
+    """Poll until metrics.jsonl logs a step >= `step`; returns it. Fails if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = last_logged_step(metrics)
+        if seen >= step:
+            return seen
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended (rc {proc.returncode}) before step {step}:\n{err}")
+        time.sleep(0.002)
+    proc.kill()
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without the wall-time-derived fields."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in WALL_FIELDS}
+        for line in text.splitlines()
+        if line.strip()
+    ]
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    return [r["step"] for r in rows(run_dir)]
+
+
+def weights(run_dir: Path) -> bytes:
+    return (run_dir / "model.safetensors").read_bytes()
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*") if p.is_dir())
+
+
+class Crash(Exception):
+    """Stands for a process dying: nothing after it runs."""
+
+
+class CrashAt(Callback):
+    """Raise `Crash` once the row of `step` has been logged (metrics.jsonl already holds it)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        if row["step"] >= self.step:
+            raise Crash(row["step"])
+
+
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNG plots dominate a tiny in-process run's time and are not what these tests check."""
+    monkeypatch.setattr("cadence.training.run.plot_run", lambda *a, **k: None)
+
+
+def tail_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def assert_same_run(reference: Path, resumed: Path, expected_steps: Sequence[int]) -> None:
+    """Bitwise-equal final weights and the same metrics rows, each step exactly once."""
+    assert steps_of(resumed) == list(expected_steps)
+    assert rows(resumed) == rows(reference)
+    assert weights(resumed) == weights(reference)
