@@ -66,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_list)
 
+    from cadence.bench.cli import add_parsers as add_bench_parsers
     from cadence.deploy.cli import add_parsers as add_deploy_parsers
     from cadence.tune.cli import add_parsers as add_tune_parsers
 
     add_tune_parsers(sub)
+    add_bench_parsers(sub)
     add_deploy_parsers(sub)
     return parser
 

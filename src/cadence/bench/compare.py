@@ -1,0 +1,439 @@
+"""Run a comparison: every run of a spec in parallel worker processes, resumable, then aggregate.
+
+Each run is an ordinary `cadence.train` run directory under ``OUT/runs/``. A run counts as done
+when its ``summary.json`` exists, was not written by an interrupted run and belongs to the same
+config; a resumed comparison skips those and starts the rest from scratch (a fresh run gives an
+honest wall time, a resumed one would not). ``OUT/runs.log`` gets one line per run started, so
+"nothing was repeated" can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cadence.bench.profiles import (
+    INF,
+    bootstrap_ci,
+    median,
+    performance_profile,
+    performance_ratios,
+    profile_score,
+    time_to_target,
+)
+from cadence.bench.spec import PROFILE_MEASURES, RunPlan, Spec, grid, plan_runs, trial_label
+from cadence.config import Config, config_from_dict
+
+__all__ = ["aggregate", "compare", "execute", "run_record"]
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------- one run (in a worker)
+
+
+def _train_worker(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Entry point of a spawned worker: one thread, no progress bar, an ordinary run dir.
+
+    The per-run PNG plots are skipped in workers: drawing them costs ~2 s per run with
+    matplotlib (more than a small run trains), and the report overlays every run's curves from
+    metrics.jsonl anyway. This only touches the worker process.
+    """
+    import cadence
+    import cadence.training.run as run_module
+
+    run_module.plot_run = lambda *args, **kwargs: []
+    cfg = config_from_dict(config)
+    return cadence.train(cfg, run_dir=run_dir)
+
+
+class WorkerPool:
+    """A spawn-context process pool, started on first use and shared by both phases (each
+    worker pays the torch import once)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = max(1, jobs)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx)
+        return self._pool
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+
+def _is_done(plan: RunPlan) -> bool:
+    summary_path = plan.run_dir / "summary.json"
+    config_path = plan.run_dir / "config.yaml"
+    if not summary_path.is_file() or not config_path.is_file():
+        return False
+    try:
+        summary = json.loads(summary_path.read_text())
+        saved = yaml.safe_load(config_path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    if str(summary.get("stop_reason") or "").startswith("interrupted"):
+        return False
+    return saved == plan.config.to_dict()
+
+
+def _clear(run_dir: Path) -> None:
+    """An unfinished (or stale) run is redone from scratch; train refuses a used directory."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+def execute(
+    plans: Sequence[RunPlan], out: Path, pool: WorkerPool, log: Log = print
+) -> dict[str, int]:
+    """Train every plan that is not done yet, up to ``jobs`` at a time.
+
+    Workers are spawned (not forked): a forked child would inherit torch's thread pool and any
+    open state of the parent. A run that raises is recorded as a failure (its error goes to
+    ``run_dir/error.txt``) and counts as a miss; the comparison goes on.
+    """
+    todo = [p for p in plans if not _is_done(p)]
+    counts = {"total": len(plans), "skipped": len(plans) - len(todo), "ran": 0, "failed": 0}
+    if not todo:
+        return counts
+    out.mkdir(parents=True, exist_ok=True)
+    for p in todo:
+        _clear(p.run_dir)
+    jobs = pool.jobs
+    pending: dict[Future, RunPlan] = {}
+    queue = list(todo)
+    try:
+        while queue or pending:
+            while queue and len(pending) < max(1, jobs):
+                p = queue.pop(0)
+                with open(out / "runs.log", "a", encoding="utf-8") as fh:
+                    fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start {_rel(p, out)}\n")
+                fut = pool.get().submit(_train_worker, p.config.to_dict(), str(p.run_dir))
+                pending[fut] = p
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                p = pending.pop(fut)
+                try:
+                    summary = fut.result()
+                except Exception as exc:  # a run's crash must not lose the others
+                    counts["failed"] += 1
+                    p.run_dir.mkdir(parents=True, exist_ok=True)
+                    (p.run_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+                    log(f"FAILED {_rel(p, out)}: {type(exc).__name__}: {exc}")
+                    continue
+                counts["ran"] += 1
+                reached = summary.get("target_step") is not None
+                log(
+                    f"[{counts['ran'] + counts['failed'] + counts['skipped']}/{counts['total']}]"
+                    f" {_rel(p, out)}: {'target at step ' + str(summary['target_step']) if reached else 'missed'}"
+                    f" ({summary['wall_time_s']:.1f}s)"
+                )
+                if str(summary.get("stop_reason") or "").startswith("interrupted"):
+                    raise KeyboardInterrupt
+    except BaseException:
+        pool.close(cancel=True)
+        raise
+    return counts
+
+
+def _rel(p: RunPlan, out: Path) -> str:
+    return str(p.run_dir.relative_to(out)) if p.run_dir.is_relative_to(out) else str(p.run_dir)
+
+
+# ---------------------------------------------------------------- reading results
+
+
+def run_record(plan: RunPlan) -> dict[str, Any]:
+    """Every number of one finished run, with infinities for a miss (JSON gets null)."""
+    rec: dict[str, Any] = {
+        "strategy": plan.strategy,
+        "workload": plan.workload,
+        "seed": plan.seed,
+        "trial": plan.trial,
+        "params": plan.params,
+        "run_dir": str(plan.run_dir),
+    }
+    summary_path = plan.run_dir / "summary.json"
+    if not summary_path.is_file():
+        error = plan.run_dir / "error.txt"
+        rec.update(
+            reached=False,
+            error=error.read_text().strip() if error.is_file() else "no summary.json",
+            **{f"{k}_to_target": INF for k in ("steps", "samples", "tokens", "time")},
+            final_metric=None,
+            best_metric=None,
+            steps=0,
+            wall_time_s=None,
+            stop_reason=None,
+        )
+        return rec
+    from cadence.track.metrics import read_metrics
+
+    summary = json.loads(summary_path.read_text())
+    rows = read_metrics(plan.run_dir / "metrics.jsonl")
+    ttt = time_to_target(rows, summary.get("target_step"))
+    metric = summary["metric"]
+    rec.update(
+        reached=summary.get("target_step") is not None,
+        error=None,
+        **{f"{k}_to_target": v for k, v in ttt.items()},
+        metric=metric,
+        higher_is_better=summary["higher_is_better"],
+        final_metric=(summary.get("final_metrics") or {}).get(metric),
+        best_metric=summary.get("best_metric"),
+        steps=summary["steps"],
+        samples=summary["samples"],
+        tokens=summary["tokens"],
+        wall_time_s=summary["wall_time_s"],
+        stop_reason=summary.get("stop_reason"),
+    )
+    return rec
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    lo, hi = bootstrap_ci(values)
+    return {"median": median(values), "lo": lo, "hi": hi}
+
+
+def _choose(records: Sequence[dict[str, Any]], by: str, higher: bool) -> dict[str, Any]:
+    """The tuning trial that reaches the target fastest; among misses, the best final metric."""
+
+    def key(r: dict[str, Any]) -> tuple[float, float]:
+        fm = r.get("best_metric")
+        fm = INF if fm is None else (-fm if higher else fm)
+        return (r[f"{by}_to_target"], fm)
+
+    return min(records, key=key)
+
+
+def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per strategy x workload: time-to-target on each measure (median + bootstrap interval
+    over seeds), reach rate, final and best metric; then profiles and scores per measure."""
+    from cadence.workloads import WORKLOADS
+
+    table: list[dict[str, Any]] = []
+    medians: dict[str, dict[str, dict[str, float]]] = {m: {} for m in PROFILE_MEASURES}
+    medians["tokens"] = {}
+    for s in spec.strategies.values():
+        for m in medians:
+            medians[m][s.name] = {}
+        for w, entry in spec.workloads.items():
+            rs = [r for r in records if r["strategy"] == s.name and r["workload"] == w]
+            if not rs:
+                continue
+            spec_w = WORKLOADS[entry.workload]
+            row: dict[str, Any] = {
+                "strategy": s.name,
+                "workload": w,
+                "metric": spec_w.metric,
+                "higher_is_better": spec_w.higher_is_better,
+                "target": entry.target,
+                "trial": rs[0]["trial"],
+                "params": rs[0]["params"],
+                "seeds": [r["seed"] for r in rs],
+                "reached": sum(bool(r["reached"]) for r in rs),
+                "runs": len(rs),
+                "errors": [r["error"] for r in rs if r.get("error")],
+            }
+            for m in ("steps", "samples", "tokens", "time"):
+                stats = _spread([r[f"{m}_to_target"] for r in rs])
+                row[f"{m}_to_target"] = stats
+                medians[m][s.name][w] = stats["median"]
+            for m in ("final_metric", "best_metric"):
+                vals = [r[m] for r in rs if r[m] is not None]
+                row[m] = _spread(vals) if vals else None
+            table.append(row)
+
+    workloads = list(spec.workloads)
+    taus = [1.0 + i * (spec.tau_max * 2 - 1.0) / 400 for i in range(401)]
+    profiles: dict[str, Any] = {}
+    for m in PROFILE_MEASURES:
+        ratios = performance_ratios(medians[m], workloads)
+        profiles[m] = {
+            "ratios": ratios,
+            "score": {s: profile_score(r, spec.tau_max) for s, r in ratios.items()},
+            "taus": taus,
+            "rho": {s: performance_profile(r, taus) for s, r in ratios.items()},
+        }
+    winners = {}
+    for w in workloads:
+        ts = {s: medians[spec.profile_by][s].get(w, INF) for s in spec.strategies}
+        ranked = sorted((t, s) for s, t in ts.items() if not math.isinf(t))
+        winners[w] = {
+            "best": ranked[0][1] if ranked else None,
+            "value": ranked[0][0] if ranked else None,
+            "runner_up": ranked[1][1] if len(ranked) > 1 else None,
+            "factor": ranked[1][0] / ranked[0][0] if len(ranked) > 1 and ranked[0][0] > 0 else None,
+        }
+    return {"table": table, "profiles": profiles, "winners": winners}
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+
+def _tuning(
+    spec: Spec, phase1: Sequence[RunPlan]
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]], dict[str, Any]]:
+    """Read phase 1 and pick each tuned strategy's point per workload (first seed only)."""
+    records1 = [run_record(p) for p in phase1]
+    tuning: dict[str, dict[str, Any]] = {}
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in spec.strategies.values():
+        if not s.tune:
+            continue
+        tuning[s.name] = {}
+        for w in dict.fromkeys(p.workload for p in phase1 if p.strategy == s.name):
+            trials = [r for r in records1 if r["strategy"] == s.name and r["workload"] == w]
+            higher = spec_higher(spec, w)
+            best = _choose(trials, spec.profile_by, higher)
+            chosen[(s.name, w)] = best["params"]
+            tuning[s.name][w] = {"chosen": best["params"], "trials": trials}
+    return records1, chosen, tuning
+
+
+def spec_higher(spec: Spec, workload: str) -> bool:
+    from cadence.workloads import WORKLOADS
+
+    return WORKLOADS[spec.workloads[workload].workload].higher_is_better
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def compare(
+    spec: Spec, out: str | Path, jobs: int = 1, log: Log = print, report: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) a comparison and write ``results.json`` (+ the reports) under ``out``.
+
+    Phase 1 runs every tuning point on the first seed (and all seeds of untuned strategies);
+    phase 2 runs the remaining seeds of each tuned strategy at its chosen point. Both phases
+    share one pool size and the same skip-if-done rule.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.source, sort_keys=False))
+    started = time.perf_counter()
+    phase1 = plan_runs(spec, out, "tune")
+    pool = WorkerPool(jobs)
+    try:
+        counts = execute(phase1, out, pool, log)
+        records1, chosen, tuning = _tuning(spec, phase1)
+        phase2 = plan_runs(spec, out, "seeds", chosen)
+        c2 = execute(phase2, out, pool, log)
+    finally:
+        pool.close()
+    for k in counts:
+        counts[k] += c2[k]
+
+    records = [
+        r
+        for r in records1
+        if not spec.strategies[r["strategy"]].tune
+        or r["params"] == chosen[(r["strategy"], r["workload"])]
+    ] + [run_record(p) for p in phase2]
+    results: dict[str, Any] = {
+        "spec": spec.name,
+        "description": spec.description,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hardware": _hardware(),
+        "jobs": jobs,
+        "seeds": spec.seeds,
+        "profile_by": spec.profile_by,
+        "tau_max": spec.tau_max,
+        "counts": counts,
+        "elapsed_s": time.perf_counter() - started,
+        "workloads": {
+            w: {
+                "workload": e.workload,
+                "target": e.target,
+                "max_steps": e.max_steps,
+                "max_time_s": e.max_time_s,
+            }
+            for w, e in spec.workloads.items()
+        },
+        "strategies": {
+            s.name: {
+                "description": s.description,
+                "trials": [trial_label(p) for p in grid(s)],
+                "config": _strategy_summary(phase1, s.name),
+            }
+            for s in spec.strategies.values()
+        },
+        "tuning": tuning,
+        "runs": records,
+        **aggregate(spec, records),
+    }
+    _write_json(out / "results.json", results)
+    if report:
+        from cadence.bench.report import write_reports
+
+        write_reports(results, out)
+    return results
+
+
+def _strategy_summary(plans: Sequence[RunPlan], strategy: str) -> str:
+    """One line naming the optimizer, schedule and batch a strategy resolves to."""
+    p = next((p for p in plans if p.strategy == strategy), None)
+    if p is None:
+        return ""
+    c: Config = p.config
+    bits = [f"{c.optimizer.name} lr={c.optimizer.lr:g}"]
+    if c.optimizer.momentum:
+        bits.append(f"momentum={c.optimizer.momentum:g}")
+    sched = c.schedule.name + (f"+warmup {c.schedule.warmup}" if c.schedule.warmup else "")
+    bits.append(sched)
+    if c.plateau.enabled:
+        bits.append(f"plateau x{c.plateau.factor:g}")
+    bits.append(f"batch {c.batch.size}")
+    return f"on {p.workload}: " + ", ".join(bits)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: a miss is written as null (the `reached` fields say which)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from cadence.io import atomic_write_json
+
+    atomic_write_json(path, _finite(data))

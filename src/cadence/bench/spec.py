@@ -1,0 +1,415 @@
+"""Comparison specs: workloads x strategies x seeds, read from YAML and expanded into runs.
+
+A spec is data, not code, so a comparison can be re-run, shared and resumed. Every run it names
+is a plain `cadence.train` config built from dotted ``KEY: VALUE`` overrides (the same keys as
+``--set``), so a comparison measures exactly what `cadence train` would do.
+
+Layering, later wins: ``defaults`` -> the workload's ``set`` -> the strategy's ``base`` (a recipe
+or YAML file) -> the strategy's ``set`` -> its ``per_workload`` entry -> the tuning point ->
+the run control the comparison owns (workload, target, budgets, seed, one thread, no progress).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cadence.config import Config, ConfigError, config_from_dict
+
+__all__ = [
+    "RunPlan",
+    "Spec",
+    "StrategySpec",
+    "WorkloadEntry",
+    "build_config",
+    "load_spec",
+    "suite_names",
+]
+
+
+@dataclass
+class WorkloadEntry:
+    """One workload of the comparison, with the target every strategy races to."""
+
+    name: str  # the key in the spec (a label; several entries may share a workload)
+    workload: str  # lm | mnist | digits | logreg
+    target: float  # value of the workload's validation metric that counts as reached
+    max_steps: int  # step budget (also the horizon of every LR schedule)
+    max_time_s: float | None = None  # wall-time budget per run
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for every strategy
+
+
+@dataclass
+class StrategySpec:
+    """An optimizer + schedule + batch recipe, possibly with a small grid to tune over."""
+
+    name: str
+    base: str | None = None  # a recipe name or YAML path to start from
+    overrides: dict[str, Any] = field(default_factory=dict)
+    per_workload: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workloads: list[str] | None = None  # restrict to these workload entries (None = all)
+    # key -> values (or {scale: [factors]} of the value the key would have), a grid
+    tune: dict[str, list[Any]] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass
+class Spec:
+    name: str
+    workloads: dict[str, WorkloadEntry]
+    strategies: dict[str, StrategySpec]
+    seeds: list[int]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    profile_by: str = "time"  # time | steps | samples: the measure of the performance profile
+    tau_max: float = 4.0  # upper end of the profile integral (AlgoPerf: 4)
+    description: str = ""
+    source: dict[str, Any] = field(default_factory=dict)  # the YAML as read, for results.json
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run: where it lives and the config it trains."""
+
+    strategy: str
+    workload: str  # the workload entry's name
+    seed: int
+    trial: str  # "default", or a short label of the tuning point
+    params: dict[str, Any]  # the tuning point (empty when not tuned)
+    config: Config
+    run_dir: Path
+
+
+PROFILE_MEASURES = ("time", "steps", "samples")
+
+
+def suite_names() -> list[str]:
+    root = importlib.resources.files("cadence") / "bench" / "suites"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read(spec_or_suite: str | Path, suite: bool) -> tuple[dict[str, Any], str]:
+    if suite:
+        name = str(spec_or_suite)
+        if name not in suite_names():
+            raise ConfigError(f"--suite {name}: unknown suite; choose one of: {suite_names()}")
+        text = (
+            importlib.resources.files("cadence") / "bench" / "suites" / f"{name}.yaml"
+        ).read_text()
+    else:
+        path = Path(spec_or_suite)
+        if not path.is_file():
+            raise ConfigError(f"{path}: spec file not found; give a YAML spec or --suite NAME")
+        text, name = path.read_text(), path.stem
+    try:
+        from cadence.config import _yaml_load  # the same YAML 1.2 float rules as configs
+
+        data = _yaml_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{spec_or_suite}: invalid YAML; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{spec_or_suite}: a spec must be a YAML mapping")
+    return data, name
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {value!r}")
+    return dict(value)
+
+
+def _only(data: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
+    """Read and check a spec (or a shipped suite); every run's config is validated here, so a
+    bad spec fails before any run starts or any file is written."""
+    from cadence.workloads import WORKLOADS
+
+    data, name = _read(spec_or_suite, suite)
+    _only(
+        data,
+        {"name", "description", "seeds", "defaults", "workloads", "strategies", "profile"},
+        "spec",
+    )
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"seeds: expected a count or a list of distinct integers, got {seeds!r}")
+
+    workloads: dict[str, WorkloadEntry] = {}
+    raw_w = data.get("workloads")
+    if not isinstance(raw_w, dict) or not raw_w:
+        raise ConfigError("workloads: expected a mapping of workload entries (at least one)")
+    for key, entry in raw_w.items():
+        where = f"workloads.{key}"
+        entry = _mapping(entry, where)
+        _only(entry, {"workload", "target", "max_steps", "max_time_s", "set"}, where)
+        wl = entry.get("workload", key)
+        if wl not in WORKLOADS:
+            raise ConfigError(
+                f"{where}.workload: unknown workload {wl!r}; choose one of: {', '.join(WORKLOADS)}"
+            )
+        target = entry.get("target")
+        if not isinstance(target, (int, float)) or isinstance(target, bool):
+            raise ConfigError(
+                f"{where}.target: a number is required (the {WORKLOADS[wl].metric} to reach)"
+            )
+        max_steps = entry.get("max_steps")
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(f"{where}.max_steps: a positive integer is required")
+        max_time = entry.get("max_time_s")
+        if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
+            raise ConfigError(f"{where}.max_time_s: must be > 0 or null, got {max_time!r}")
+        workloads[str(key)] = WorkloadEntry(
+            str(key), wl, float(target), max_steps, max_time, _mapping(entry.get("set"), where)
+        )
+
+    strategies: dict[str, StrategySpec] = {}
+    raw_s = data.get("strategies")
+    if not isinstance(raw_s, dict) or not raw_s:
+        raise ConfigError("strategies: expected a mapping of strategy entries (at least one)")
+    for key, entry in raw_s.items():
+        where = f"strategies.{key}"
+        entry = _mapping(entry, where)
+        _only(entry, {"base", "set", "per_workload", "workloads", "tune", "description"}, where)
+        only = entry.get("workloads")
+        if only is not None and (
+            not isinstance(only, list) or not all(w in workloads for w in only)
+        ):
+            raise ConfigError(
+                f"{where}.workloads: expected a list of workload entries from: "
+                f"{', '.join(workloads)}, got {only!r}"
+            )
+        per = _mapping(entry.get("per_workload"), f"{where}.per_workload")
+        for w, ov in per.items():
+            if w not in workloads:
+                raise ConfigError(f"{where}.per_workload.{w}: not a workload of this spec")
+            per[w] = _mapping(ov, f"{where}.per_workload.{w}")
+        tune = _mapping(entry.get("tune"), f"{where}.tune")
+        for k, values in tune.items():
+            if isinstance(values, dict) and set(values) == {"scale"}:
+                scales = values["scale"]
+                if (
+                    not isinstance(scales, list)
+                    or not scales
+                    or not all(isinstance(x, (int, float)) and x > 0 for x in scales)
+                ):
+                    raise ConfigError(f"{where}.tune.{k}.scale: expected a list of factors > 0")
+                tune[k] = [{"scale": float(x)} for x in scales]
+            elif not isinstance(values, list) or not values:
+                raise ConfigError(
+                    f"{where}.tune.{k}: expected a non-empty list of values or {{scale: [...]}}"
+                )
+        strategies[str(key)] = StrategySpec(
+            name=str(key),
+            base=entry.get("base"),
+            overrides=_mapping(entry.get("set"), where),
+            per_workload=per,
+            workloads=only,
+            tune=tune,
+            description=str(entry.get("description", "")),
+        )
+
+    profile = _mapping(data.get("profile"), "profile")
+    _only(profile, {"by", "tau_max"}, "profile")
+    by = profile.get("by", "time")
+    if by not in PROFILE_MEASURES:
+        raise ConfigError(f"profile.by: expected one of {', '.join(PROFILE_MEASURES)}, got {by!r}")
+    tau_max = profile.get("tau_max", 4.0)
+    if not isinstance(tau_max, (int, float)) or tau_max <= 1:
+        raise ConfigError(f"profile.tau_max: must be a number > 1, got {tau_max!r}")
+
+    spec = Spec(
+        name=str(data.get("name", name)),
+        workloads=workloads,
+        strategies=strategies,
+        seeds=seeds,
+        defaults=_mapping(data.get("defaults"), "defaults"),
+        profile_by=by,
+        tau_max=float(tau_max),
+        description=str(data.get("description", "")),
+        source=data,
+    )
+    for s in spec.strategies.values():  # validate every config up front
+        for w in applicable(spec, s):
+            for params in grid(s):
+                build_config(spec, s, spec.workloads[w], spec.seeds[0], params)
+    return spec
+
+
+def applicable(spec: Spec, strategy: StrategySpec) -> list[str]:
+    """The workload entries a strategy runs on (full-batch GD is not run on a 4 MB corpus)."""
+    return [w for w in spec.workloads if strategy.workloads is None or w in strategy.workloads]
+
+
+def grid(strategy: StrategySpec) -> list[dict[str, Any]]:
+    """The tuning points of a strategy: the Cartesian product of its ``tune`` lists."""
+    if not strategy.tune:
+        return [{}]
+    keys = list(strategy.tune)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*strategy.tune.values())]
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    """A short, filesystem-safe, stable name for a tuning point."""
+    if not params:
+        return "default"
+
+    def show(v: Any) -> str:
+        return f"x{v['scale']:g}" if isinstance(v, dict) else str(v)
+
+    text = ",".join(f"{k.split('.')[-1]}={show(params[k])}" for k in sorted(params))
+    safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in text)
+    if len(safe) <= 60:
+        return safe
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{safe[:48]}-{digest}"
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    """The value a dotted key has so far, or the config default when no layer set it."""
+    from cadence.config import Config, flatten
+
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return flatten(Config().to_dict()).get(key)
+        node = node[part]
+    return node
+
+
+def _base_data(base: str | None, where: str) -> dict[str, Any]:
+    if base is None:
+        return {}
+    from cadence.config import _read_source  # raw YAML of a recipe/file, before defaults
+
+    try:
+        data, _ = _read_source(base)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.base: {exc}") from None
+    return data
+
+
+def build_config(
+    spec: Spec,
+    strategy: StrategySpec,
+    entry: WorkloadEntry,
+    seed: int,
+    params: dict[str, Any],
+) -> Config:
+    """The validated config of one run (see the module docstring for the layering)."""
+    where = f"strategies.{strategy.name}"
+    data: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = [
+        ("defaults", spec.defaults),
+        (f"workloads.{entry.name}.set", entry.overrides),
+    ]
+    for name, layer in layers:
+        for k, v in layer.items():
+            _set_dotted(data, k, v, name)
+    base = _base_data(strategy.base, where)
+    for section, value in base.items():
+        if isinstance(value, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **value}
+        else:
+            data[section] = value
+    later = [
+        (f"{where}.set", strategy.overrides),
+        (f"{where}.per_workload.{entry.name}", strategy.per_workload.get(entry.name, {})),
+        (f"{where}.tune", params),
+        (
+            "run control",
+            {
+                "workload": entry.workload,
+                "train.target": entry.target,
+                "train.stop_at_target": True,
+                "train.max_steps": entry.max_steps,
+                "train.max_time_s": entry.max_time_s,
+                "train.seed": seed,
+                "train.threads": 1,
+                "train.progress": False,
+            },
+        ),
+    ]
+    for name, layer in later:
+        for k, v in layer.items():
+            if isinstance(v, dict) and "scale" in v:  # relative tuning: x factor of the value
+                current = _get_dotted(data, k)
+                if not isinstance(current, (int, float)) or isinstance(current, bool):
+                    raise ConfigError(f"{name}.{k}: scale needs a numeric value, got {current!r}")
+                v = current * v["scale"]
+            _set_dotted(data, k, v, name)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} on {entry.name}: {exc}") from None
+
+
+def plan_runs(
+    spec: Spec, out: Path, phase: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None
+) -> list[RunPlan]:
+    """Runs of one phase.
+
+    ``tune``: every tuning point of tuned strategies on the first seed, plus every seed of
+    untuned strategies. ``seeds``: the remaining seeds of tuned strategies at the chosen point
+    (``chosen[(strategy, workload)]``). Run directories are ``out/runs/WORKLOAD/STRATEGY/TRIAL/
+    seedN``, so a resumed comparison finds the runs it already has.
+    """
+    plans: list[RunPlan] = []
+    for s in spec.strategies.values():
+        for w in applicable(spec, s):
+            entry = spec.workloads[w]
+            if phase == "tune":
+                points = grid(s)
+                seeds = spec.seeds if not s.tune else spec.seeds[:1]
+            else:
+                if not s.tune:
+                    continue
+                points = [(chosen or {})[(s.name, w)]]
+                seeds = spec.seeds[1:]
+            for params in points:
+                label = trial_label(params)
+                for seed in seeds:
+                    plans.append(
+                        RunPlan(
+                            strategy=s.name,
+                            workload=w,
+                            seed=seed,
+                            trial=label,
+                            params=params,
+                            config=build_config(spec, s, entry, seed, params),
+                            run_dir=out / "runs" / w / s.name / label / f"seed{seed}",
+                        )
+                    )
+    return plans
