@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cadence.data import DataError
 
     return (ConfigError, DataError)
+
+
+def _distributed_errors() -> tuple[type[BaseException], ...]:
+    import torch.distributed as dist
+
+    errors: tuple[type[BaseException], ...] = ()
+    for name in ("DistError", "DistBackendError", "DistNetworkError"):
+        if hasattr(dist, name):
+            errors += (getattr(dist, name),)
+    return errors
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue RUN_DIR (or --run-dir) from its newest valid checkpoint; --set may raise "
         "budgets such as train.max_steps",
     )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (torchrun; DDP or FSDP2 by "
+        "train.distributed); for several machines run torchrun yourself",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("list", help="list optimizers, schedules, workloads or recipes")
@@ -80,6 +99,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from cadence.config import ConfigError, load_config
     from cadence.training.run import resume, train
 
+    if args.nproc is not None:
+        return launch(args)
+
     if args.resume is not None:
         run_dir = args.run_dir if args.resume is True else args.resume
         if run_dir is None:
@@ -88,6 +110,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     else:
         summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
     reason = summary["stop_reason"] or ""
+    if os.environ.get("RANK", "0") != "0":
+        return 1 if reason.startswith("nonfinite") else 0  # rank 0 reports for the group
     if reason.startswith("interrupted"):
         print(
             f"cadence: {reason} at step {summary['steps']}; checkpoint saved. Resume with: "
@@ -132,6 +156,41 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run this same command under torchrun on N local processes."""
+    import subprocess
+
+    from cadence.config import ConfigError, load_config
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.resume is None:
+        load_config(args.config, args.overrides)  # a bad config fails here, once, not N times
+    argv = [a for a in sys.argv[1:]]
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "cadence",
+        *rest,
+    ]
+    return subprocess.call(cmd)
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
@@ -173,6 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cadence: interrupted", file=sys.stderr)
         return 130
+    except _distributed_errors() as exc:
+        # Another process of the group died or timed out: one line, not N tracebacks.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"cadence: error: rank {rank} lost the process group ({first[:200]})", file=sys.stderr
+        )
+        return 1
     except OSError as exc:
         # A runtime fault of the machine (disk full, permissions): one line, exit 1. Saves are
         # atomic, so earlier checkpoints and files are intact.

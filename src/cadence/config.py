@@ -129,6 +129,8 @@ class TrainConfig:
     tol_grad_norm: float | None = None  # convergence: stop when the gradient norm falls below
     tol_rel_loss: float | None = None  # convergence: stop when |dL|/|L| between steps falls below
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun: auto = ddp
+    dist_timeout_s: float = 300.0  # a collective waiting longer (a dead rank) fails the run
     threads: int | None = None  # torch intra-op threads (null = torch's default)
     progress: bool = True  # show a progress bar
     log_noise_scale: bool = False  # measure the gradient noise scale (critical batch) as it trains
@@ -474,6 +476,12 @@ def validate(cfg: Config) -> None:
         t.noise_scale_every is None or t.noise_scale_every >= 1,
         f"train.noise_scale_every: must be >= 1 or null, got {t.noise_scale_every}",
     )
+    _check(t.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {t.dist_timeout_s}")
+    for name, unsupported in (("muon", o.name == "muon"), ("train.ema", t.ema is not None)):
+        _check(
+            not (t.distributed == "fsdp" and unsupported),
+            f"train.distributed: fsdp does not support {name} yet; use ddp",
+        )
     _check(t.threads is None or t.threads >= 1, f"train.threads: must be >= 1, got {t.threads}")
     _check(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     _check(d.vocab_size >= 257, f"data.vocab_size: must be >= 257, got {d.vocab_size}")

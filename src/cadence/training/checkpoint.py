@@ -24,6 +24,13 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from cadence.optim import is_schedule_free
+from cadence.training.distributed import (
+    barrier,
+    gather_model_state,
+    gather_optimizer_state,
+    scatter_model_state,
+    scatter_optimizer_state,
+)
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
@@ -109,7 +116,7 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
     state: dict[str, Any] = {
         "format": FORMAT,
         "train_state": trainer.state.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer": _optimizer_state(trainer),
         "smoother": trainer.smoother.state_dict(),
         "rng": rng_state(),
     }
@@ -121,24 +128,68 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
         state["noise_scale"] = trainer.noise_scale.state_dict()
     if is_schedule_free(trainer.optimizer):
         # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
-        state["train_weights"] = {
-            k: v.detach().clone() for k, v in trainer.model.state_dict().items()
-        }
+        state["train_weights"] = _model_state(trainer)
     return state
+
+
+def _sharded(trainer: Trainer) -> bool:
+    return trainer.cfg.train.distributed == "fsdp"
+
+
+def _model_state(trainer: Trainer) -> dict[str, Any]:
+    """Whole (unsharded) weights; under FSDP2 a gather that every rank takes part in."""
+    return gather_model_state(trainer.model)
+
+
+def _optimizer_state(trainer: Trainer) -> dict[str, Any]:
+    """Under FSDP2, the optimizer state gathered and keyed by parameter name, so it can be loaded
+    back on any number of processes; otherwise torch's own (replicated under DDP)."""
+    if not _sharded(trainer):
+        return trainer.optimizer.state_dict()
+    return gather_optimizer_state(trainer.model, trainer.optimizer)
+
+
+def _save_full_weights(trainer: Trainer, weights: dict[str, Any], path: Path) -> None:
+    """safetensors of gathered FSDP2 weights; a tied alias (the head sharing the embedding) is
+    stored once, as safetensors' save_model does, so load_model restores both names."""
+    from safetensors.torch import save_file
+
+    own = {name for name, _ in trainer.model.named_parameters()}
+    own |= {name for name, _ in trainer.model.named_buffers()}
+    save_file({k: v.contiguous() for k, v in weights.items() if k in own}, str(path))
 
 
 def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
     """Write `root/step_N/` atomically, then prune to the last `keep_last` plus the best."""
-    root.mkdir(parents=True, exist_ok=True)
+    # Every rank takes part in gathering (FSDP2); rank 0 alone writes, the others wait for it.
     final = root / f"step_{trainer.state.step:08d}"
+    state = trainer_state(trainer)
+    full = None
+    if _sharded(trainer):
+        with trainer.averaged_weights():
+            full = _model_state(trainer)
+    if trainer.world.is_main:
+        _write_checkpoint(trainer, root, final, state, full)
+        prune(root, keep_last)
+    barrier(trainer.world)
+    return final
+
+
+def _write_checkpoint(
+    trainer: Trainer, root: Path, final: Path, state: dict[str, Any], full: dict | None
+) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _save_state(trainer_state(trainer), tmp / "trainer.pt")
-        with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
-            save_weights(trainer.model, tmp / "model.safetensors")
+        _save_state(state, tmp / "trainer.pt")
+        if full is not None:
+            _save_full_weights(trainer, full, tmp / "model.safetensors")
+        else:
+            with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
+                save_weights(trainer.model, tmp / "model.safetensors")
         metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
         manifest = {
             "format": FORMAT,
@@ -158,8 +209,6 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    prune(root, keep_last)
-    return final
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -237,7 +286,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def restore(trainer: Trainer, path: Path) -> None:
     """Put the trainer exactly where it was when `path` was saved."""
     state = load_checkpoint(path)
-    if "train_weights" in state:
+    if _sharded(trainer):
+        _restore_sharded(trainer, path, state)
+    elif "train_weights" in state:
         trainer.model.load_state_dict(state["train_weights"])
     else:
         try:
@@ -248,7 +299,8 @@ def restore(trainer: Trainer, path: Path) -> None:
                 f"{path / 'model.safetensors'}: cannot be read ({first}); "
                 f"remove {path} to resume from an earlier one"
             ) from None
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if not _sharded(trainer):
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.state.load_state_dict(state["train_state"])
     trainer.smoother.load_state_dict(state["smoother"])
     if trainer.plateau is not None and "plateau" in state:
@@ -258,3 +310,13 @@ def restore(trainer: Trainer, path: Path) -> None:
     if trainer.noise_scale is not None and "noise_scale" in state:
         trainer.noise_scale.load_state_dict(state["noise_scale"])
     set_rng_state(state["rng"])
+
+
+def _restore_sharded(trainer: Trainer, path: Path, state: dict[str, Any]) -> None:
+    """Whole weights and name-keyed optimizer state into FSDP2 shards: each rank keeps its part,
+    whatever the number of processes that saved them."""
+    from safetensors.torch import load_file
+
+    weights = state.get("train_weights") or load_file(str(path / "model.safetensors"))
+    scatter_model_state(trainer.model, weights)
+    scatter_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])

@@ -28,6 +28,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
             clip_grad_norm=cfg.clip_grad_norm,
             autocast=t.autocast,
             params=t.params,
+            world=t.world,
         )
         if not stepped:
             t.handle_nonfinite(size)

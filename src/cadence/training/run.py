@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,12 +12,21 @@ from typing import Any
 import torch
 
 from cadence.config import Config, ConfigError, dump_config, flatten, load_config
+from cadence.data import DataError
 from cadence.io import atomic_path, atomic_write_json, atomic_write_text
 from cadence.track.metrics import MetricsWriter
 from cadence.track.plots import plot_run
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
 from cadence.training.checkpoint import CheckpointError, latest_valid, restore, save_weights
+from cadence.training.distributed import (
+    SINGLE,
+    World,
+    barrier,
+    broadcast_object,
+    init_world,
+    shutdown,
+)
 from cadence.training.events import Callback
 from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
@@ -73,24 +83,37 @@ def train(
     """Train one run and return its summary (also written to run_dir/summary.json).
 
     Everything that can fail on user input (config, data path, model shape) fails before the run
-    directory is created, so a bad invocation leaves nothing behind.
+    directory is created, so a bad invocation leaves nothing behind. Under torchrun every process
+    calls this; rank 0 alone writes files.
     """
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    _set_threads(cfg)
-    workload = build_workload(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    prepare_run_dir(run_dir)
-    tokenizer = workload.extras.get("tokenizer")
-    if tokenizer is not None:
-        tokenizer.save(run_dir)
-    if cfg.optimizer.lr == "auto":
-        from cadence.tune import suggest_lr
+    world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
+    try:
+        _set_threads(cfg)
+        run_dir = Path(broadcast_object(str(run_dir or default_run_dir(cfg)), world))
+        holder: dict[str, Workload] = {}
 
-        # The range test restores the weights and RNG; the chosen LR is what config.yaml records.
-        lr = suggest_lr(cfg, workload, run_dir=run_dir)
-        print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
-        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
-    return _execute(cfg, workload, run_dir, callbacks, checkpoint=None)
+        def prepare() -> None:
+            holder["w"] = build_workload(cfg)
+            prepare_run_dir(run_dir)
+            tokenizer = holder["w"].extras.get("tokenizer")
+            if tokenizer is not None:
+                tokenizer.save(run_dir)
+
+        _main_first(world, prepare)
+        # The other ranks use the tokenizer rank 0 trained (BPE), not one of their own.
+        workload = holder.get("w") or build_workload(cfg, tokenizer_dir=run_dir)
+        if cfg.optimizer.lr == "auto":
+            from cadence.tune import suggest_lr
+
+            # The range test restores the weights and RNG; config.yaml records the chosen LR.
+            lr = suggest_lr(cfg, workload, run_dir=run_dir if world.is_main else None)
+            if world.is_main:
+                print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
+            cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
+        return _execute(cfg, workload, run_dir, callbacks, checkpoint=None, world=world)
+    finally:
+        shutdown(world)
 
 
 def resume(
@@ -103,7 +126,8 @@ def resume(
 
     The config is the run's own `config.yaml` (or `config`), with `overrides` on top; only the
     keys in RESUMABLE_KEYS may differ from what the run was started with. Raising
-    `train.max_steps` extends a finished run (a `wsd` cooldown moves to the new end).
+    `train.max_steps` extends a finished run (a `wsd` cooldown moves to the new end). The number
+    of processes may differ from the run's: the state is saved whole.
     """
     run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"
@@ -125,21 +149,39 @@ def resume(
             "only budgets, evaluation/logging/checkpoint cadence and targets may change"
         )
     checkpoint, warnings = latest_valid(run_dir / "checkpoints")
-    for line in warnings:
-        print(f"cadence: warning: {line}", flush=True)
-    if checkpoint is None:
-        raise ConfigError(
-            f"--resume {run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}; "
-            "start a new run instead"
-        )
-    _set_threads(cfg)
-    workload = build_workload(cfg, tokenizer_dir=run_dir)
-    return _execute(cfg, workload, run_dir, callbacks, checkpoint=checkpoint)
+    world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
+    try:
+        if world.is_main:
+            for line in warnings:
+                print(f"cadence: warning: {line}", flush=True)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume {run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}; "
+                "start a new run instead"
+            )
+        _set_threads(cfg)
+        workload = build_workload(cfg, tokenizer_dir=run_dir)
+        return _execute(cfg, workload, run_dir, callbacks, checkpoint=checkpoint, world=world)
+    finally:
+        shutdown(world)
 
 
 def _set_threads(cfg: Config) -> None:
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
+
+
+def _main_first(world: World, fn: Any) -> None:
+    """Run `fn` on rank 0 first; a user error there is raised on every rank (no rank hangs)."""
+    error = None
+    if world.is_main:
+        try:
+            fn()
+        except (ConfigError, DataError) as exc:
+            error = str(exc)
+    error = broadcast_object(error, world)
+    if error is not None:
+        raise ConfigError(error)
 
 
 def _execute(
@@ -148,13 +190,17 @@ def _execute(
     run_dir: Path,
     callbacks: Sequence[Callback],
     checkpoint: Path | None,
+    world: World = SINGLE,
 ) -> dict[str, Any]:
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    main = world.is_main
+    cbs: list[Callback] = []
     writer = MetricsWriter(run_dir / "metrics.jsonl")
-    cbs: list[Callback] = [writer, TensorBoardLogger(run_dir / "tensorboard"), *callbacks]
-    if cfg.train.progress:
-        cbs.append(ProgressBar(cfg.train.max_steps))
-    trainer = Trainer(cfg, workload, cbs, run_dir=run_dir)
+    if main:  # logs, plots and progress come from rank 0 only
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        cbs = [writer, TensorBoardLogger(run_dir / "tensorboard"), *callbacks]
+        if cfg.train.progress:
+            cbs.append(ProgressBar(cfg.train.max_steps))
+    trainer = Trainer(cfg, workload, cbs, run_dir=run_dir, world=world)
     if checkpoint is not None:
         try:
             restore(trainer, checkpoint)
@@ -165,9 +211,28 @@ def _execute(
         trainer.signals = signals
         summary = fit(trainer)
         trainer.signals = None
+    summary["world_size"] = world.size
+    summary["tokens_per_s_per_process"] = summary["tokens_per_s"] / world.size
+    summary["samples_per_s_per_process"] = summary["samples_per_s"] / world.size
+    summary["run_dir"] = str(run_dir)
+    if main:
+        _write_final(trainer, run_dir, writer, summary)
+    barrier(world)
+    return summary
 
-    with trainer.averaged_weights(), atomic_path(run_dir / "model.safetensors") as tmp:
-        save_weights(trainer.model, tmp)
+
+def _write_final(
+    trainer: Trainer, run_dir: Path, writer: MetricsWriter, summary: dict[str, Any]
+) -> None:
+    cfg = trainer.cfg
+    if cfg.train.distributed == "fsdp":
+        # The final checkpoint (always written on stopping) already holds the gathered weights.
+        last = run_dir / "checkpoints" / f"step_{trainer.state.step:08d}" / "model.safetensors"
+        with atomic_path(run_dir / "model.safetensors") as tmp:
+            shutil.copyfile(last, tmp)
+    else:
+        with trainer.averaged_weights(), atomic_path(run_dir / "model.safetensors") as tmp:
+            save_weights(trainer.model, tmp)
     if trainer.ema is not None:
         with (
             trainer.ema.applied(trainer.model),
@@ -175,6 +240,4 @@ def _execute(
         ):
             save_weights(trainer.model, tmp)
     plot_run(writer.rows, run_dir / "plots", title=f"{cfg.workload} · {cfg.optimizer.name}")
-    summary["run_dir"] = str(run_dir)
     atomic_write_json(run_dir / "summary.json", summary)
-    return summary

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cadence.training.distributed import SINGLE, World, all_reduce_mean_, full_tensor, grad_sync
+
 
 def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
     """bf16 autocast where asked; fp32 runs get a no-op context."""
@@ -21,25 +23,29 @@ def accumulate_gradients(
     model: nn.Module,
     loss_sum: Callable[[nn.Module, Any], Tensor],
     micro_batches: Sequence[Any],
-    total_units: int,
+    total_units: float,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    world: World = SINGLE,
 ) -> Tensor:
     """Backward each micro-batch's loss *sum* divided by the units of the whole global batch.
 
     Dividing by the global count (tokens for text, samples otherwise), not by the number of
     micro-batches, makes the accumulated gradient equal to the gradient of one large batch even
-    when micro-batches differ in size. Returns the mean loss as a device tensor (no host sync).
+    when micro-batches differ in size. Under DDP/FSDP each rank divides by global/world, since
+    their gradient reduction takes the mean over ranks; the gradient all-reduce runs only on the
+    last micro-batch. Returns the global mean loss as a device tensor (no host sync).
     """
     total = None
-    for batch in micro_batches:
-        with autocast():
+    divisor = total_units / world.size
+    for i, batch in enumerate(micro_batches):
+        with grad_sync(model, world, last=i == len(micro_batches) - 1), autocast():
             loss = loss_sum(model, batch)
-        (loss / total_units).backward()
+        (loss / divisor).backward()
         # At least float32 (a bf16 loss is widened) but never narrower than the loss: a float64
         # workload (logreg) keeps its precision for logging and the tol_rel_loss criterion.
         part = loss.detach().to(torch.promote_types(loss.dtype, torch.float32))
         total = part if total is None else total + part
-    return total / total_units
+    return all_reduce_mean_(total / divisor, world)
 
 
 def grad_norm_and_clip(params: Sequence[Tensor], max_norm: float | None) -> Tensor:
@@ -50,7 +56,7 @@ def grad_norm_and_clip(params: Sequence[Tensor], max_norm: float | None) -> Tens
         # clip_grads_with_norm_ takes the *parameters* and scales their .grad; given the grads
         # themselves (whose .grad is None) it finds nothing to clip and silently does nothing.
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
-    return norm
+    return full_tensor(norm)  # FSDP2: the norm of sharded gradients is a DTensor
 
 
 def train_step(
@@ -64,6 +70,7 @@ def train_step(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     params: Sequence[Tensor] | None = None,
     check_finite: bool = True,
+    world: World = SINGLE,
 ) -> tuple[Tensor, Tensor, bool]:
     """zero_grad -> accumulate -> norm/clip -> step. Returns (mean loss, grad norm, stepped).
 
@@ -73,7 +80,7 @@ def train_step(
     frameworks that guard against overflow (Megatron's found_inf) pay too.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, loss_sum, micro_batches, total_units, autocast)
+    loss = accumulate_gradients(model, loss_sum, micro_batches, total_units, autocast, world)
     params = params if params is not None else list(model.parameters())
     norm = grad_norm_and_clip(params, clip_grad_norm)
     if check_finite and not bool(torch.isfinite(norm) & torch.isfinite(loss)):

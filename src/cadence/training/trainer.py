@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from cadence.config import ConfigError
 from cadence.data import EpochSampler
 from cadence.optim import is_schedule_free, set_train_mode
 from cadence.schedules import EMASmoother, split_micro
+from cadence.training import distributed
 from cadence.training.checkpoint import latest_valid, restore, save_checkpoint
 from cadence.training.components import (
     batch_ramp_from,
@@ -26,6 +28,7 @@ from cadence.training.components import (
     optimizer_from,
     plateau_from,
 )
+from cadence.training.distributed import SINGLE, World
 from cadence.training.ema import EMA
 from cadence.training.events import Callback
 from cadence.training.state import TrainState
@@ -43,8 +46,10 @@ class Trainer:
         workload: Workload,
         callbacks: Sequence[Callback] = (),
         run_dir: Path | None = None,
+        world: World = SINGLE,
     ) -> None:
         self.cfg = cfg
+        self.world = world
         self.run_dir = run_dir
         self.last_metrics: dict[str, float] | None = None
         self.workload = workload
@@ -52,6 +57,9 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.callbacks = list(callbacks)
         t = cfg.train
+        # Wrapped before the optimizer is built: FSDP2 shards the parameters in place, and the
+        # optimizer must hold the sharded ones.
+        self.step_model = distributed.wrap(self.model, world, t.precision)
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.full_batch = cfg.batch.size == "full"
@@ -66,7 +74,13 @@ class Trainer:
         self.sampler = EpochSampler(workload.n_train, t.seed, shuffle=not self.full_batch)
         self.state = TrainState()
         self.autocast = autocast_context(self.device, t.precision)
-        self.step_model = torch.compile(self.model) if t.compile else self.model
+        if self.ramp.size_at(0) < world.size:
+            raise ConfigError(
+                f"batch.size: {self.ramp.size_at(0)} is smaller than the {world.size} processes; "
+                "each process needs at least one sample"
+            )
+        if t.compile:
+            self.step_model = torch.compile(self.step_model)
         self._clock = self._clock_base = 0.0
         self._last_log = (0.0, 0, 0)  # (elapsed, samples, tokens) at the previous log row
         self.signals = None  # a StopSignals while fit() runs under train()/resume()
@@ -99,12 +113,14 @@ class Trainer:
 
     def next_batches(self, size: int) -> tuple[list[Any], int]:
         """The micro-batches of the next global batch, taken at the current data position."""
-        indices = self.sampler.indices(self.state.samples, size)
+        # Every rank draws the same global batch and keeps its share: the data order, and so the
+        # run, do not depend on the number of processes.
+        indices = distributed.shard(self.sampler.indices(self.state.samples, size), self.world)
         micro, start = [], 0
-        for n in split_micro(size, self.cfg.batch.micro_size):
+        for n in split_micro(len(indices), self.cfg.batch.micro_size):
             micro.append(self.workload.batch(indices[start : start + n]))
             start += n
-        return micro, sum(self.workload.units(m) for m in micro)
+        return micro, size * max(1, self.workload.tokens_per_sample)
 
     def advance(self, size: int) -> None:
         self.state.consecutive_skips = 0
@@ -154,7 +170,9 @@ class Trainer:
             self.stop("max_samples")
         if t.max_tokens is not None and st.tokens >= t.max_tokens:
             self.stop("max_tokens")
-        if t.max_time_s is not None and st.elapsed_s >= t.max_time_s:
+        if t.max_time_s is not None and distributed.any_rank(
+            st.elapsed_s >= t.max_time_s, self.world
+        ):
             self.stop("max_time")
 
     def _better(self, value: float, best: float | None) -> bool:
@@ -276,7 +294,8 @@ class Trainer:
         path = save_checkpoint(
             self, self.run_dir / "checkpoints", keep_last=self.cfg.train.keep_checkpoints
         )
-        self.emit("on_checkpoint", str(path))
+        if self.world.is_main:
+            self.emit("on_checkpoint", str(path))
         return path
 
     # ------------------------------------------------------------ faults and signals
@@ -285,8 +304,13 @@ class Trainer:
     MAX_ROLLBACKS = 5
 
     def check_signals(self) -> None:
-        if self.signals is not None and self.signals.received:
-            self.stop(f"interrupted ({self.signals.received})")
+        received = self.signals.received if self.signals is not None else None
+        if self.world.active:
+            # One tiny all-reduce a step, so every rank stops at the same step boundary.
+            hit = distributed.any_rank(received is not None, self.world)
+            received = (received or "SIGTERM") if hit else None
+        if received:
+            self.stop(f"interrupted ({received})")
 
     @property
     def interrupted(self) -> bool:

@@ -1,0 +1,247 @@
+"""torch.distributed for the trainer: process group, data sharding, DDP/FSDP2 wrapping.
+
+Everything here is PyTorch's own machinery (torchrun's environment, `init_process_group`,
+`DistributedDataParallel`, `fully_shard`); cadence only decides *what* each rank computes so that
+results do not depend on the number of processes:
+
+- every rank draws the same global batch (the sampler is a pure function of the data position)
+  and takes its contiguous share of it;
+- each rank divides its loss *sum* by the global unit count times 1/world, so the mean that DDP's
+  all-reduce (or FSDP's reduce-scatter) takes is exactly the gradient of the global batch;
+- stop decisions are made on values every rank has (the all-reduced loss and gradient norm,
+  evaluation on the full validation set) or agreed with one small all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    mode: str = "none"  # none | ddp | fsdp
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world(mode: str, timeout_s: float) -> World:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), or return the single process.
+
+    gloo on CPU, nccl on CUDA. The timeout bounds every collective, so a rank that dies makes the
+    others fail with an error instead of waiting forever.
+    """
+    size = env_world_size()
+    if size <= 1:
+        return SINGLE
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
+        )
+    resolved = "ddp" if mode == "auto" else mode
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
+
+
+def shutdown(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: Tensor, world: World) -> Tensor:
+    """This rank's contiguous share of the global batch (sizes differ by at most one)."""
+    if not world.active:
+        return indices
+    return torch.tensor_split(indices, world.size)[world.rank]
+
+
+def wrap(model: nn.Module, world: World, precision: str) -> nn.Module:
+    """The module the training step calls: DDP around the model, or the model sharded by FSDP2.
+
+    FSDP2 shards each Transformer block (and then the root), so one block's parameters are
+    gathered at a time; on CUDA with bf16 it keeps bf16 parameters for compute and reduces
+    gradients in fp32.
+    """
+    if not world.active:
+        return model
+    if world.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [world.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {}
+    if torch.cuda.is_available() and precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def grad_sync(step_model: nn.Module, world: World, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if not world.active or last:
+        if world.mode == "fsdp" and world.active:
+            step_model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if world.mode == "ddp":
+        return step_model.no_sync()
+    step_model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean_(value: Tensor, world: World) -> Tensor:
+    if world.active:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= world.size
+    return value
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank if it is true on any: stop decisions every rank must share."""
+    if not world.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    if not world.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def full_tensor(value: Tensor) -> Tensor:
+    """A DTensor (FSDP2 gradient norm) as a plain tensor; a plain tensor as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the body first (writes files), the others after it finished."""
+    if world.is_main:
+        yield
+        barrier(world)
+    else:
+        barrier(world)
+        yield
+
+
+# ---------------------------------------------------------------- whole state from shards
+#
+# Checkpoints hold whole tensors keyed by parameter name, so a run saved on N processes resumes
+# on M. torch.distributed.checkpoint's get/set_optimizer_state_dict would do this, but its
+# name mapping fails on our optimizers' parameter groups (tied embedding/head weights, groups
+# that do not follow module order); gathering per parameter is short and exact.
+
+
+def _whole(value: Any) -> Any:
+    if hasattr(value, "full_tensor"):
+        return value.full_tensor().cpu()
+    return value.detach().cpu().clone() if isinstance(value, Tensor) else value
+
+
+def _like(value: Any, param: Tensor) -> Any:
+    """A whole tensor from a checkpoint, sharded the way `param` is (if it is a DTensor)."""
+    if isinstance(value, Tensor) and hasattr(param, "device_mesh") and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def _resharded(model: nn.Module) -> nn.Module:
+    # FSDP2 keeps the root's parameters unsharded after a forward without backward (the last
+    # evaluation); reshard so the registered parameters are the optimizer's DTensors again.
+    if hasattr(model, "reshard"):
+        model.reshard()
+    return model
+
+
+def gather_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Whole weights of a (possibly sharded) model; a collective under FSDP2."""
+    _resharded(model)
+    return {name: _whole(t) for name, t in model.state_dict().items()}
+
+
+def scatter_model_state(model: nn.Module, whole: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, t in _resharded(model).state_dict().items():
+            if name in whole:
+                src = _like(whole[name], t)
+                t.copy_(src)
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    names = {id(p): n for n, p in _resharded(model).named_parameters()}
+    state, groups = {}, []
+    for group in optimizer.param_groups:
+        groups.append(
+            {
+                "params": [names[id(p)] for p in group["params"]],
+                **{k: v for k, v in group.items() if k != "params"},
+            }
+        )
+        for p in group["params"]:
+            if p in optimizer.state:
+                state[names[id(p)]] = {k: _whole(v) for k, v in optimizer.state[p].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def scatter_optimizer_state(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> None:
+    params = dict(_resharded(model).named_parameters())
+    index = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            index[id(p)] = len(index)
+    state = {
+        index[id(params[name])]: {k: _like(v, params[name]) for k, v in values.items()}
+        for name, values in saved["state"].items()
+    }
+    groups = []
+    for group in saved["param_groups"]:
+        groups.append({**group, "params": [index[id(params[name])] for name in group["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
