@@ -28,7 +28,7 @@ def _distributed_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config",
         nargs="?",
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a recipe or YAML config")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument(
         "--run-dir", default=None, help="where to write the run (default: runs/NAME-TIME)"
     )

@@ -17,32 +17,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from cadence.cli import add_config_args
 from cadence.config import ConfigError
 
 __all__ = ["add_parsers", "cmd_find_batch", "cmd_find_lr", "cmd_tune"]
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "config",
-        nargs="?",
-        default=None,
-        help="a YAML file or a built-in recipe name (see `cadence list recipes`); default: default",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set optimizer.lr=0.1 (repeatable)",
-    )
-
-
 def add_parsers(sub: Any) -> None:
     """Register find-lr, find-batch and tune on the main CLI's subparsers."""
     p = sub.add_parser("find-lr", help="LR range test: suggest optimizer.lr (+ plot)")
-    _config_args(p)
+    add_config_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/find-lr-NAME-TIME)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="start of the ramp (default 1e-6)")
     p.add_argument("--max-lr", type=float, default=10.0, help="end of the ramp (default 10)")
@@ -54,7 +38,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_find_lr)
 
     p = sub.add_parser("find-batch", help="gradient noise scale: critical batch size and its LR")
-    _config_args(p)
+    add_config_args(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/find-batch-NAME-TIME)")
     p.add_argument("--small", type=int, default=None, help="small batch (default batch.size/8)")
     p.add_argument("--big", type=int, default=None, help="big batch, a multiple of --small (16x)")
@@ -68,7 +52,7 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_find_batch)
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, pruning bad trials")
-    _config_args(p)
+    add_config_args(p)
     p.add_argument("--trials", type=int, required=True, help="trials to run (added to a study)")
     p.add_argument("--space", default=None, help="search-space YAML (else the config's search:)")
     p.add_argument("--storage", default=None, help="Optuna RDB URL (default: RUN_DIR/study.db)")
