@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import cadence
 from cadence.training.events import Callback
 
 # Fields that depend on the clock, not on the computation.
@@ -166,3 +168,24 @@ def assert_same_run(reference: Path, resumed: Path, expected_steps: Sequence[int
     assert steps_of(resumed) == list(expected_steps)
     assert rows(resumed) == rows(reference)
     assert weights(resumed) == weights(reference)
+
+
+def train_tiny_lm(run_dir: Path, *extra: str) -> Path:
+    """A real training run of a tiny GPT (seq_len 32), for tests that export or serve it."""
+    torch.set_num_threads(1)
+    overrides = [
+        "schedule.warmup=0",
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.n_head=2",
+        "model.seq_len=32",
+        "data.max_bytes=100000",
+        "train.max_steps=5",
+        "train.eval_every=5",
+        "train.eval_samples=16",
+        "train.progress=false",
+        "train.threads=1",
+        *extra,
+    ]
+    cadence.train(cadence.load_config(None, overrides), run_dir=run_dir)
+    return run_dir

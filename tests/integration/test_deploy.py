@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from resume_helpers import train_tiny_lm
 from rich.console import Console
 from safetensors.torch import save_model
 
@@ -24,27 +25,7 @@ from cadence.workloads import build_model
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (tiny) training run with EMA, so both weight files exist."""
-    torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp("deploy") / "lm"
-    cfg = cadence.load_config(
-        None,
-        [
-            "schedule.warmup=0",
-            "model.n_layer=1",
-            "model.d_model=32",
-            "model.n_head=2",
-            "model.seq_len=32",
-            "data.max_bytes=100000",
-            "train.max_steps=5",
-            "train.eval_every=5",
-            "train.eval_samples=16",
-            "train.ema=0.9",
-            "train.progress=false",
-            "train.threads=1",
-        ],
-    )
-    cadence.train(cfg, run_dir=run_dir)
-    return run_dir
+    return train_tiny_lm(tmp_path_factory.mktemp("deploy") / "lm", "train.ema=0.9")
 
 
 def _hand_built(root: Path, name: str, overrides: list[str]) -> Path:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from resume_helpers import train_tiny_lm
 from safetensors.torch import save_model
 
 import cadence
@@ -34,26 +35,7 @@ LIMIT = 64
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp("serve") / "lm"
-    cfg = cadence.load_config(
-        None,
-        [
-            "schedule.warmup=0",
-            "model.n_layer=1",
-            "model.d_model=32",
-            "model.n_head=2",
-            "model.seq_len=32",
-            "data.max_bytes=100000",
-            "train.max_steps=5",
-            "train.eval_every=5",
-            "train.eval_samples=16",
-            "train.progress=false",
-            "train.threads=1",
-        ],
-    )
-    cadence.train(cfg, run_dir=run_dir)
-    return run_dir
+    return train_tiny_lm(tmp_path_factory.mktemp("serve") / "lm")
 
 
 @pytest.fixture(scope="module")
