@@ -151,11 +151,15 @@ def _optimizer_state(trainer: Trainer) -> dict[str, Any]:
 
 def _save_full_weights(trainer: Trainer, weights: dict[str, Any], path: Path) -> None:
     """safetensors of gathered FSDP2 weights; a tied alias (the head sharing the embedding) is
-    stored once, as safetensors' save_model does, so load_model restores both names."""
+    stored once under the name save_model keeps (the first in sorted order), so the file is the
+    same whatever the number of processes or the wrapping, and load_model restores both names."""
     from safetensors.torch import save_file
 
-    own = {name for name, _ in trainer.model.named_parameters()}
-    own |= {name for name, _ in trainer.model.named_buffers()}
+    m = trainer.model
+    aliases: dict[int, list[str]] = {}
+    for name, t in [*m.named_parameters(remove_duplicate=False), *m.named_buffers()]:
+        aliases.setdefault(id(t), []).append(name)
+    own = {min(names) for names in aliases.values()}
     save_file({k: v.contiguous() for k, v in weights.items() if k in own}, str(path))
 
 

@@ -193,9 +193,11 @@ def _like(value: Any, param: Tensor) -> Any:
     return value
 
 
-def _resharded(model: nn.Module) -> nn.Module:
-    # FSDP2 keeps the root's parameters unsharded after a forward without backward (the last
-    # evaluation); reshard so the registered parameters are the optimizer's DTensors again.
+def reshard(model: nn.Module) -> nn.Module:
+    """FSDP2 keeps the root's parameters unsharded after a forward without backward (an
+    evaluation), and the next forward uses them as they are; reshard so the registered parameters
+    are the optimizer's DTensors again (before their values are changed in place). A no-op for
+    other models."""
     if hasattr(model, "reshard"):
         model.reshard()
     return model
@@ -203,20 +205,20 @@ def _resharded(model: nn.Module) -> nn.Module:
 
 def gather_model_state(model: nn.Module) -> dict[str, Tensor]:
     """Whole weights of a (possibly sharded) model; a collective under FSDP2."""
-    _resharded(model)
+    reshard(model)
     return {name: _whole(t) for name, t in model.state_dict().items()}
 
 
 def scatter_model_state(model: nn.Module, whole: dict[str, Tensor]) -> None:
     with torch.no_grad():
-        for name, t in _resharded(model).state_dict().items():
+        for name, t in reshard(model).state_dict().items():
             if name in whole:
                 src = _like(whole[name], t)
                 t.copy_(src)
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    names = {id(p): n for n, p in _resharded(model).named_parameters()}
+    names = {id(p): n for n, p in reshard(model).named_parameters()}
     state, groups = {}, []
     for group in optimizer.param_groups:
         groups.append(
@@ -232,7 +234,7 @@ def gather_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
 
 
 def scatter_optimizer_state(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> None:
-    params = dict(_resharded(model).named_parameters())
+    params = dict(reshard(model).named_parameters())
     index = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -116,8 +116,15 @@ class Trainer:
         # Every rank draws the same global batch and keeps its share: the data order, and so the
         # run, do not depend on the number of processes.
         indices = distributed.shard(self.sampler.indices(self.state.samples, size), self.world)
+        sizes = split_micro(len(indices), self.cfg.batch.micro_size)
+        if self.world.active:
+            # Every rank must run as many forward/backward passes as the one with the largest
+            # share (DDP broadcasts buffers and FSDP2 gathers parameters in each forward): a
+            # smaller share is padded with empty micro-batches, which add nothing to the loss.
+            most = split_micro(-(-size // self.world.size), self.cfg.batch.micro_size)
+            sizes += [0] * (len(most) - len(sizes))
         micro, start = [], 0
-        for n in split_micro(len(indices), self.cfg.batch.micro_size):
+        for n in sizes:
             micro.append(self.workload.batch(indices[start : start + n]))
             start += n
         return micro, size * max(1, self.workload.tokens_per_sample)
@@ -199,6 +206,9 @@ class Trainer:
         try:
             yield
         finally:
+            # FSDP2: drop the unsharded (averaged) root parameters the evaluation left behind, or
+            # the next training forward would use them instead of the restored ones.
+            distributed.reshard(self.model)
             set_train_mode(self.optimizer, True)
             with torch.no_grad():
                 for p, s in zip(self.params, saved):

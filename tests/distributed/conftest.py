@@ -1,0 +1,155 @@
+"""Helpers for the multi-process tests: tiny configs, the CLI under torchrun, run comparisons.
+
+Every 2-process run is a real `torchrun` launch (gloo on CPU) of the CLI, and costs several
+seconds of imports, so the tests share runs through module-scoped fixtures. One-process reference
+runs go through the same CLI entry point in this process (`cadence.cli.main`), which skips the
+imports of a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+
+from cadence.cli import main as cadence_main
+
+# The tiny GPT: a step takes milliseconds on one core. batch.size=7 with micro_size=2 splits 4/3
+# over two ranks, so each rank accumulates two micro-batches and the shares are uneven.
+LM = [
+    "workload=lm",
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.n_head=2",
+    "model.seq_len=16",
+    "data.max_bytes=100000",
+    "batch.size=7",
+    "batch.micro_size=2",
+    "schedule.warmup=2",
+    "train.eval_samples=16",
+    "train.threads=1",
+    "train.progress=false",
+    "train.log_every=1",
+    "train.dist_timeout_s=60",
+]
+
+# The digits MLP: batch.size=9 with micro_size=2 splits 5/4, i.e. three micro-batches on rank 0
+# and two on rank 1 (padded with an empty one so both run the same number of passes).
+DIGITS = [
+    "workload=digits",
+    "model.hidden=[32]",
+    "optimizer.lr=0.01",
+    "batch.size=9",
+    "batch.micro_size=2",
+    "schedule.warmup=2",
+    "train.eval_samples=256",
+    "train.threads=1",
+    "train.progress=false",
+    "train.log_every=1",
+    "train.dist_timeout_s=60",
+]
+
+# Per-step values that must not depend on the number of processes (time fields do).
+COMPARED = ("samples", "lr", "batch_size", "train_loss", "grad_norm", "val_loss", "tokens")
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+def sets(overrides: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONUNBUFFERED"] = "1"
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """Plain torchrun (`python -m torch.distributed.run`) of `python -m cadence ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cadence",
+        *args,
+    ]
+
+
+def cadence_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cadence", *args]
+
+
+def run(cmd: Sequence[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; a failure shows the end of its output."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env())
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd[:6])} ... exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def run_in_process(*args: str) -> None:
+    """One process, through the CLI's entry point (no interpreter start-up)."""
+    rc = cadence_main(list(args))
+    assert rc == 0, f"cadence {' '.join(args)} exited {rc}"
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
+def assert_same_rows(
+    got: list[dict[str, Any]], want: list[dict[str, Any]], rtol: float = RTOL
+) -> None:
+    """Same steps, and per step the same values of COMPARED within float tolerance."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in COMPARED:
+            assert (key in a) == (key in b), f"step {a['step']}: {key} in only one run"
+            if key in a:
+                np.testing.assert_allclose(
+                    a[key], b[key], rtol=rtol, atol=ATOL, err_msg=f"step {a['step']}: {key}"
+                )
+
+
+def assert_same_weights(got: Path, want: Path, rtol: float = RTOL, atol: float = 1e-6) -> None:
+    a, b = weights(got), weights(want)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def truncated_copy(src: Path, dst: Path, step: int) -> Path:
+    """A run directory as it was at `step`: config, tokenizer, that checkpoint, metrics <= step."""
+    dst.mkdir(parents=True)
+    for name in ("config.yaml", "tokenizer.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    ckpt = f"step_{step:08d}"
+    shutil.copytree(src / "checkpoints" / ckpt, dst / "checkpoints" / ckpt)
+    kept = [json.dumps(r) for r in rows(src) if r["step"] <= step]
+    (dst / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    return dst
