@@ -166,9 +166,8 @@ def launch(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
     if args.resume is None:
         load_config(args.config, args.overrides)  # a bad config fails here, once, not N times
-    argv = [a for a in sys.argv[1:]]
     rest, skip = [], False
-    for a in argv:
+    for a in args.argv:
         if skip:
             skip = False
             continue
@@ -219,7 +218,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `--nproc` re-runs the same command line under torchrun
     if args.command is None:
         parser.print_help()
         return 0
