@@ -108,9 +108,9 @@ def _read(spec_or_suite: str | Path, suite: bool) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"{path}: spec file not found; give a YAML spec or --suite NAME")
         text, name = path.read_text(), path.stem
     try:
-        from cadence.config import _yaml_load  # the same YAML 1.2 float rules as configs
+        from cadence.config import yaml_load  # the same YAML 1.2 float rules as configs
 
-        data = _yaml_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError:
         raise ConfigError(f"{spec_or_suite}: invalid YAML; fix the syntax") from None
     if not isinstance(data, dict):

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import json
 import math
-import re
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from cadence.config import Config, ConfigError, config_from_dict, dump_config
+from cadence.config import Config, ConfigError, config_from_dict, dump_config, yaml_load
 from cadence.training.events import Callback
 
 if TYPE_CHECKING:
@@ -55,17 +54,6 @@ __all__ = [
 ]
 
 PRUNERS = ("median", "halving", "hyperband", "none")
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML (YAML 1.1) reads ``1e-4`` as a string; a search space is full of such numbers."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 # ---------------------------------------------------------------- the search space
@@ -248,7 +236,7 @@ def load_space(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--space {path}: file not found")
     try:
-        data = yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        data = yaml_load(p.read_text())
     except yaml.YAMLError:
         raise ConfigError(f"--space {path}: invalid YAML; fix the syntax") from None
     if isinstance(data, dict) and set(data) == {"search"}:
@@ -269,7 +257,7 @@ def split_search_section(
     if path is None or not path.is_file():
         return load_config(config, overrides), None
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        data = yaml_load(path.read_text())
     except yaml.YAMLError:
         data = None  # load_config reports the syntax error with its line
     if not isinstance(data, dict) or "search" not in data:
@@ -549,88 +537,6 @@ def _write_outputs(result: TuneResult, study: optuna.Study, out: Path) -> None:
     )
     atomic_write_text(out / "best.yaml", header + dump_config(result.best_config))
     atomic_write_json(out / "tune.json", result.to_dict())
+    from cadence.tune.sweep_plots import plot_study
+
     plot_study(result, study, out / "plots")
-
-
-def plot_study(result: TuneResult, study: optuna.Study, out: Path) -> list[Path]:
-    """history.png (each trial, best so far, pruned ones marked), curves.png (intermediate
-    values: where pruning cut trials) and importance.png (fANOVA; needs >= 2 complete trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cadence.io import atomic_path
-
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def save(fig: Any, name: str) -> None:
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(out / name)
-
-    rows = result.trials
-    maximize = result.direction == "maximize"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    pruned = [r for r in rows if r["state"] == "PRUNED" and r["intermediate"]]
-    ax.plot(
-        [r["number"] for r in done], [r["value"] for r in done], "o", color="C0", label="complete"
-    )
-    if pruned:
-        last = [r["intermediate"][max(r["intermediate"])] for r in pruned]
-        ax.plot([r["number"] for r in pruned], last, "x", color="C3", label="pruned (last report)")
-    best, xs, ys = None, [], []
-    for r in done:
-        v = r["value"]
-        if best is None or (v > best if maximize else v < best):
-            best = v
-        xs.append(r["number"])
-        ys.append(best)
-    ax.step(xs, ys, where="post", color="k", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(result.metric)
-    if done and all(r["value"] > 0 for r in done):
-        ax.set_yscale("log")
-    ax.set_title(f"optimisation history · {result.study_name}")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    save(fig, "history.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["intermediate"]:
-            steps = sorted(r["intermediate"])
-            color = "C3" if r["state"] == "PRUNED" else "C0"
-            ax.plot(steps, [r["intermediate"][s] for s in steps], "-", color=color, alpha=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel(result.metric)
-    ax.set_title("validation curves (red: pruned)")
-    ax.grid(True, alpha=0.3)
-    save(fig, "curves.png")
-
-    importances = param_importances(study)
-    if importances:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(importances)))
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names], color="C0")
-        ax.set_xlabel("importance (fANOVA)")
-        ax.set_title("parameter importances")
-        save(fig, "importance.png")
-    return written
-
-
-def param_importances(study: optuna.Study) -> dict[str, float]:
-    """fANOVA importances, or {} when there are too few complete trials or only one parameter
-    varies (Optuna raises then; a missing plot is better than a failed sweep)."""
-    import optuna
-
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 2:
-        return {}
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (ValueError, RuntimeError):
-        return {}
