@@ -11,7 +11,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from cadence.training.events import Callback
@@ -31,13 +30,13 @@ class ProgressBar(Callback):
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[eta]}"),
             console=self.console,
         )
         self.progress.start()
+        self.start_step = trainer.state.step
         self.task = self.progress.add_task(
-            "train", total=self.total, completed=trainer.state.step, info=""
+            "train", total=self.total, completed=trainer.state.step, info="", eta="eta -:--"
         )
 
     def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
@@ -51,7 +50,17 @@ class ProgressBar(Callback):
             self.last_val = row["val_loss"]
         if self.last_val is not None:
             info += f" val {self.last_val:.3f}"
-        self.progress.update(self.task, completed=row["step"], info=info)
+        self.progress.update(self.task, completed=row["step"], info=info, eta=self._eta(row))
+
+    def _eta(self, row: dict[str, Any]) -> str:
+        """From the run's own step rate (rich's estimate needs several updates inside 30 s, which
+        slow steps and sparse log rows do not give). Budgets other than steps may end it sooner."""
+        done = row["step"] - self.start_step
+        if done <= 0 or row.get("time_s") is None:
+            return "eta -:--"
+        per_step = row["time_s"] / max(row["step"], 1)
+        left = int(per_step * max(self.total - row["step"], 0))
+        return f"eta {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
     def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         if self.progress is not None:
