@@ -1,4 +1,4 @@
-"""Shared fixtures for the integration tests: tiny configs and one CPU thread.
+"""Shared fixtures for the integration tests: tiny configs, one CPU thread, no plots.
 
 Configs are built from an empty YAML file (the dataclass defaults) rather than the default
 recipe, so a test states every setting it depends on.
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from resume_helpers import no_plots
 
 import cadence
 from cadence.config import Config
@@ -33,12 +33,14 @@ TINY: dict[str, list[str]] = {
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _single_thread():
-    # Two shared cores: intra-op threads only add contention for models this small.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread: None) -> None:
+    """Every integration test runs on one torch thread (`one_thread` in tests/conftest.py)."""
+
+
+@pytest.fixture
+def plots_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PNG plots for the test: ``pytestmark = pytest.mark.usefixtures("plots_off")``."""
+    no_plots(monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,14 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def cadence_cmd(*args: str) -> list[str]:
+    """``python -m cadence ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "cadence", *args]
+
+
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cadence", *args],
+        cadence_cmd(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -81,7 +86,7 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str
 
 def start_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cadence", *args],
+        cadence_cmd(*args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -43,10 +43,7 @@ from cadence.cli import main
 from cadence.config import ConfigError, load_config
 from cadence.training.run import resume
 
-
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_plots(monkeypatch)
+pytestmark = pytest.mark.usefixtures("plots_off")
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -39,10 +39,7 @@ from cadence.schedules import build_schedule
 from cadence.training.events import Callback
 from cadence.training.run import resume
 
-
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_plots(monkeypatch)
+pytestmark = pytest.mark.usefixtures("plots_off")
 
 
 def crash_then_resume(cfg: cadence.Config, run_dir: Path, crash_step: int) -> None:

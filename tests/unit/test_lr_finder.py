@@ -16,14 +16,6 @@ from cadence.tune.lr_finder import ema_lag, lr_range_test, smooth_losses, sugges
 from cadence.workloads import Workload, build_workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LeastSquares(Workload):
     """0.5 |Xw - y|^2 / n: Hessian X^T X / n, known exactly."""
 

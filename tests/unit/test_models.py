@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,16 +11,6 @@ import torch.nn.functional as F
 from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
 
 TINY = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These models are tiny: intra-op threads only add overhead, and on a busy
-    # machine oversubscription makes each step ~30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _gpt(**kw: object) -> GPT:

@@ -23,14 +23,6 @@ from cadence.tune.noise_scale import (
 from cadence.workloads import Workload, build_workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class LinearRegression(Workload):
     def loss_sum(self, model, batch):
         x, y = batch

@@ -32,16 +32,6 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: intra-op threads only add spin-wait overhead, which on a busy
-    # CI box made this file several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_settings_cover_registry() -> None:
     assert set(SETTINGS) == set(OPTIMIZERS)
 

@@ -9,16 +9,6 @@ from torch import nn
 from cadence.optim import build_optimizer, muon_split, param_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tensors are tiny: intra-op threads only add spin-wait overhead, which on a busy
-    # CI box made this file several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyTransformer(nn.Module):
     """Embedding -> two pre-norm MLP blocks -> LayerNorm -> head (optionally tied)."""
 

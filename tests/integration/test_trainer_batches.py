@@ -1,0 +1,146 @@
+"""The trainer's batches: micro-batch accumulation, full-batch GD and the batch-size ramp.
+
+A step must draw exactly the samples its batch size asks for, and accumulating micro-batches must
+give the gradient, and the run, of one large batch. Each test runs a tiny model for a few steps;
+every expected number comes from an independent computation in the test or from the same run with
+another setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+from trainer_helpers import Recorder, params_of, run_fit
+
+from cadence.schedules import split_micro
+from cadence.training import Trainer, accumulate_gradients, fit
+from cadence.workloads import build_workload
+
+# ---------------------------------------------------------------- accumulation
+
+
+@pytest.mark.parametrize("workload", ["mnist", "lm"])
+def test_accumulated_gradients_equal_one_large_batch(make_config, workload: str) -> None:
+    cfg = make_config(workload, "batch.size=12", "batch.micro_size=5", "optimizer.name=sgd")
+    w = build_workload(cfg)
+    trainer = Trainer(cfg, w)
+    micro, units = trainer.next_batches(12)
+    assert [len(m[0]) for m in micro] == split_micro(12, 5) == [5, 5, 2]
+
+    model = w.model
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, w.loss_sum, micro, units)
+    accumulated = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    # Reference: one forward/backward over the same 12 samples with a plain mean loss.
+    x, y = w.batch(trainer.sampler.indices(0, 12))
+    assert units == y.numel()  # samples for images, tokens for text
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    ref.backward()
+    reference = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert_close(accumulated, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_with_micro_batches_matches_one_batch(make_config) -> None:
+    common = [
+        "optimizer.name=sgd",
+        "optimizer.lr=0.1",
+        "optimizer.momentum=0.9",
+        "batch.size=12",
+        "train.max_steps=5",
+        "train.log_every=1",
+        "train.eval_every=5",
+    ]
+    _, rows_one, tr_one = run_fit(make_config("mnist", *common))
+    _, rows_acc, tr_acc = run_fit(make_config("mnist", *common, "batch.micro_size=5"))
+
+    assert [r["step"] for r in rows_acc] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(
+        [r["train_loss"] for r in rows_acc], [r["train_loss"] for r in rows_one], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in rows_acc], [r["grad_norm"] for r in rows_one], rtol=1e-4
+    )
+    assert_close(params_of(tr_acc.model), params_of(tr_one.model), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- full batch
+
+
+def test_full_batch_gd_sees_every_sample_once_per_step(make_config, monkeypatch) -> None:
+    cfg = make_config(
+        "logreg",
+        "optimizer.name=gd",
+        "optimizer.lr=1.0",
+        "batch.size=full",
+        "batch.micro_size=100",
+        "train.max_steps=3",
+    )
+    w = build_workload(cfg)
+    trainer = Trainer(cfg, w)
+    seen: dict[int, list[torch.Tensor]] = defaultdict(list)
+    original = w.batch
+
+    def spy(indices: torch.Tensor):
+        seen[trainer.state.step].append(indices.clone())
+        return original(indices)
+
+    monkeypatch.setattr(w, "batch", spy)
+    fit(trainer)
+
+    assert sorted(seen) == [0, 1, 2]
+    for parts in seen.values():
+        assert len(parts) == math.ceil(w.n_train / 100)
+        everything = torch.cat(parts)
+        assert torch.equal(everything.sort().values, torch.arange(w.n_train))
+
+
+# ---------------------------------------------------------------- batch ramp
+
+
+def test_batch_ramp_switches_size_and_scales_lr(make_config, monkeypatch) -> None:
+    lr, base, big, frac, steps = 0.1, 8, 16, 0.5, 10
+    cfg = make_config(
+        "logreg",
+        "optimizer.name=sgd",
+        f"optimizer.lr={lr}",
+        f"batch.size={base}",
+        f"batch.schedule=[[{frac}, {big}]]",
+        "batch.lr_scaling=sqrt",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+    )
+    w = build_workload(cfg)
+    trainer = Trainer(cfg, w, [rec := Recorder()])
+    drawn: dict[int, int] = defaultdict(int)
+    original = w.batch
+
+    def spy(indices: torch.Tensor):
+        drawn[trainer.state.step + 1] += len(indices)
+        return original(indices)
+
+    monkeypatch.setattr(w, "batch", spy)
+    summary = fit(trainer)
+
+    switch = math.ceil(frac * steps)  # the first step index t (0-based) of the new stage
+    samples = 0
+    for r in rec.rows:
+        grown = r["step"] - 1 >= switch
+        size = big if grown else base
+        samples += size
+        assert r["batch_size"] == size == drawn[r["step"]], r
+        assert r["samples"] == samples
+        expected_lr = lr * math.sqrt(big / base) if grown else lr
+        assert r["lr"] == pytest.approx(expected_lr, rel=1e-12)
+    assert [r["batch_size"] for r in rec.rows].count(base) == switch
+    assert summary["samples"] == switch * base + (steps - switch) * big

@@ -1,0 +1,62 @@
+"""Shared pieces of the trainer tests (test_trainer_*.py): fit without a run dir, logreg maths.
+
+The closed forms use cadence.data's logreg_loss / logreg_grad with theta = [w..., b] in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from cadence.config import Config
+from cadence.training import Callback, Trainer, fit
+from cadence.workloads import Workload, build_workload
+
+
+class Recorder(Callback):
+    """Keeps every logged row and the trainer; observes only."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.trainer: Any = None
+
+    def on_start(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+
+def run_fit(cfg: Config, workload: Workload | None = None) -> tuple[dict, list[dict], Trainer]:
+    """Trainer + fit without a run directory; returns (summary, logged rows, trainer)."""
+    rec = Recorder()
+    trainer = Trainer(cfg, workload if workload is not None else build_workload(cfg), [rec])
+    summary = fit(trainer)
+    return summary, rec.rows, trainer
+
+
+def theta_of(workload: Workload) -> np.ndarray:
+    """Logistic-regression parameters as theta = [w..., b] (float64), the layout of logreg_*."""
+    lin = workload.model.linear
+    return torch.cat([lin.weight.detach().flatten(), lin.bias.detach()]).double().numpy().copy()
+
+
+def smoothness(workload: Workload) -> float:
+    """L = lambda_max(X~^T X~) / (4n) + l2 bounds the Hessian of J (X~ = [X, 1], sigma' <= 1/4)."""
+    x = workload.x_train.double().numpy()
+    xb = np.hstack([x, np.ones((x.shape[0], 1))])
+    return float(np.linalg.eigvalsh(xb.T @ xb).max()) / (4 * x.shape[0]) + workload.l2
+
+
+def num(x: float) -> str:
+    """``x`` spelled so that YAML reads it back as a float (PyYAML takes ``1e-12`` for a string)."""
+    mantissa, e, exponent = repr(float(x)).partition("e")
+    if e and "." not in mantissa:
+        mantissa += ".0"
+    return mantissa + e + exponent
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
