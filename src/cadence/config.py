@@ -478,11 +478,6 @@ def validate(cfg: Config) -> None:
         f"train.noise_scale_every: must be >= 1 or null, got {t.noise_scale_every}",
     )
     _check(t.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {t.dist_timeout_s}")
-    for name, unsupported in (("muon", o.name == "muon"), ("train.ema", t.ema is not None)):
-        _check(
-            not (t.distributed == "fsdp" and unsupported),
-            f"train.distributed: fsdp does not support {name} yet; use ddp",
-        )
     _check(t.threads is None or t.threads >= 1, f"train.threads: must be >= 1, got {t.threads}")
     _check(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     _check(d.vocab_size >= 257, f"data.vocab_size: must be >= 257, got {d.vocab_size}")

@@ -3,8 +3,9 @@
 The global batch is drawn identically on every rank and each rank's loss is normalised by the
 global batch, so a run must not depend on how many processes computed it: per-step losses,
 gradient norms, learning rates and validation losses agree with the one-process run to float
-tolerance (reduction order differs), and so do the final weights. Checkpoints hold whole tensors,
-so a run saved on 2 processes resumes on 1 and vice versa.
+tolerance (reduction order differs), and so do the final weights. DDP checkpoints hold whole
+tensors and FSDP ones are resharded on load, so a run saved on 2 processes resumes on 1 and vice
+versa.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_two_processes_match_one_on_lm(lm: dict, mode: str) -> None:
 
 
 def test_fsdp_and_ddp_configs_agree_on_one_process(lm: dict) -> None:
-    # train.distributed=fsdp on one process takes the gathered-state checkpoint path; same run.
+    # train.distributed=fsdp on one process saves sharded (DCP) checkpoints; the same run.
     assert_same_rows(rows(lm["fsdp"]["one"]), rows(lm["ddp"]["one"]), rtol=0)
     assert_same_weights(
         lm["fsdp"]["one"] / "model.safetensors", lm["ddp"]["one"] / "model.safetensors", rtol=0

@@ -25,7 +25,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cadence train`")
     p.add_argument("--format", required=True, choices=["safetensors", "onnx"], dest="fmt")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT)")
-    p.add_argument("--ema", action="store_true", help="export model_ema.safetensors (train.ema)")
+    _add_weight_choice(p, "export model_ema.safetensors (train.ema)")
     p.add_argument(
         "--quantize",
         choices=["int8"],
@@ -42,7 +42,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--ema", action="store_true", help="use model_ema.safetensors")
+    _add_weight_choice(p, "use model_ema.safetensors")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     p.set_defaults(func=cmd_generate)
 
@@ -56,11 +56,23 @@ def add_parsers(sub: Any) -> None:
         help="require 'Authorization: Bearer KEY' on every endpoint but /health "
         "(default: $CADENCE_API_KEY; unset = no auth)",
     )
-    p.add_argument("--ema", action="store_true", help="serve model_ema.safetensors")
+    _add_weight_choice(p, "serve model_ema.safetensors")
     p.add_argument("--max-new-tokens-limit", type=int, default=512, help="cap per request")
     p.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.set_defaults(func=cmd_serve)
+
+
+def _add_weight_choice(p: argparse.ArgumentParser, ema_help: str) -> None:
+    """--ema and --checkpoint: which of a run's weights export, generate and serve load."""
+    p.add_argument("--ema", action="store_true", help=ema_help)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="CKPT",
+        help="use a checkpoint instead of the final weights: latest, a step or a folder "
+        "(sharded FSDP checkpoints are consolidated)",
+    )
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -68,7 +80,14 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
     t0 = time.perf_counter()
     try:
-        result = export_run(args.run_dir, args.fmt, args.out, ema=args.ema, quantize=args.quantize)
+        result = export_run(
+            args.run_dir,
+            args.fmt,
+            args.out,
+            ema=args.ema,
+            quantize=args.quantize,
+            checkpoint=args.checkpoint,
+        )
     except RuntimeError as exc:  # the parity check failed: not a user error, but no traceback
         print(f"cadence: {exc}", file=sys.stderr)
         return 1
@@ -108,7 +127,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         params.check()
     except ValueError as exc:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
-    run = load_run(args.run_dir, ema=args.ema)
+    run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
     if run.kind != "lm":
         raise ConfigError(
             f"{args.run_dir}: a {run.config.workload} classifier cannot generate text; "
@@ -149,7 +168,9 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("--max-new-tokens-limit and --max-batch: must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run = load_run(args.run_dir, ema=args.ema)  # ConfigError -> one line, exit 2
+    run = load_run(
+        args.run_dir, ema=args.ema, checkpoint=args.checkpoint
+    )  # ConfigError -> one line, exit 2
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         public = not ipaddress.ip_address(args.host).is_loopback

@@ -190,15 +190,20 @@ def export_run(
     ema: bool = False,
     quantize: str | None = None,
     tolerance: float = ONNX_TOLERANCE,
+    checkpoint: str | None = None,
 ) -> ExportResult:
-    """Export ``run_dir`` as ``safetensors`` or ``onnx`` into ``out`` (default RUN/export/FMT)."""
+    """Export ``run_dir`` as ``safetensors`` or ``onnx`` into ``out`` (default RUN/export/FMT).
+
+    ``checkpoint`` exports one of the run's checkpoints instead of its final weights; a sharded
+    (FSDP) checkpoint is consolidated into one whole model on the way.
+    """
     if fmt not in ("safetensors", "onnx"):
         raise ConfigError(f"--format: unknown format {fmt!r}; choose safetensors or onnx")
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize: unknown scheme {quantize!r}; the only one is int8")
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
-    run = load_run(run_dir, ema=ema)
+    run = load_run(run_dir, ema=ema, checkpoint=checkpoint)
     if quantize and run.dtype != torch.float32:
         raise ConfigError(
             f"--quantize int8: the {run.config.workload} model is {run.dtype}; "

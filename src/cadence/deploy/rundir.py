@@ -15,7 +15,7 @@ from torch import nn
 
 from cadence.config import Config, ConfigError, load_config
 
-__all__ = ["CLASSIFIER_INPUTS", "LoadedRun", "load_run"]
+__all__ = ["CLASSIFIER_INPUTS", "LoadedRun", "checkpoint_weights", "load_run"]
 
 # Per-example input shape each classifier workload's model expects (a flat list is accepted too).
 CLASSIFIER_INPUTS: dict[str, tuple[int, ...]] = {
@@ -33,7 +33,7 @@ class LoadedRun:
     config: Config
     model: nn.Module
     tokenizer: object | None  # cadence.data.tokenizers.Tokenizer for lm runs
-    weights: Path
+    weights: Path  # the safetensors file, or the checkpoint folder the weights came from
 
     @property
     def kind(self) -> str:
@@ -58,13 +58,87 @@ def _weights_file(run_dir: Path, ema: bool) -> Path:
         raise ConfigError(
             f"{path}: not found; --ema needs a run trained with train.ema set (or drop --ema)"
         )
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*/model.safetensors"))
-    hint = f" (latest checkpoint: {ckpts[-1]})" if ckpts else ""
+    hint = ""
+    if list((run_dir / "checkpoints").glob("step_*")):
+        hint = "; use one of its checkpoints with --checkpoint latest"
     raise ConfigError(f"{path}: not found; the run did not finish{hint}")
 
 
-def load_run(run_dir: str | Path, ema: bool = False) -> LoadedRun:
-    """Load ``config.yaml``, the tokenizer (lm) and the weights of a run or export directory."""
+def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
+    """`latest`, a step number, a `step_N` name or a path -> a verified checkpoint folder."""
+    from cadence.training.checkpoint import CheckpointError, latest_valid, verify
+
+    root = run_dir / "checkpoints"
+    if checkpoint == "latest":
+        path, _ = latest_valid(root)
+        if path is None:
+            raise ConfigError(f"--checkpoint latest: no valid checkpoint in {root}")
+    else:
+        path = Path(checkpoint)
+        if checkpoint.isdigit():
+            path = root / f"step_{int(checkpoint):08d}"
+        elif not path.is_dir():
+            path = root / checkpoint
+        if not path.is_dir():
+            raise ConfigError(
+                f"--checkpoint {checkpoint}: not found; give latest, a step number or a "
+                f"folder under {root}"
+            )
+    try:
+        verify(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"--checkpoint: {exc}") from None
+    return path
+
+
+def _aliases(model: nn.Module) -> list[list[str]]:
+    """Names that share one tensor (the head tied to the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
+
+
+def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint holds as one whole state dict for `model`.
+
+    Sharded (FSDP) checkpoints are consolidated here from their DCP shards, on one process;
+    whole ones are read from model.safetensors. `ema` overlays the EMA shadow weights.
+    """
+    from safetensors.torch import load_file
+
+    from cadence.training.checkpoint import load_checkpoint, read_manifest
+    from cadence.training.sharded import DIRNAME, consolidate
+
+    sharded = read_manifest(path).get("layout") == "sharded"
+    if sharded:
+        weights = consolidate(path / DIRNAME, "model/")
+    else:
+        weights = load_file(str(path / "model.safetensors"))
+    overlay: dict[str, torch.Tensor] = {}
+    if ema:
+        if sharded:
+            overlay = consolidate(path / DIRNAME, "ema/")
+        else:
+            overlay = dict(load_checkpoint(path, verified=True).get("ema", {}).get("shadow", {}))
+        if not overlay:
+            raise ConfigError(f"{path}: holds no EMA weights; drop --ema")
+    for names in _aliases(model):
+        source = next((n for n in names if n in overlay), None)
+        value = (
+            overlay[source] if source else next((weights[n] for n in names if n in weights), None)
+        )
+        if value is not None:
+            weights.update({n: value for n in names})
+    return weights
+
+
+def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = None) -> LoadedRun:
+    """Load ``config.yaml``, the tokenizer (lm) and the weights of a run or export directory.
+
+    ``checkpoint`` (``latest``, a step or a folder) takes the weights from one of the run's
+    checkpoints instead of its final ``model.safetensors``, consolidating sharded ones.
+    """
     from safetensors.torch import load_model
 
     from cadence.data import DataError
@@ -89,13 +163,18 @@ def load_run(run_dir: str | Path, ema: bool = False) -> LoadedRun:
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # a tokenizer.json that `tokenizers` cannot parse
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({exc})") from None
-    weights = _weights_file(path, ema)
+    weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema)
     try:
         model = build_model(cfg, vocab_size=getattr(tokenizer, "vocab_size", None))
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     try:
-        load_model(model, str(weights), strict=True, device="cpu")
+        if checkpoint:
+            model.load_state_dict(checkpoint_weights(model, weights, ema), strict=True)
+        else:
+            load_model(model, str(weights), strict=True, device="cpu")
+    except ConfigError:
+        raise
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(

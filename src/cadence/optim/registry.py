@@ -21,12 +21,14 @@ from torch.optim import Optimizer
 from cadence.optim.chained import ChainedOptimizer
 from cadence.optim.groups import muon_split, param_groups
 from cadence.optim.lion import Lion
+from cadence.optim.sharded import ShardedAdafactor, ShardedMuon
 
 __all__ = [
     "OPTIMIZERS",
     "AnyOptimizer",
     "OptimizerSpec",
     "build_optimizer",
+    "inner_optimizers",
     "is_schedule_free",
     "set_train_mode",
 ]
@@ -105,7 +107,8 @@ def _adam_family(cls: type[Optimizer]) -> Callable[..., AnyOptimizer]:
 def _build_adafactor(model: nn.Module, *, lr: float, weight_decay: float, **_: Any) -> AnyOptimizer:
     # Adafactor's eps/betas mean something else (relative-step clipping, beta2 decay
     # schedule), so the Adam-style knobs are not forwarded; torch's defaults are the paper's.
-    return torch.optim.Adafactor(_groups(model, lr, weight_decay), lr=lr)
+    # torch.optim.Adafactor, extended to run on FSDP2-sharded parameters.
+    return ShardedAdafactor(_groups(model, lr, weight_decay), lr=lr)
 
 
 def _build_lion(
@@ -136,7 +139,8 @@ def _build_muon(
         # config already has works for both halves; "original" would need ~50x larger LRs.
         muon_group = {"params": matrices, "weight_decay": weight_decay, "group_name": "muon"}
         inner.append(
-            torch.optim.Muon(
+            # torch.optim.Muon, extended to orthogonalise FSDP2-sharded matrices whole.
+            ShardedMuon(
                 _stamp([muon_group], lr),
                 lr=lr,
                 weight_decay=weight_decay,
@@ -286,7 +290,8 @@ def build_optimizer(
     return optimizer
 
 
-def _inner(optimizer: AnyOptimizer) -> list[Any]:
+def inner_optimizers(optimizer: AnyOptimizer) -> list[Any]:
+    """The torch optimizers behind a ChainedOptimizer (Muon + AdamW), or the optimizer itself."""
     return optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
 
 
@@ -302,7 +307,7 @@ def _is_sf(opt: Any) -> bool:
 
 def is_schedule_free(optimizer: AnyOptimizer) -> bool:
     """True when evaluation must switch to the averaged weights first."""
-    return any(_is_sf(opt) for opt in _inner(optimizer))
+    return any(_is_sf(opt) for opt in inner_optimizers(optimizer))
 
 
 def set_train_mode(optimizer: AnyOptimizer, training: bool) -> None:
@@ -312,6 +317,6 @@ def set_train_mode(optimizer: AnyOptimizer, training: bool) -> None:
     the point worth evaluating or saving is the average, which only eval mode writes into
     the parameters. Other optimizers have one set of weights, so this is a no-op for them.
     """
-    for opt in _inner(optimizer):
+    for opt in inner_optimizers(optimizer):
         if _is_sf(opt):
             opt.train() if training else opt.eval()

@@ -1,10 +1,13 @@
 """Checkpoints that hold everything and are never half-written.
 
-A checkpoint is a folder `step_XXXXXXXX/` with the weights (safetensors), the rest of the state
-(a torch file read back with `weights_only=True`, so nothing is ever unpickled), and a manifest
-with the SHA-256 of each file. It is built under a temporary name, fsynced and renamed into
-place: a crash mid-save leaves the previous checkpoints as they were, and a file damaged later
-(truncated, flipped bytes, replaced) fails its checksum and is passed over for an older one.
+A checkpoint is a folder `step_XXXXXXXX/` with the weights, the rest of the state (a torch file
+read back with `weights_only=True`, so nothing is ever unpickled), and a manifest with the
+SHA-256 of each file. Two layouts: "whole" (`model.safetensors`; single process and DDP, whose
+replicas are identical) and "sharded" (FSDP: `sharded/`, written by every rank through
+torch.distributed.checkpoint, see sharded.py). The folder is built under a temporary name,
+fsynced and renamed into place: a crash mid-save leaves the previous checkpoints as they were,
+and a file damaged later (truncated, flipped bytes, replaced) fails its checksum and is passed
+over for an older one.
 """
 
 from __future__ import annotations
@@ -16,27 +19,25 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+from torch import Tensor
 
 from cadence.optim import is_schedule_free
-from cadence.training.distributed import (
-    barrier,
-    gather_model_state,
-    gather_optimizer_state,
-    scatter_model_state,
-    scatter_optimizer_state,
-)
+from cadence.training.distributed import World, barrier, broadcast_object
+from cadence.training.sharded import DIRNAME, load_sharded, save_sharded
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
 
 FORMAT = 1
-FILES = ("model.safetensors", "trainer.pt")
+SHARDED_META = f"{DIRNAME}/.metadata"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -60,10 +61,33 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         save_model(model, str(path))
     except Exception as exc:
-        code = re.search(r"\(os error (\d+)\)", str(exc))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        _raise_os_error(exc, path)
+
+
+def _raise_os_error(exc: Exception, path: Path) -> None:
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    if code is None:
+        raise exc
+    raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def save_whole_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """safetensors of gathered FSDP2 weights, the same file `save_weights` writes unsharded.
+
+    A tied alias (the head sharing the embedding) is stored once under the name save_model keeps
+    (the first in sorted order), so the file does not depend on the number of processes or the
+    wrapping, and load_model restores both names.
+    """
+    from safetensors.torch import save_file
+
+    aliases: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        aliases.setdefault(id(t), []).append(name)
+    own = {min(names) for names in aliases.values()}
+    try:
+        save_file({k: v.contiguous() for k, v in weights.items() if k in own}, str(path))
+    except Exception as exc:
+        _raise_os_error(exc, path)
 
 
 def _save_state(state: dict[str, Any], path: Path) -> None:
@@ -111,108 +135,102 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainer_state(trainer: Trainer) -> dict[str, Any]:
-    """Everything besides the weights that a run needs to continue exactly, with named keys."""
+def trainer_state(trainer: Trainer, sharded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything besides the weights that a run needs to continue exactly, with named keys.
+
+    `sharded` is what `save_sharded` returned: then the optimizer's and the EMA's tensors are in
+    the DCP shards, and only their non-tensor parts are kept here.
+    """
     state: dict[str, Any] = {
         "format": FORMAT,
         "train_state": trainer.state.state_dict(),
-        "optimizer": _optimizer_state(trainer),
         "smoother": trainer.smoother.state_dict(),
         "rng": rng_state(),
     }
+    if sharded is not None:
+        state["sharded"] = sharded
+    else:
+        state["optimizer"] = trainer.optimizer.state_dict()
+        if trainer.ema is not None:
+            state["ema"] = trainer.ema.state_dict()
+        if is_schedule_free(trainer.optimizer):
+            # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
+            state["train_weights"] = trainer.model.state_dict()
     if trainer.plateau is not None:
         state["plateau"] = trainer.plateau.state_dict()
-    if trainer.ema is not None:
-        state["ema"] = trainer.ema.state_dict()
     if trainer.noise_scale is not None:
         state["noise_scale"] = trainer.noise_scale.state_dict()
-    if is_schedule_free(trainer.optimizer):
-        # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
-        state["train_weights"] = _model_state(trainer)
     return state
 
 
-def _sharded(trainer: Trainer) -> bool:
+def is_sharded_run(trainer: Trainer) -> bool:
+    """FSDP runs save sharded (DCP) checkpoints, on any number of processes, so a checkpoint's
+    layout depends on the config and not on how many processes happened to run it."""
     return trainer.cfg.train.distributed == "fsdp"
 
 
-def _model_state(trainer: Trainer) -> dict[str, Any]:
-    """Whole (unsharded) weights; under FSDP2 a gather that every rank takes part in."""
-    return gather_model_state(trainer.model)
-
-
-def _optimizer_state(trainer: Trainer) -> dict[str, Any]:
-    """Under FSDP2, the optimizer state gathered and keyed by parameter name, so it can be loaded
-    back on any number of processes; otherwise torch's own (replicated under DDP)."""
-    if not _sharded(trainer):
-        return trainer.optimizer.state_dict()
-    return gather_optimizer_state(trainer.model, trainer.optimizer)
-
-
-def _save_full_weights(trainer: Trainer, weights: dict[str, Any], path: Path) -> None:
-    """safetensors of gathered FSDP2 weights; a tied alias (the head sharing the embedding) is
-    stored once under the name save_model keeps (the first in sorted order), so the file is the
-    same whatever the number of processes or the wrapping, and load_model restores both names."""
-    from safetensors.torch import save_file
-
-    m = trainer.model
-    aliases: dict[int, list[str]] = {}
-    for name, t in [*m.named_parameters(remove_duplicate=False), *m.named_buffers()]:
-        aliases.setdefault(id(t), []).append(name)
-    own = {min(names) for names in aliases.values()}
-    save_file({k: v.contiguous() for k, v in weights.items() if k in own}, str(path))
-
-
 def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
-    """Write `root/step_N/` atomically, then prune to the last `keep_last` plus the best."""
-    # Every rank takes part in gathering (FSDP2); rank 0 alone writes, the others wait for it.
+    """Write `root/step_N/` atomically, then prune to the last `keep_last` plus the best.
+
+    Sharded runs: every rank writes its shards into the temporary folder rank 0 created; rank 0
+    then adds trainer.pt and the manifest and renames the folder into place. Otherwise rank 0
+    alone writes (DDP replicas are identical).
+    """
+    world = trainer.world
     final = root / f"step_{trainer.state.step:08d}"
-    state = trainer_state(trainer)
-    full = None
-    if _sharded(trainer):
-        with trainer.averaged_weights():
-            full = _model_state(trainer)
-    if trainer.world.is_main:
-        _write_checkpoint(trainer, root, final, state, full)
-        prune(root, keep_last)
-    barrier(trainer.world)
+    tmp = root / f".{final.name}.tmp-{broadcast_object(os.getpid(), world)}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier(world)
+    try:
+        sharded = None
+        if is_sharded_run(trainer):
+            sharded = save_sharded(trainer, tmp / DIRNAME)  # collective
+        if world.is_main:
+            _write_checkpoint(trainer, root, tmp, final, trainer_state(trainer, sharded))
+            prune(root, keep_last)
+    finally:
+        if world.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+    barrier(world)
     return final
 
 
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
 def _write_checkpoint(
-    trainer: Trainer, root: Path, final: Path, state: dict[str, Any], full: dict | None
+    trainer: Trainer, root: Path, tmp: Path, final: Path, state: dict[str, Any]
 ) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        _save_state(state, tmp / "trainer.pt")
-        if full is not None:
-            _save_full_weights(trainer, full, tmp / "model.safetensors")
-        else:
-            with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
-                save_weights(trainer.model, tmp / "model.safetensors")
-        metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
-        manifest = {
-            "format": FORMAT,
-            "step": trainer.state.step,
-            "metric": metric,
-            "higher_is_better": trainer.workload.higher_is_better,
-            "files": {name: _sha256(tmp / name) for name in FILES},
-        }
-        (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
-        for name in (*FILES, "checkpoint.json"):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    _save_state(state, tmp / "trainer.pt")
+    if "sharded" not in state:
+        with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
+            save_weights(trainer.model, tmp / "model.safetensors")
+    metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
+    files = _files(tmp)
+    manifest = {
+        "format": FORMAT,
+        "layout": "sharded" if "sharded" in state else "whole",
+        "step": trainer.state.step,
+        "world_size": trainer.world.size,
+        "metric": metric,
+        "higher_is_better": trainer.workload.higher_is_better,
+        "files": {name: _sha256(tmp / name) for name in files},
+    }
+    (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
+    for name in [*files, "checkpoint.json"]:
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    for folder in {(tmp / name).parent for name in files}:
+        _fsync_dir(folder)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -228,11 +246,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def verify(path: Path) -> dict[str, Any]:
     """Checksums before anything is parsed: a damaged file is refused, never half-loaded."""
     manifest = read_manifest(path)
-    for name in FILES:
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{path}: checkpoint.json lists no files")
+    weights = "model.safetensors" if manifest.get("layout", "whole") == "whole" else SHARDED_META
+    for name in sorted({"trainer.pt", weights, *listed}):
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        if _sha256(file) != manifest["files"].get(name):
+        if _sha256(file) != listed.get(name):
             raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
     return manifest
 
@@ -275,8 +297,9 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    verify(path)
+def load_checkpoint(path: Path, verified: bool = False) -> dict[str, Any]:
+    if not verified:
+        verify(path)
     try:
         return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure means the file is unusable
@@ -288,11 +311,31 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def restore(trainer: Trainer, path: Path) -> None:
-    """Put the trainer exactly where it was when `path` was saved."""
-    state = load_checkpoint(path)
-    if _sharded(trainer):
-        _restore_sharded(trainer, path, state)
-    elif "train_weights" in state:
+    """Put the trainer exactly where it was when `path` was saved (every rank calls this)."""
+    manifest = agreed(lambda: verify(path), trainer.world)
+    state = load_checkpoint(path, verified=True)
+    sharded = manifest.get("layout") == "sharded"
+    if sharded != is_sharded_run(trainer):
+        kind = "sharded (FSDP)" if sharded else "whole-model"
+        raise CheckpointError(
+            f"{path}: a {kind} checkpoint cannot resume a run with "
+            f"train.distributed={trainer.cfg.train.distributed}"
+        )
+    if sharded:
+        load_sharded(trainer, path / DIRNAME, state["sharded"])
+    else:
+        _restore_whole(trainer, path, state)
+    trainer.state.load_state_dict(state["train_state"])
+    trainer.smoother.load_state_dict(state["smoother"])
+    if trainer.plateau is not None and "plateau" in state:
+        trainer.plateau.load_state_dict(state["plateau"])
+    if trainer.noise_scale is not None and "noise_scale" in state:
+        trainer.noise_scale.load_state_dict(state["noise_scale"])
+    set_rng_state(state["rng"])
+
+
+def _restore_whole(trainer: Trainer, path: Path, state: dict[str, Any]) -> None:
+    if "train_weights" in state:
         trainer.model.load_state_dict(state["train_weights"])
     else:
         try:
@@ -303,24 +346,21 @@ def restore(trainer: Trainer, path: Path) -> None:
                 f"{path / 'model.safetensors'}: cannot be read ({first}); "
                 f"remove {path} to resume from an earlier one"
             ) from None
-    if not _sharded(trainer):
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.state.load_state_dict(state["train_state"])
-    trainer.smoother.load_state_dict(state["smoother"])
-    if trainer.plateau is not None and "plateau" in state:
-        trainer.plateau.load_state_dict(state["plateau"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.ema is not None and "ema" in state:
         trainer.ema.load_state_dict(state["ema"])
-    if trainer.noise_scale is not None and "noise_scale" in state:
-        trainer.noise_scale.load_state_dict(state["noise_scale"])
-    set_rng_state(state["rng"])
 
 
-def _restore_sharded(trainer: Trainer, path: Path, state: dict[str, Any]) -> None:
-    """Whole weights and name-keyed optimizer state into FSDP2 shards: each rank keeps its part,
-    whatever the number of processes that saved them."""
-    from safetensors.torch import load_file
-
-    weights = state.get("train_weights") or load_file(str(path / "model.safetensors"))
-    scatter_model_state(trainer.model, weights)
-    scatter_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+def agreed(fn: Callable[[], T], world: World) -> T:
+    """`fn()` on rank 0 (checksums, file reads), its result or CheckpointError on every rank,
+    so the ranks never disagree about which checkpoint is usable."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except CheckpointError as exc:
+            error = str(exc)
+    result, error = broadcast_object((result, error), world)
+    if error is not None:
+        raise CheckpointError(error)
+    return result  # type: ignore[return-value]

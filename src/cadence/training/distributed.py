@@ -170,27 +170,14 @@ def main_first(world: World) -> Iterator[None]:
         yield
 
 
-# ---------------------------------------------------------------- whole state from shards
-#
-# Checkpoints hold whole tensors keyed by parameter name, so a run saved on N processes resumes
-# on M. torch.distributed.checkpoint's get/set_optimizer_state_dict would do this, but its
-# name mapping fails on our optimizers' parameter groups (tied embedding/head weights, groups
-# that do not follow module order); gathering per parameter is short and exact.
+# ---------------------------------------------------------------- whole tensors from shards
 
 
-def _whole(value: Any) -> Any:
+def whole(value: Any) -> Any:
+    """A tensor as one whole CPU tensor (a collective all-gather for an FSDP2 DTensor)."""
     if hasattr(value, "full_tensor"):
         return value.full_tensor().cpu()
     return value.detach().cpu().clone() if isinstance(value, Tensor) else value
-
-
-def _like(value: Any, param: Tensor) -> Any:
-    """A whole tensor from a checkpoint, sharded the way `param` is (if it is a DTensor)."""
-    if isinstance(value, Tensor) and hasattr(param, "device_mesh") and value.shape == param.shape:
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
-    return value
 
 
 def reshard(model: nn.Module) -> nn.Module:
@@ -204,46 +191,10 @@ def reshard(model: nn.Module) -> nn.Module:
 
 
 def gather_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Whole weights of a (possibly sharded) model; a collective under FSDP2."""
+    """Whole weights of a (possibly sharded) model; a collective under FSDP2.
+
+    Only for the final model.safetensors (checkpoints stay sharded): every rank receives the
+    whole model for the duration of the write, as `DTensor.full_tensor` all-gathers.
+    """
     reshard(model)
-    return {name: _whole(t) for name, t in model.state_dict().items()}
-
-
-def scatter_model_state(model: nn.Module, whole: dict[str, Tensor]) -> None:
-    with torch.no_grad():
-        for name, t in reshard(model).state_dict().items():
-            if name in whole:
-                src = _like(whole[name], t)
-                t.copy_(src)
-
-
-def gather_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    names = {id(p): n for n, p in reshard(model).named_parameters()}
-    state, groups = {}, []
-    for group in optimizer.param_groups:
-        groups.append(
-            {
-                "params": [names[id(p)] for p in group["params"]],
-                **{k: v for k, v in group.items() if k != "params"},
-            }
-        )
-        for p in group["params"]:
-            if p in optimizer.state:
-                state[names[id(p)]] = {k: _whole(v) for k, v in optimizer.state[p].items()}
-    return {"state": state, "param_groups": groups}
-
-
-def scatter_optimizer_state(model: nn.Module, optimizer: Any, saved: dict[str, Any]) -> None:
-    params = dict(reshard(model).named_parameters())
-    index = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index[id(p)] = len(index)
-    state = {
-        index[id(params[name])]: {k: _like(v, params[name]) for k, v in values.items()}
-        for name, values in saved["state"].items()
-    }
-    groups = []
-    for group in saved["param_groups"]:
-        groups.append({**group, "params": [index[id(params[name])] for name in group["params"]]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {name: whole(t) for name, t in model.state_dict().items()}

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from cadence.training.distributed import reshard
+
 
 @torch.no_grad()
 def ema_update(shadow: list[Tensor], params: list[Tensor], decay: float) -> None:
@@ -30,7 +32,9 @@ class EMA:
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        params = list(model.parameters())
+        # FSDP2: reshard on entry so the parameters are the sharded ones the shadow mirrors, and
+        # on exit so no unsharded copy holding the EMA values outlives the block.
+        params = list(reshard(model).parameters())
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, s in zip(params, self.shadow):
@@ -41,6 +45,7 @@ class EMA:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
+            reshard(model)
 
     def state_dict(self) -> dict[str, object]:
         return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,13 +17,23 @@ from cadence.track.metrics import MetricsWriter
 from cadence.track.plots import plot_run
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
-from cadence.training.checkpoint import CheckpointError, latest_valid, restore, save_weights
+from cadence.training.checkpoint import (
+    CheckpointError,
+    agreed,
+    is_sharded_run,
+    latest_valid,
+    restore,
+    save_weights,
+    save_whole_weights,
+)
 from cadence.training.distributed import (
     SINGLE,
     World,
     barrier,
     broadcast_object,
+    gather_model_state,
     init_world,
+    reshard,
     shutdown,
 )
 from cadence.training.events import Callback
@@ -127,7 +136,8 @@ def resume(
     The config is the run's own `config.yaml` (or `config`), with `overrides` on top; only the
     keys in RESUMABLE_KEYS may differ from what the run was started with. Raising
     `train.max_steps` extends a finished run (a `wsd` cooldown moves to the new end). The number
-    of processes may differ from the run's: the state is saved whole.
+    of processes may differ from the run's: whole checkpoints hold replicated state, and sharded
+    (FSDP) checkpoints are resharded on load.
     """
     run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"
@@ -148,9 +158,10 @@ def resume(
             f"--resume {run_dir}: the config differs from the run's in {', '.join(changed)}; "
             "only budgets, evaluation/logging/checkpoint cadence and targets may change"
         )
-    checkpoint, warnings = latest_valid(run_dir / "checkpoints")
     world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
     try:
+        # Rank 0 checks the checksums; every rank resumes from the checkpoint it chose.
+        checkpoint, warnings = agreed(lambda: latest_valid(run_dir / "checkpoints"), world)
         if world.is_main:
             for line in warnings:
                 print(f"cadence: warning: {line}", flush=True)
@@ -215,29 +226,47 @@ def _execute(
     summary["tokens_per_s_per_process"] = summary["tokens_per_s"] / world.size
     summary["samples_per_s_per_process"] = summary["samples_per_s"] / world.size
     summary["run_dir"] = str(run_dir)
+    gathered = _gather_final(trainer)  # a collective under FSDP2
     if main:
-        _write_final(trainer, run_dir, writer, summary)
+        _write_final(trainer, run_dir, writer, summary, *gathered)
     barrier(world)
     return summary
 
 
+def _gather_final(trainer: Trainer) -> tuple[dict | None, dict | None]:
+    """Whole final (and EMA) weights of a sharded run, gathered by every rank; None otherwise."""
+    if not is_sharded_run(trainer):
+        return None, None
+    with trainer.averaged_weights():
+        weights = gather_model_state(trainer.model)
+    ema = None
+    if trainer.ema is not None:
+        with trainer.ema.applied(reshard(trainer.model)):
+            ema = gather_model_state(trainer.model)
+    return weights, ema
+
+
 def _write_final(
-    trainer: Trainer, run_dir: Path, writer: MetricsWriter, summary: dict[str, Any]
+    trainer: Trainer,
+    run_dir: Path,
+    writer: MetricsWriter,
+    summary: dict[str, Any],
+    weights: dict | None,
+    ema: dict | None,
 ) -> None:
     cfg = trainer.cfg
-    if cfg.train.distributed == "fsdp":
-        # The final checkpoint (always written on stopping) already holds the gathered weights.
-        last = run_dir / "checkpoints" / f"step_{trainer.state.step:08d}" / "model.safetensors"
-        with atomic_path(run_dir / "model.safetensors") as tmp:
-            shutil.copyfile(last, tmp)
-    else:
-        with trainer.averaged_weights(), atomic_path(run_dir / "model.safetensors") as tmp:
-            save_weights(trainer.model, tmp)
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        if weights is not None:
+            save_whole_weights(trainer.model, weights, tmp)
+        else:
+            with trainer.averaged_weights():
+                save_weights(trainer.model, tmp)
     if trainer.ema is not None:
-        with (
-            trainer.ema.applied(trainer.model),
-            atomic_path(run_dir / "model_ema.safetensors") as tmp,
-        ):
-            save_weights(trainer.model, tmp)
+        with atomic_path(run_dir / "model_ema.safetensors") as tmp:
+            if ema is not None:
+                save_whole_weights(trainer.model, ema, tmp)
+            else:
+                with trainer.ema.applied(trainer.model):
+                    save_weights(trainer.model, tmp)
     plot_run(writer.rows, run_dir / "plots", title=f"{cfg.workload} · {cfg.optimizer.name}")
     atomic_write_json(run_dir / "summary.json", summary)

@@ -21,7 +21,7 @@ from cadence.data import EpochSampler
 from cadence.optim import is_schedule_free, set_train_mode
 from cadence.schedules import EMASmoother, split_micro
 from cadence.training import distributed
-from cadence.training.checkpoint import latest_valid, restore, save_checkpoint
+from cadence.training.checkpoint import agreed, latest_valid, restore, save_checkpoint
 from cadence.training.components import (
     batch_ramp_from,
     lr_schedule_from,
@@ -348,7 +348,10 @@ class Trainer:
             self.rollback(bad_step)
 
     def rollback(self, bad_step: int) -> None:
-        path, _ = latest_valid(self.run_dir / "checkpoints") if self.run_dir else (None, [])
+        path = None
+        if self.run_dir is not None:
+            root = self.run_dir / "checkpoints"
+            path, _ = agreed(lambda: latest_valid(root), self.world)
         if path is None or self.state.rollbacks >= self.MAX_ROLLBACKS:
             why = "no checkpoint to roll back to" if path is None else "too many rollbacks"
             self.stop(f"nonfinite at step {bad_step}: {why}")
