@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from cadence.config import Config
+    from cadence.training.distributed import World
 
 
 class Workload:
@@ -63,13 +64,25 @@ class Workload:
     def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def _val_batches(self, size: int = 256):
-        for i in range(0, self.n_val, size):
-            j = min(i + size, self.n_val)
-            yield self.x_val[i:j], (self.y_val[i:j] if self.y_val is not None else None)
+    def _val_batches(self, size: int = 256, world: World | None = None):
+        """This process's share of the validation set, in batches.
+
+        Under torch.distributed each rank takes a contiguous share and every rank yields the same
+        number of batches (the last ones possibly empty): an FSDP2 forward is a collective, so a
+        rank that ran one forward fewer would leave the others waiting.
+        """
+        rank, n = (world.rank, world.size) if world is not None else (0, 1)
+        share = torch.tensor_split(torch.arange(self.n_val), n)[rank]
+        lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+        longest = -(-self.n_val // n)
+        for i in range(0, max(longest, 1), size):
+            a, b = min(lo + i, hi), min(lo + i + size, hi)
+            yield self.x_val[a:b], (self.y_val[a:b] if self.y_val is not None else None)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
+        """Validation metrics on the first `n_val` examples; under torch.distributed each rank
+        scores its share and the sums are all-reduced, so every rank returns the same numbers."""
         raise NotImplementedError
 
 
@@ -82,13 +95,16 @@ class ClassificationWorkload(Workload):
         return F.cross_entropy(model(x).float(), y, reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
         total, correct = torch.zeros((), dtype=torch.float64), 0
-        for x, y in self._val_batches():
+        for x, y in self._val_batches(world=world):
             logits = model(x).float()
             total += F.cross_entropy(logits, y, reduction="sum").double().cpu()
             correct += int((logits.argmax(-1) == y).sum())
-        return {"val_loss": float(total) / self.n_val, "val_accuracy": correct / self.n_val}
+        from cadence.training.distributed import all_reduce_sums
+
+        total_sum, correct_sum = all_reduce_sums([float(total), correct], world)
+        return {"val_loss": total_sum / self.n_val, "val_accuracy": correct_sum / self.n_val}
 
 
 class LogRegWorkload(Workload):
@@ -119,7 +135,8 @@ class LogRegWorkload(Workload):
         return float(j)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
+        # Full-batch and tiny (a few hundred examples): every rank computes it whole.
         j = self.objective(model)
         logits = model(self.x_val)
         val = F.binary_cross_entropy_with_logits(logits, self.y_val)
@@ -153,14 +170,17 @@ class LanguageModelWorkload(Workload):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
         total, count = torch.zeros((), dtype=torch.float64), 0
-        for blocks, _ in self._val_batches(64):
+        for blocks, _ in self._val_batches(64, world):
             blocks = blocks.long()
             x, y = blocks[:, :-1], blocks[:, 1:]
             total += self.loss_sum(model, (x, y)).double().cpu()
             count += y.numel()
-        loss = float(total) / count
+        from cadence.training.distributed import all_reduce_sums
+
+        total_sum, count_sum = all_reduce_sums([float(total), count], world)
+        loss = total_sum / count_sum
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.bytes_per_token}
 
 

@@ -11,20 +11,19 @@ keys, so checkpoints move freely between sharded and unsharded runs.
 torch.optim.Muon's update has three parts. The momentum blend and the final parameter update
 are elementwise, so on an FSDP2 shard (a DTensor split along dim 0) they are local and exact.
 The Newton–Schulz orthogonalisation in between is not: it multiplies the *whole* matrix by its
-transpose, and orthogonalising each row block alone would be a different (wrong) update. So for a
-sharded matrix this class all-gathers the blended update, runs torch's own Newton–Schulz on the
-whole matrix, and keeps the rows of the result that this rank owns.
+transpose, and orthogonalising each row block alone would be a different (wrong) update. So the
+sharded matrices are taken in rounds of W (the number of processes): each round all-gathers the
+W blended updates, rank k orthogonalises the k-th whole matrix with torch's own Newton–Schulz,
+and scatters its rows back to the ranks that own them.
 
 What it costs, per step and per hidden matrix of shape m x n on W processes:
-- communication: one all-gather of the m x n update, the same bytes as the all-gather FSDP2 does
-  for that weight in the forward pass (so roughly +50 % over FSDP2's forward + backward
-  parameter traffic for these matrices; the reduce-scatter of gradients is unchanged);
-- compute: every rank runs the full orthogonalisation (ns_steps iterations of three matmuls on
-  min(m, n)-sized Gram matrices), W times the work of one process doing it once. Assigning
-  matrices round-robin to ranks and broadcasting the results would divide that by W at the price
-  of a second collective; at the sizes cadence trains the gather dominates, so the simpler
-  scheme was kept;
-- memory: one whole matrix (and its bf16 working copies) at a time, freed after its update.
+- communication: one all-gather of the m x n update (the bytes of the all-gather FSDP2 does for
+  that weight in the forward pass) plus one scatter of the result (1/W of that per rank);
+- compute: each matrix is orthogonalised once, by one rank (ns_steps iterations of three matmuls
+  on min(m, n)-sized Gram matrices), so the work splits W ways as evenly as the matrix sizes
+  allow. Orthogonalising every matrix on every rank would save the scatter but not scale: on
+  this project's 2-core CPU benchmark Newton–Schulz is about half of a Muon step;
+- memory: the whole update of one matrix per rank per round, plus the gather buffers.
 The momentum buffer stays sharded like its parameter.
 
 ## Adafactor: the step runs on whole tensors
@@ -85,25 +84,56 @@ class ShardedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+        # The same list, in the same order, on every rank: the collectives below line up.
+        work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p, group in work:
+            if not is_sharded(p):
+                self._apply(p, group, self._ortho(self._blend(p, group), group))
+        sharded = [(p, g) for p, g in work if is_sharded(p)]
+        if not sharded:
+            return loss
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh = sharded[0][0].device_mesh
+        if mesh.ndim != 1:
+            raise NotImplementedError("ShardedMuon: only 1-D (FSDP) device meshes")
+        size, me = mesh.size(), mesh.get_local_rank()
+        ranks = mesh.mesh.flatten().tolist()
+        for start in range(0, len(sharded), size):
+            chunk = sharded[start : start + size]
+            # All gathers first, then every rank orthogonalises its own matrix at the same
+            # time: computing inside the gather loop would make the ranks take turns.
+            own = None
+            for k, (p, group) in enumerate(chunk):
+                whole = self._blend(p, group).full_tensor()  # the all-gather
+                if k == me:
+                    own = (whole, group)
+            mine = self._ortho(*own).contiguous() if own is not None else None
+            for k, (p, group) in enumerate(chunk):
+                empty = torch.empty(p.shape, dtype=torch.bfloat16, device=p.device)
+                ortho = mine if k == me else empty
+                rows = distribute_tensor(ortho, mesh, p.placements, src_data_rank=ranks[k])
+                self._apply(p, group, rows)
         return loss
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _blend(self, p: Tensor, group: dict[str, Any]) -> Tensor:
+        """Momentum and Nesterov blend, elementwise: local to each shard."""
         grad, momentum = p.grad, group["momentum"]
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
         buf = state["momentum_buffer"]
-        buf.lerp_(grad, 1 - momentum)  # elementwise: local to each shard
-        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        ortho = _zeropower_via_newtonschulz(  # on the whole matrix: _whole all-gathers
-            _whole(update), group["ns_coefficients"], group["ns_steps"], group["eps"]
+        buf.lerp_(grad, 1 - momentum)
+        return grad.lerp(buf, momentum) if group["nesterov"] else buf
+
+    @staticmethod
+    def _ortho(whole: Tensor, group: dict[str, Any]) -> Tensor:
+        return _zeropower_via_newtonschulz(
+            whole, group["ns_coefficients"], group["ns_steps"], group["eps"]
         )
-        if is_sharded(p):
-            ortho = _keep_own_rows(ortho, p)
+
+    @staticmethod
+    def _apply(p: Tensor, group: dict[str, Any], ortho: Tensor) -> None:
         lr = group["lr"]
         p.mul_(1 - lr * group["weight_decay"])
         p.add_(ortho.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))

@@ -128,6 +128,16 @@ def all_reduce_mean_(value: Tensor, world: World) -> Tensor:
     return value
 
 
+def all_reduce_sums(values: list[float], world: World | None) -> list[float]:
+    """Sums over ranks of a few scalars (evaluation totals), in float64 so the order of the
+    additions does not show in the result."""
+    if world is None or not world.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank if it is true on any: stop decisions every rank must share."""
     if not world.active:

@@ -218,10 +218,10 @@ class Trainer:
         """Validation metrics at the current step; updates target, best, early stop, plateau."""
         self.model.eval()
         with self.averaged_weights(), self.autocast():
-            metrics = self.workload.evaluate(self.model)
+            metrics = self.workload.evaluate(self.model, self.world)
             if self.ema is not None:
                 with self.ema.applied(self.model):
-                    ema_metrics = self.workload.evaluate(self.model)
+                    ema_metrics = self.workload.evaluate(self.model, self.world)
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         self.model.train()
         self.last_metrics = metrics
