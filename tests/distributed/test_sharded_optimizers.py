@@ -11,18 +11,22 @@ gathered tensors (cadence.optim.sharded). Parameters must be *equal*, not close,
 from __future__ import annotations
 
 import copy
+import sys
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cadence.models import GPT, GPTConfig
 from cadence.optim import OPTIMIZERS, build_optimizer
 from cadence.optim.sharded import ShardedMuon, is_sharded
 from cadence.training.distributed import World, wrap
+
+try:
+    from .conftest import run
+except ImportError:  # run by torchrun as a script: the worker needs no test helpers
+    run = None  # type: ignore[assignment]
 
 # d_model 24 and vocab 67: most matrices have a row count that two ranks split unevenly.
 CONFIG = GPTConfig(vocab_size=67, seq_len=8, n_layer=2, n_head=2, d_model=24)
@@ -34,15 +38,11 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
 
-def _worker(rank: int, world: int, store: str) -> None:
+def _worker() -> None:
+    """One rank's part, run under torchrun (python -m torch.distributed.run THIS_FILE)."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        store=dist.FileStore(store, world),
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         for name in OPTIMIZERS:
             torch.manual_seed(0)
@@ -71,8 +71,14 @@ def _worker(rank: int, world: int, store: str) -> None:
         dist.destroy_process_group()
 
 
-def test_every_optimizer_on_fsdp2_shards_equals_it_on_whole_tensors(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+def test_every_optimizer_on_fsdp2_shards_equals_it_on_whole_tensors() -> None:
+    # torchrun, like the trainer's own launches (a spawn()ed gloo pair aborted once under load).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    run([*cmd, __file__], timeout=300)
+
+
+if __name__ == "__main__":
+    _worker()
 
 
 def test_orthogonalising_shards_separately_would_differ() -> None:
