@@ -22,7 +22,7 @@ import cadence
 from cadence.training.events import Callback
 
 # Fields that depend on the clock, not on the computation.
-WALL_FIELDS = frozenset({"time_s", "samples_per_s", "tokens_per_s"})
+WALL_FIELDS = frozenset({"time_s", "train_time_s", "samples_per_s", "tokens_per_s"})
 
 # A GPT small enough that a step takes milliseconds on one core.
 TINY_LM = [

@@ -7,6 +7,7 @@ TensorBoard events, config.yaml and the rotated checkpoints must hold what the r
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -143,3 +144,51 @@ def test_checkpoints_are_written_rotated_and_load_weights_only(make_config, tmp_
     final = load_file(run_dir / "model.safetensors")
     assert set(last) == set(final)
     assert all(torch.equal(last[k], final[k]) for k in final)
+
+
+# ---------------------------------------------------------------- time accounting
+
+
+def test_training_time_excludes_evaluation_and_checkpoints(
+    make_config, tmp_path, monkeypatch
+) -> None:
+    """A slow evaluation adds to wall time but not to training time, throughput or the time a
+    comparison charges for reaching the target."""
+    from cadence.bench.profiles import time_to_target
+    from cadence.workloads import ClassificationWorkload
+
+    pause = 0.2
+    evaluate = ClassificationWorkload.evaluate
+
+    def slow(self, model, world=None):
+        time.sleep(pause)
+        return evaluate(self, model, world)
+
+    monkeypatch.setattr(ClassificationWorkload, "evaluate", slow)
+    steps = 4
+    cfg = make_config(
+        "digits",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=1",
+        "train.checkpoint_every=2",
+        "train.target=0.0",  # reached at the first evaluation
+        "train.stop_at_target=false",
+    )
+    summary = cadence.train(cfg, run_dir=tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["eval_time_s"] >= steps * pause
+    assert summary["checkpoint_time_s"] > 0
+    parts = summary["train_time_s"] + summary["eval_time_s"] + summary["checkpoint_time_s"]
+    # Wall time also holds the logging after the last step, which training time counts only for
+    # steps that follow it.
+    assert parts <= summary["wall_time_s"] < parts + pause
+    # Each row's training time leaves out every evaluation before it: (step - 1) pauses.
+    for r in rows:
+        assert r["time_s"] - r["train_time_s"] >= (r["step"] - 1) * pause
+    assert summary["samples_per_s"] == pytest.approx(
+        summary["samples"] / summary["train_time_s"], rel=1e-9
+    )
+    assert summary["target_step"] == 1
+    assert time_to_target(rows, 1)["time"] == rows[0]["train_time_s"]
+    assert summary["train_time_s"] < steps * pause  # the pauses are not in it

@@ -31,11 +31,14 @@ __all__ = [
 
 
 def time_to_target(rows: Sequence[Mapping[str, Any]], target_step: int | None) -> dict[str, float]:
-    """Steps, samples, tokens and wall time at the step the target was first reached.
+    """Steps, samples, tokens and training time at the step the target was first reached.
 
     ``rows`` are a run's metrics.jsonl rows; the trainer records ``target_step`` at the
     evaluation that reached the target, and evaluation steps are always logged, so the counters
-    are read from that row. A miss (``target_step`` None) is infinite on every measure.
+    are read from that row. Time is ``train_time_s``: wall time less the time spent evaluating
+    and checkpointing, which depend on the benchmark's cadence, not on the strategy (rows
+    written before that field existed fall back to ``time_s``). A miss (``target_step`` None)
+    is infinite on every measure.
     """
     if target_step is None:
         return {"steps": INF, "samples": INF, "tokens": INF, "time": INF}
@@ -48,7 +51,7 @@ def time_to_target(rows: Sequence[Mapping[str, Any]], target_step: int | None) -
         "steps": float(target_step),
         "samples": float(row.get("samples", INF)),
         "tokens": float(tokens) if tokens else INF,
-        "time": float(row.get("time_s", INF)),
+        "time": float(row.get("train_time_s", row.get("time_s", INF))),
     }
 
 

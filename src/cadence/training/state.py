@@ -13,7 +13,10 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     samples: int = 0  # training samples consumed (also the data position)
     tokens: int = 0  # training tokens consumed (text workloads)
-    elapsed_s: float = 0.0  # training wall time so far, excluding start-up
+    elapsed_s: float = 0.0  # wall time of the loop so far, excluding start-up
+    eval_time_s: float = 0.0  # part of elapsed_s spent evaluating
+    checkpoint_time_s: float = 0.0  # part of elapsed_s spent writing checkpoints
+    train_time_s: float = 0.0  # elapsed_s minus the two above, as of the last completed step
     best_metric: float | None = None  # best validation metric so far
     best_val_loss: float | None = None
     best_step: int | None = None

@@ -82,7 +82,7 @@ class Trainer:
         if t.compile:
             self.step_model = torch.compile(self.step_model)
         self._clock = self._clock_base = 0.0
-        self._last_log = (0.0, 0, 0)  # (elapsed, samples, tokens) at the previous log row
+        self._last_log = (0.0, 0, 0)  # (train time, samples, tokens) at the previous log row
         self.signals = None  # a StopSignals while fit() runs under train()/resume()
         self.noise_scale = None
         if t.log_noise_scale:
@@ -136,6 +136,17 @@ class Trainer:
         self.state.tokens += size * self.workload.tokens_per_sample
         if self.ema is not None:
             self.ema.update(self.model)
+        st = self.state
+        self._tick()
+        # Time-to-target and throughput count training only: how often a run evaluates or
+        # checkpoints (and how costly its evaluation is: EMA, schedule-free swaps) is not its speed.
+        st.train_time_s = st.elapsed_s - st.eval_time_s - st.checkpoint_time_s
+
+    def _tick(self) -> None:
+        """Bring elapsed_s up to now (after a step, an evaluation or a checkpoint), so that
+        elapsed_s - eval_time_s - checkpoint_time_s is training time also across a resume."""
+        if self._clock == 0.0:  # evaluate() or save_checkpoint() called outside fit()
+            return
         self.state.elapsed_s = self._clock_base + (time.perf_counter() - self._clock)
 
     def start_clock(self) -> None:
@@ -216,6 +227,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics at the current step; updates target, best, early stop, plateau."""
+        t0 = time.perf_counter()
         self.model.eval()
         with self.averaged_weights(), self.autocast():
             metrics = self.workload.evaluate(self.model, self.world)
@@ -225,6 +237,8 @@ class Trainer:
                 metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         self.model.train()
         self.last_metrics = metrics
+        self.state.eval_time_s += time.perf_counter() - t0
+        self._tick()
 
         st, t = self.state, self.cfg.train
         value = metrics[self.workload.metric]
@@ -265,7 +279,7 @@ class Trainer:
         if math.isfinite(train_loss):
             self.smoother.update(train_loss)
         t0, s0, k0 = self._last_log
-        dt = max(st.elapsed_s - t0, 1e-9)
+        dt = max(st.train_time_s - t0, 1e-9)
         row: dict[str, Any] = {
             "step": st.step,
             "samples": st.samples,
@@ -275,6 +289,7 @@ class Trainer:
             "train_loss": train_loss,
             "grad_norm": norm,
             "time_s": st.elapsed_s,
+            "train_time_s": st.train_time_s,
             "samples_per_s": (st.samples - s0) / dt,
         }
         if self.workload.tokens_per_sample:
@@ -292,7 +307,7 @@ class Trainer:
         if ns is not None and st.step % ns.every == 0:
             # Extra forward/backward passes on batches of its own; weights and RNG untouched.
             row.update({k: v for k, v in ns.measure(self, st.step).items() if k != "step"})
-        self._last_log = (st.elapsed_s, st.samples, st.tokens)
+        self._last_log = (st.train_time_s, st.samples, st.tokens)
         self.emit("on_log", row)
         return row
 
@@ -301,9 +316,12 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         if self.run_dir is None:
             return None
+        t0 = time.perf_counter()
         path = save_checkpoint(
             self, self.run_dir / "checkpoints", keep_last=self.cfg.train.keep_checkpoints
         )
+        self.state.checkpoint_time_s += time.perf_counter() - t0
+        self._tick()
         if self.world.is_main:
             self.emit("on_checkpoint", str(path))
         return path
@@ -365,7 +383,7 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         st, w = self.state, self.workload
-        wall = max(st.elapsed_s, 1e-9)
+        train = max(st.train_time_s, 1e-9)
         return {
             "workload": w.name,
             "optimizer": self.cfg.optimizer.name,
@@ -383,8 +401,11 @@ class Trainer:
             "samples": st.samples,
             "tokens": st.tokens,
             "wall_time_s": st.elapsed_s,
-            "samples_per_s": st.samples / wall,
-            "tokens_per_s": st.tokens / wall,
+            "train_time_s": st.train_time_s,
+            "eval_time_s": st.eval_time_s,
+            "checkpoint_time_s": st.checkpoint_time_s,
+            "samples_per_s": st.samples / train,  # per second of training (no eval/checkpoints)
+            "tokens_per_s": st.tokens / train,
             "params": sum(p.numel() for p in self.params),
             "stop_reason": st.stop_reason,
         }
