@@ -73,17 +73,29 @@ def _keep_own_rows(whole: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
-class ShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon that also accepts FSDP2-sharded (DTensor) matrices; see module doc."""
+class _ShardedStep:
+    """torch's own `step` when nothing is sharded; otherwise the closure once, then
+    `_sharded_step`, which the subclass defines (mixed in before the torch optimizer)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if not _any_sharded(self):
-            return super().step(closure)
+        if not _any_sharded(self):  # type: ignore[arg-type]
+            return super().step(closure)  # type: ignore[misc]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sharded_step()
+        return loss
+
+    def _sharded_step(self) -> None:
+        raise NotImplementedError
+
+
+class ShardedMuon(_ShardedStep, torch.optim.Muon):
+    """torch.optim.Muon that also accepts FSDP2-sharded (DTensor) matrices; see module doc."""
+
+    def _sharded_step(self) -> None:
         # The same list, in the same order, on every rank: the collectives below line up.
         work = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p, group in work:
@@ -91,7 +103,7 @@ class ShardedMuon(torch.optim.Muon):
                 self._apply(p, group, self._ortho(self._blend(p, group), group))
         sharded = [(p, g) for p, g in work if is_sharded(p)]
         if not sharded:
-            return loss
+            return
         from torch.distributed.tensor import distribute_tensor
 
         mesh = sharded[0][0].device_mesh
@@ -114,7 +126,6 @@ class ShardedMuon(torch.optim.Muon):
                 ortho = mine if k == me else empty
                 rows = distribute_tensor(ortho, mesh, p.placements, src_data_rank=ranks[k])
                 self._apply(p, group, rows)
-        return loss
 
     def _blend(self, p: Tensor, group: dict[str, Any]) -> Tensor:
         """Momentum and Nesterov blend, elementwise: local to each shard."""
@@ -139,23 +150,16 @@ class ShardedMuon(torch.optim.Muon):
         p.add_(ortho.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
-class ShardedAdafactor(torch.optim.Adafactor):
+class ShardedAdafactor(_ShardedStep, torch.optim.Adafactor):
     """torch.optim.Adafactor that also accepts FSDP2-sharded parameters; see module doc."""
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if not _any_sharded(self):
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _sharded_step(self) -> None:
         # Every rank gathers the same tensors in the same order (the groups are identical).
         originals = [group["params"] for group in self.param_groups]
         try:
             for group in self.param_groups:
                 group["params"] = [self._to_whole(p) for p in group["params"]]
-            super().step()
+            torch.optim.Adafactor.step(self)  # torch's step, on the whole tensors
         finally:
             for group, params in zip(self.param_groups, originals):
                 for p, w in zip(params, group["params"]):
@@ -164,7 +168,6 @@ class ShardedAdafactor(torch.optim.Adafactor):
                             self.state[p] = self.state.pop(w)
                         p.copy_(_keep_own_rows(w, p))
                 group["params"] = params
-        return loss
 
     def _to_whole(self, p: Tensor) -> Tensor:
         if not is_sharded(p):
