@@ -91,14 +91,6 @@ def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
     return path
 
 
-def _aliases(model: nn.Module) -> list[list[str]]:
-    """Names that share one tensor (the head tied to the embedding)."""
-    groups: dict[int, list[str]] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
-        groups.setdefault(id(t), []).append(name)
-    return list(groups.values())
-
-
 def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, torch.Tensor]:
     """The weights a checkpoint holds as one whole state dict for `model`.
 
@@ -107,7 +99,7 @@ def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, tor
     """
     from safetensors.torch import load_file
 
-    from cadence.training.checkpoint import load_checkpoint, read_manifest
+    from cadence.training.checkpoint import load_checkpoint, read_manifest, tied_names
     from cadence.training.sharded import DIRNAME, consolidate
 
     sharded = read_manifest(path).get("layout") == "sharded"
@@ -123,7 +115,7 @@ def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, tor
             overlay = dict(load_checkpoint(path, verified=True).get("ema", {}).get("shadow", {}))
         if not overlay:
             raise ConfigError(f"{path}: holds no EMA weights; drop --ema")
-    for names in _aliases(model):
+    for names in tied_names(model):
         source = next((n for n in names if n in overlay), None)
         value = (
             overlay[source] if source else next((weights[n] for n in names if n in weights), None)

@@ -71,6 +71,14 @@ def _raise_os_error(exc: Exception, path: Path) -> None:
     raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
+def tied_names(model: torch.nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they share (the head tied to the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
+
+
 def save_whole_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path) -> None:
     """safetensors of gathered FSDP2 weights, the same file `save_weights` writes unsharded.
 
@@ -80,10 +88,7 @@ def save_whole_weights(model: torch.nn.Module, weights: dict[str, Tensor], path:
     """
     from safetensors.torch import save_file
 
-    aliases: dict[int, list[str]] = {}
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
-        aliases.setdefault(id(t), []).append(name)
-    own = {min(names) for names in aliases.values()}
+    own = {min(names) for names in tied_names(model)}
     try:
         save_file({k: v.contiguous() for k, v in weights.items() if k in own}, str(path))
     except Exception as exc:
@@ -310,9 +315,14 @@ def load_checkpoint(path: Path, verified: bool = False) -> dict[str, Any]:
         ) from None
 
 
-def restore(trainer: Trainer, path: Path) -> None:
-    """Put the trainer exactly where it was when `path` was saved (every rank calls this)."""
-    manifest = agreed(lambda: verify(path), trainer.world)
+def restore(trainer: Trainer, path: Path, verified: bool = False) -> None:
+    """Put the trainer exactly where it was when `path` was saved (every rank calls this).
+
+    `verified`: the caller took `path` from `latest_valid`, which already checked every
+    checksum; they are not read a second time.
+    """
+    check = read_manifest if verified else verify
+    manifest = agreed(lambda: check(path), trainer.world)
     state = load_checkpoint(path, verified=True)
     sharded = manifest.get("layout") == "sharded"
     if sharded != is_sharded_run(trainer):

@@ -214,7 +214,7 @@ def _execute(
     trainer = Trainer(cfg, workload, cbs, run_dir=run_dir, world=world)
     if checkpoint is not None:
         try:
-            restore(trainer, checkpoint)
+            restore(trainer, checkpoint, verified=True)
         except CheckpointError as exc:
             raise ConfigError(f"--resume: {exc}") from None
         trainer.state.stop_reason = None

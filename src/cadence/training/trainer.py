@@ -375,7 +375,7 @@ class Trainer:
             self.stop(f"nonfinite at step {bad_step}: {why}")
             return
         kept = (self.state.rollbacks + 1, self.state.lr_scale, self.state.skipped_steps)
-        restore(self, path)
+        restore(self, path, verified=True)
         st = self.state
         st.rollbacks, st.skipped_steps = kept[0], kept[2]
         st.lr_scale = kept[1] * self.cfg.train.rollback_lr_factor
