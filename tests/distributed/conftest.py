@@ -9,11 +9,10 @@ imports of a fresh interpreter.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from safetensors.torch import load_file
 
 from cadence.cli import main as cadence_main
+from cli_helpers import cli_env
 
 # The tiny GPT: a step takes milliseconds on one core. batch.size=7 with micro_size=2 splits 4/3
 # over two ranks, so each rank accumulates two micro-batches and the shares are uneven.
@@ -63,20 +63,6 @@ RTOL = 1e-5
 ATOL = 1e-6
 
 
-def sets(overrides: Iterable[str]) -> list[str]:
-    out: list[str] = []
-    for item in overrides:
-        out += ["--set", item]
-    return out
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONUNBUFFERED"] = "1"
-    e.pop("WORLD_SIZE", None)
-    return e
-
-
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     """Plain torchrun (`python -m torch.distributed.run`) of `python -m cadence ARGS`."""
     return [
@@ -91,13 +77,9 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     ]
 
 
-def cadence_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cadence", *args]
-
-
 def run(cmd: Sequence[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; a failure shows the end of its output."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env())
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=cli_env())
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd[:6])} ... exited {proc.returncode}\n"

@@ -21,17 +21,16 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
+from cli_helpers import as_sets, cadence_cmd, cli_env
+
 from .conftest import (
     DIGITS,
     LM,
     assert_same_rows,
     assert_same_weights,
-    cadence_cmd,
-    env,
     rows,
     run,
     run_in_process,
-    sets,
     torchrun_cmd,
     truncated_copy,
 )
@@ -50,9 +49,9 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for mode in ("ddp", "fsdp"):
         cfg = [*LM_RUN, f"train.distributed={mode}"]
         one = root / f"{mode}-1"
-        run_in_process("train", *sets(cfg), "--run-dir", str(one))
+        run_in_process("train", *as_sets(cfg), "--run-dir", str(one))
         two = root / f"{mode}-2"
-        proc = run(cadence_cmd("train", *sets(cfg), "--run-dir", str(two), "--nproc", "2"))
+        proc = run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
         out[mode] = {"one": one, "two": two, "stdout": proc.stdout, "cfg": cfg}
     return out
 
@@ -84,8 +83,8 @@ def test_ddp_matches_one_process_on_digits_with_plain_torchrun(tmp_path: Path) -
     # batch 9 over 2 ranks with micro-batches of 2: rank 0 runs 3 micro-batches, rank 1 two
     # (plus an empty one so the collectives line up).
     cfg = [*DIGITS, "train.max_steps=8", "train.eval_every=4"]
-    run_in_process("train", *sets(cfg), "--run-dir", str(tmp_path / "one"))
-    run(torchrun_cmd(2, "train", *sets(cfg), "--run-dir", str(tmp_path / "two")))
+    run_in_process("train", *as_sets(cfg), "--run-dir", str(tmp_path / "one"))
+    run(torchrun_cmd(2, "train", *as_sets(cfg), "--run-dir", str(tmp_path / "two")))
     got, want = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["step"] for r in got] == list(range(1, 9))
     assert_same_rows(got, want)
@@ -103,18 +102,18 @@ def schedule_free(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("sf")
     base = [*LM, "optimizer.name=schedulefree-adamw", "train.max_steps=10", "train.eval_every=2"]
     ref = root / "one"
-    run_in_process("train", *sets(base), "--run-dir", str(ref))
+    run_in_process("train", *as_sets(base), "--run-dir", str(ref))
     val = {r["step"]: r["val_loss"] for r in rows(ref) if "val_loss" in r}
     assert val[6] < min(val[2], val[4]), f"the reference's val loss does not fall: {val}"
     target = (min(val[2], val[4]) + val[6]) / 2  # first reached at step 6
     with_target = [*base, f"train.target={target!r}"]
     ref_target = root / "one-target"
-    run_in_process("train", *sets(with_target), "--run-dir", str(ref_target))
+    run_in_process("train", *as_sets(with_target), "--run-dir", str(ref_target))
     ddp = root / "ddp-target"
-    run(cadence_cmd("train", *sets(with_target), "--run-dir", str(ddp), "--nproc", "2"))
+    run(cadence_cmd("train", *as_sets(with_target), "--run-dir", str(ddp), "--nproc", "2"))
     fsdp = root / "fsdp"
     cfg = [*base, "train.distributed=fsdp"]
-    run(cadence_cmd("train", *sets(cfg), "--run-dir", str(fsdp), "--nproc", "2"))
+    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(fsdp), "--nproc", "2"))
     return {"ref": ref, "ref_target": ref_target, "ddp": ddp, "fsdp": fsdp}
 
 
@@ -245,11 +244,11 @@ def test_killed_rank_fails_the_run_instead_of_hanging(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cfg = [*LM, "train.max_steps=100000", "train.eval_every=1000", "train.dist_timeout_s=20"]
     proc = subprocess.Popen(
-        cadence_cmd("train", *sets(cfg), "--run-dir", str(run_dir), "--nproc", "2"),
+        cadence_cmd("train", *as_sets(cfg), "--run-dir", str(run_dir), "--nproc", "2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env(),
+        env=cli_env(),
         start_new_session=True,
     )
     try:
@@ -291,9 +290,9 @@ def _state(pid: int) -> str:
 def test_bad_config_fails_once_before_launching(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = cadence_cmd(
-        "train", *sets([*LM, "optimizer.lr=-1"]), "--run-dir", str(run_dir), "--nproc", "2"
+        "train", *as_sets([*LM, "optimizer.lr=-1"]), "--run-dir", str(run_dir), "--nproc", "2"
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=cli_env())
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cadence: error: optimizer.lr"), proc.stderr

@@ -11,7 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import DIGITS, assert_same_rows, env, rows, run_in_process, sets
+from cli_helpers import as_sets, cli_env
+
+from .conftest import (
+    DIGITS,
+    assert_same_rows,
+    rows,
+    run_in_process,
+)
 
 
 def _free_port() -> int:
@@ -22,17 +29,17 @@ def _free_port() -> int:
 
 def test_two_nodes_through_rendezvous_match_one_process(tmp_path: Path) -> None:
     cfg = [*DIGITS, "train.max_steps=6", "train.eval_every=3"]
-    run_in_process("train", *sets(cfg), "--run-dir", str(tmp_path / "one"))
+    run_in_process("train", *as_sets(cfg), "--run-dir", str(tmp_path / "one"))
     port = _free_port()
     nodes = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
         cmd += ["--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
-        cmd += ["--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "cadence", "train", *sets(cfg)]
+        cmd += ["--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "cadence", "train", *as_sets(cfg)]
         cmd += ["--run-dir", str(tmp_path / "two-nodes")]
         nodes.append(
             subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env()
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env()
             )
         )
     outputs = []

@@ -25,16 +25,15 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.cli import main as cadence_main
+from cli_helpers import as_sets, cadence_cmd
 
 from .conftest import (
     LM,
     assert_same_rows,
     assert_same_weights,
-    cadence_cmd,
     rows,
     run,
     run_in_process,
-    sets,
     torchrun_cmd,
     truncated_copy,
 )
@@ -56,8 +55,8 @@ CFG = [
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
     one, two = root / "one", root / "two"
-    run_in_process("train", *sets(CFG), "--run-dir", str(one))
-    run(cadence_cmd("train", *sets(CFG), "--run-dir", str(two), "--nproc", "2"))
+    run_in_process("train", *as_sets(CFG), "--run-dir", str(one))
+    run(cadence_cmd("train", *as_sets(CFG), "--run-dir", str(two), "--nproc", "2"))
     return {"root": root, "one": one, "two": two}
 
 
@@ -174,7 +173,7 @@ def test_adafactor_state_resumes_from_shards_on_one_process(tmp_path: Path) -> N
     cfg = [*LM, "optimizer.name=adafactor", "train.distributed=fsdp", "train.max_steps=6"]
     cfg += ["train.eval_every=3", "train.checkpoint_every=3"]
     two = tmp_path / "two"
-    run(cadence_cmd("train", *sets(cfg), "--run-dir", str(two), "--nproc", "2"))
+    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
     resumed = truncated_copy(two, tmp_path / "resumed", step=3)
     run_in_process("train", "--resume", str(resumed))
     assert_same_rows(rows(resumed), rows(two))

@@ -7,11 +7,9 @@ the wall-time-derived fields left out.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 
 import cadence
 from cadence.training.events import Callback
+from cli_helpers import cadence_cmd, cli_env
 
 # Fields that depend on the clock, not on the computation.
 WALL_FIELDS = frozenset({"time_s", "train_time_s", "samples_per_s", "tokens_per_s"})
@@ -54,24 +53,6 @@ DIGITS_CONTROLLED = [
     "train.threads=1",
     "train.progress=false",
 ]
-
-
-def as_sets(overrides: Iterable[str]) -> list[str]:
-    out: list[str] = []
-    for item in overrides:
-        out += ["--set", item]
-    return out
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def cadence_cmd(*args: str) -> list[str]:
-    """``python -m cadence ARGS`` with this interpreter."""
-    return [sys.executable, "-m", "cadence", *args]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

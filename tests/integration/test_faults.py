@@ -26,10 +26,8 @@ from resume_helpers import (
     TINY_LM,
     Crash,
     CrashAt,
-    as_sets,
     assert_same_run,
     checkpoint_steps,
-    cli_env,
     no_plots,
     rows,
     steps_of,
@@ -42,6 +40,7 @@ import cadence.training.checkpoint as ckpt
 from cadence.cli import main
 from cadence.config import ConfigError, load_config
 from cadence.training.run import resume
+from cli_helpers import as_sets, cli_env
 
 pytestmark = pytest.mark.usefixtures("plots_off")
 

@@ -20,7 +20,6 @@ from resume_helpers import (
     TINY_LM,
     Crash,
     CrashAt,
-    as_sets,
     assert_same_run,
     checkpoint_steps,
     no_plots,
@@ -38,6 +37,7 @@ from cadence.cli import main
 from cadence.schedules import build_schedule
 from cadence.training.events import Callback
 from cadence.training.run import resume
+from cli_helpers import as_sets
 
 pytestmark = pytest.mark.usefixtures("plots_off")
 
