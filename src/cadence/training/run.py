@@ -33,7 +33,6 @@ from cadence.training.distributed import (
     broadcast_object,
     gather_model_state,
     init_world,
-    reshard,
     shutdown,
 )
 from cadence.training.events import Callback
@@ -241,7 +240,7 @@ def _gather_final(trainer: Trainer) -> tuple[dict | None, dict | None]:
         weights = gather_model_state(trainer.model)
     ema = None
     if trainer.ema is not None:
-        with trainer.ema.applied(reshard(trainer.model)):
+        with trainer.ema.applied(trainer.model):  # reshards on entry and exit
             ema = gather_model_state(trainer.model)
     return weights, ema
 
