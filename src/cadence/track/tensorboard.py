@@ -38,6 +38,11 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar(f"{group}/{key}", value, row["step"])
 
     def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and stop the writer thread; also called when a run ends by an exception, so
+        no event is written into the run directory after `cadence.train` returned or raised."""
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

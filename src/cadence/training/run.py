@@ -204,10 +204,12 @@ def _execute(
 ) -> dict[str, Any]:
     main = world.is_main
     cbs: list[Callback] = []
+    tensorboard = None
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     if main:  # logs, plots and progress come from rank 0 only
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        cbs = [writer, TensorBoardLogger(run_dir / "tensorboard"), *callbacks]
+        tensorboard = TensorBoardLogger(run_dir / "tensorboard")
+        cbs = [writer, tensorboard, *callbacks]
         if cfg.train.progress:
             cbs.append(ProgressBar(cfg.train.max_steps))
     trainer = Trainer(cfg, workload, cbs, run_dir=run_dir, world=world)
@@ -217,10 +219,14 @@ def _execute(
         except CheckpointError as exc:
             raise ConfigError(f"--resume: {exc}") from None
         trainer.state.stop_reason = None
-    with StopSignals() as signals:
-        trainer.signals = signals
-        summary = fit(trainer)
-        trainer.signals = None
+    try:
+        with StopSignals() as signals:
+            trainer.signals = signals
+            summary = fit(trainer)
+            trainer.signals = None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     summary["world_size"] = world.size
     summary["tokens_per_s_per_process"] = summary["tokens_per_s"] / world.size
     summary["samples_per_s_per_process"] = summary["samples_per_s"] / world.size
