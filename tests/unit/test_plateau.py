@@ -206,3 +206,18 @@ def test_ema_state_round_trip() -> None:
 def test_ema_rejects_bad_beta(beta: float) -> None:
     with pytest.raises(ValueError, match="beta"):
         EMASmoother(beta)
+
+
+def test_ema_bad_beta_message_names_the_smoother_not_a_config_key() -> None:
+    # The smoother's beta is not a config key (the trainer fixes it), so the message must not
+    # point the user at a `plateau.ema_beta` setting that does not exist.
+    ema = EMASmoother()
+    for make in (
+        lambda: EMASmoother(1.5),
+        lambda: ema.load_state_dict({"beta": 2.0, "avg": 0, "count": 0}),
+    ):
+        with pytest.raises(ValueError) as info:
+            make()
+        message = str(info.value)
+        assert "plateau.ema_beta" not in message
+        assert message.startswith("EMASmoother")

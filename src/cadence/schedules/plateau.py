@@ -196,7 +196,7 @@ class EMASmoother:
 
     def __init__(self, beta: float = 0.9) -> None:
         if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"plateau.ema_beta: must be in [0, 1), got {beta!r}")
+            raise ValueError(f"EMASmoother: beta must be in [0, 1), got {beta!r}")
         self.beta = float(beta)
         self._avg = 0.0
         self._count = 0
@@ -227,7 +227,7 @@ class EMASmoother:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         beta = float(state.get("beta", self.beta))
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"plateau.ema_beta: must be in [0, 1), got {beta!r}")
+            raise ValueError(f"EMASmoother: beta must be in [0, 1), got {beta!r}")
         self.beta = beta
         self._avg = float(state["avg"])
         self._count = int(state["count"])
