@@ -1,13 +1,10 @@
-"""HTTP serving of a run: FastAPI app, a batching engine thread, Prometheus metrics.
+"""HTTP serving of a run: the FastAPI app, its request bodies, errors and auth.
 
-Concurrency model. Request handlers are async and never touch the model; they put a job on a
-queue and await its results. One engine thread owns the model: it takes the first waiting job,
-gathers the others that arrive within ``batch_wait_s`` (up to ``max_batch``) and runs them as one
-forward pass — stacked inputs for classifiers, left-padded rows with a shared KV cache for
-language models (:func:`cadence.deploy.generate.generate_batch`). A generation that would slide
-its context window runs alone, since rows of a batch cannot slide at different steps. Tokens are
-handed back to the event loop as they are produced, which is what streaming (server-sent events)
-sends.
+The model side lives in :mod:`cadence.deploy.engine` (one thread owns the model and batches
+concurrent requests into one forward pass; see its docstring for the concurrency model) and the
+Prometheus metrics in :mod:`cadence.deploy.serve_metrics`. Request handlers here are async and
+never touch the model; they put a job on the engine's queue and await its results, which is also
+what streaming (server-sent events) sends.
 
 Errors are for people: a body that does not validate gets 422 naming the field; a prompt over
 the context gets 413 and ``max_new_tokens`` over the limit 400, both naming the limit; asking a
@@ -18,16 +15,13 @@ engine, so the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hmac
 import json
 import os
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,13 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cadence.deploy.generate import (
-    SamplingParams,
-    StreamDecoder,
-    generate,
-    generate_batch,
-)
+from cadence.deploy.engine import Engine, Job
+from cadence.deploy.generate import SamplingParams, StreamDecoder
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun
+from cadence.deploy.serve_metrics import Metrics
 
 __all__ = [
     "API_KEY_ENV",
@@ -99,193 +90,6 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# ---------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Counters and a latency histogram rendered in the Prometheus text format.
-
-    Hand-written rather than ``prometheus_client`` to avoid a dependency for ~40 lines; the
-    exposition format is stable and simple.
-    """
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.hist: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
-        self.tokens = 0
-        self.batches = 0
-        self.batched_jobs = 0
-
-    def observe(self, path: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-            counts = self.hist.setdefault(path, [0] * (len(self.BUCKETS) + 1))
-            counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
-            self.sums[path] = self.sums.get(path, 0.0) + seconds
-
-    def add_tokens(self, n: int) -> None:
-        with self._lock:
-            self.tokens += n
-
-    def add_batch(self, size: int) -> None:
-        with self._lock:
-            self.batches += 1
-            self.batched_jobs += size
-
-    def render(self) -> str:
-        with self._lock:
-            lines = [
-                "# HELP cadence_requests_total HTTP requests by path and status.",
-                "# TYPE cadence_requests_total counter",
-            ]
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'cadence_requests_total{{path="{path}",status="{status}"}} {n}')
-            lines += [
-                "# HELP cadence_request_latency_seconds Time to the response headers.",
-                "# TYPE cadence_request_latency_seconds histogram",
-            ]
-            for path, counts in sorted(self.hist.items()):
-                cum = 0
-                for bound, c in zip([*self.BUCKETS, float("inf")], counts):
-                    cum += c
-                    le = "+Inf" if bound == float("inf") else repr(bound)
-                    lines.append(
-                        f'cadence_request_latency_seconds_bucket{{path="{path}",le="{le}"}} {cum}'
-                    )
-                lines.append(
-                    f'cadence_request_latency_seconds_sum{{path="{path}"}} {self.sums[path]}'
-                )
-                lines.append(f'cadence_request_latency_seconds_count{{path="{path}"}} {cum}')
-            lines += [
-                "# HELP cadence_tokens_generated_total Tokens generated by /v1/generate.",
-                "# TYPE cadence_tokens_generated_total counter",
-                f"cadence_tokens_generated_total {self.tokens}",
-                "# HELP cadence_batches_total Forward batches run by the engine.",
-                "# TYPE cadence_batches_total counter",
-                f"cadence_batches_total {self.batches}",
-                "# HELP cadence_batched_jobs_total Jobs run in those batches.",
-                "# TYPE cadence_batched_jobs_total counter",
-                f"cadence_batched_jobs_total {self.batched_jobs}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- engine
-
-
-@dataclass
-class Job:
-    """One request's work; ``emit`` is called from the engine thread."""
-
-    kind: str  # "generate" | "predict"
-    emit: Callable[[str, Any], None]
-    prompt: list[int] = field(default_factory=list)
-    params: SamplingParams | None = None
-    inputs: torch.Tensor | None = None
-
-
-class Engine:
-    """The thread that owns the model and batches concurrent jobs."""
-
-    def __init__(self, run: LoadedRun, settings: ServeSettings, metrics: Metrics) -> None:
-        self.run = run
-        self.settings = settings
-        self.metrics = metrics
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="cadence-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _fits(self, job: Job) -> bool:
-        assert job.params is not None
-        return len(job.prompt) + job.params.max_new_tokens <= self.run.seq_len
-
-    def _gather(self, first: Job) -> tuple[list[Job], list[Job]]:
-        """``first`` plus compatible jobs arriving within the wait; the rest is deferred."""
-        batch, later = [first], []
-        deadline = time.perf_counter() + self.settings.batch_wait_s
-        while len(batch) < self.settings.max_batch:
-            timeout = deadline - time.perf_counter()
-            try:
-                job = (
-                    self._queue.get(timeout=max(timeout, 0))
-                    if timeout > 0
-                    else self._queue.get_nowait()
-                )
-            except queue.Empty:
-                break
-            if job is None:
-                later.append(job)  # type: ignore[arg-type]
-                break
-            ok = job.kind == first.kind and (job.kind == "predict" or self._fits(job))
-            (batch if ok else later).append(job)
-        return batch, later
-
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        pending: list[Job | None] = []
-        while True:
-            job = pending.pop(0) if pending else self._queue.get()
-            if job is None:
-                return
-            if job.kind == "generate" and not self._fits(job):
-                batch, later = [job], []
-            else:
-                batch, later = self._gather(job)
-            pending.extend(later)
-            self.metrics.add_batch(len(batch))
-            try:
-                if job.kind == "predict":
-                    self._predict(batch)
-                elif len(batch) == 1:
-                    self._generate_one(batch[0])
-                else:
-                    self._generate_many(batch)
-            except Exception as exc:  # never let one bad batch stop the engine
-                for j in batch:
-                    j.emit("error", f"{type(exc).__name__}: {exc}")
-
-    def _predict(self, batch: list[Job]) -> None:
-        x = torch.cat([j.inputs for j in batch])  # type: ignore[misc]
-        logits = self.run.model(x)
-        if self.run.config.workload == "logreg":
-            p1 = torch.sigmoid(logits.double())
-            probs = torch.stack([1 - p1, p1], dim=-1)
-        else:
-            probs = torch.softmax(logits.double(), dim=-1)
-        start = 0
-        for j in batch:
-            n = j.inputs.shape[0]  # type: ignore[union-attr]
-            j.emit("result", probs[start : start + n].tolist())
-            start += n
-
-    def _generate_one(self, job: Job) -> None:
-        assert job.params is not None
-        for tok in generate(self.run.model, job.prompt, job.params):  # type: ignore[arg-type]
-            job.emit("token", tok)
-        job.emit("done", None)
-
-    def _generate_many(self, batch: list[Job]) -> None:
-        prompts = [j.prompt for j in batch]
-        params = [j.params for j in batch]
-        for step in generate_batch(self.run.model, prompts, params):  # type: ignore[arg-type]
-            for j, tok in zip(batch, step):
-                if tok is not None:
-                    j.emit("token", tok)
-        for j in batch:
-            j.emit("done", None)
 
 
 # ---------------------------------------------------------------- app
