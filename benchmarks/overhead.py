@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from cadence import load_config
+from cadence.config.parts import lr_schedule_from, optimizer_from
 from cadence.data import EpochSampler
-from cadence.optim import build_optimizer
 from cadence.training import Callback, Trainer, fit
-from cadence.training.components import lr_schedule_from
 from cadence.workloads import Workload, build_workload
 
 LOG_EVERY = 10  # the trainer's default log interval; the plain loop reads the loss as often
@@ -150,18 +149,8 @@ def run_plain(
     model = workload.model
     reset(model, init)
     model.train()
-    o, t = cfg.optimizer, cfg.train
-    opt = build_optimizer(
-        o.name,
-        model,
-        lr=o.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
-        betas=(o.betas[0], o.betas[1]),
-        eps=o.eps,
-        aux_lr=o.aux_lr,
-    )
+    t = cfg.train
+    opt = optimizer_from(cfg, model)  # the same optimizer and parameter groups as the trainer
     lr_mult = lr_schedule_from(cfg)
     data, device = workload.x_train, workload.x_train.device
     batch, seq = indices.shape[1], workload.tokens_per_sample

@@ -1,13 +1,54 @@
 """cadence: train PyTorch models with principled strategies and optimizers, and ship the result.
 
 The public API: `load_config` builds a validated config from a recipe or YAML file plus
-`KEY=VALUE` overrides; `train` runs it and returns the summary. (The trainer's code lives in
-`cadence.training`, so that `cadence.train` can be the function the contract names.)
+`KEY=VALUE` overrides (checked against its workload too); `train` runs it and returns the
+summary; `resume` continues a run directory. `Callback` is the protocol for observing a run.
+
+Names are resolved on first use, so importing one part (``cadence.schedules``, ``cadence.optim``)
+does not import the trainer and everything above it.
 """
 
-from cadence.config import Config, ConfigError, load_config
-from cadence.training.run import train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "__version__", "load_config", "train"]
+_EXPORTS = {
+    "Config": "cadence.config",
+    "ConfigError": "cadence.config",
+    "ConfigWarning": "cadence.config",
+    "load_config": "cadence.run",
+    "train": "cadence.run",
+    "resume": "cadence.run",
+    "Callback": "cadence.runtime",
+    "StopReason": "cadence.training",
+}
+
+__all__ = [
+    "Callback",
+    "Config",
+    "ConfigError",
+    "ConfigWarning",
+    "StopReason",
+    "__version__",
+    "load_config",
+    "resume",
+    "train",
+]
+
+if TYPE_CHECKING:
+    from cadence.config import Config, ConfigError, ConfigWarning
+    from cadence.run import load_config, resume, train
+    from cadence.runtime import Callback
+    from cadence.training import StopReason
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cadence' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadence.config import Config, ConfigError
+from cadence.models import MLP, GPTConfig
+from cadence.runtime.distributed import all_reduce_sums
+
 if TYPE_CHECKING:
-    from cadence.config import Config
-    from cadence.training.distributed import World
+    from cadence.runtime.distributed import World
 
 
 class Workload:
@@ -101,8 +104,6 @@ class ClassificationWorkload(Workload):
             logits = model(x).float()
             total += F.cross_entropy(logits, y, reduction="sum").double().cpu()
             correct += int((logits.argmax(-1) == y).sum())
-        from cadence.training.distributed import all_reduce_sums
-
         total_sum, correct_sum = all_reduce_sums([float(total), correct], world)
         return {"val_loss": total_sum / self.n_val, "val_accuracy": correct_sum / self.n_val}
 
@@ -138,9 +139,10 @@ class LogRegWorkload(Workload):
     def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
         # Full-batch and tiny (a few hundred examples): every rank computes it whole.
         j = self.objective(model)
-        logits = model(self.x_val)
-        val = F.binary_cross_entropy_with_logits(logits, self.y_val)
-        acc = float(((logits > 0).to(self.y_val.dtype) == self.y_val).double().mean())
+        x_val, y_val = self.x_val[: self.n_val], self.y_val[: self.n_val]
+        logits = model(x_val)
+        val = F.binary_cross_entropy_with_logits(logits, y_val)
+        acc = float(((logits > 0).to(y_val.dtype) == y_val).double().mean())
         return {
             "val_loss": float(val),
             "val_accuracy": acc,
@@ -177,8 +179,6 @@ class LanguageModelWorkload(Workload):
             x, y = blocks[:, :-1], blocks[:, 1:]
             total += self.loss_sum(model, (x, y)).double().cpu()
             count += y.numel()
-        from cadence.training.distributed import all_reduce_sums
-
         total_sum, count_sum = all_reduce_sums([float(total), count], world)
         loss = total_sum / count_sum
         return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.bytes_per_token}
@@ -198,28 +198,31 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
 
     `vocab_size` is the tokenizer's, for `lm` (a BPE vocabulary can come out smaller than asked).
     """
-    from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
+    from cadence.models import GPT, LogisticRegression, SmallCNN
 
     m = cfg.model
     if cfg.workload == "lm":
-        return GPT(
-            GPTConfig(
-                vocab_size=vocab_size or 256,
-                seq_len=m.seq_len,
-                n_layer=m.n_layer,
-                n_head=m.n_head,
-                d_model=m.d_model,
-                norm=m.norm,
-                tie_embeddings=m.tie_embeddings,
-                dropout=m.dropout,
-            )
-        )
+        return GPT(gpt_config(cfg, vocab_size or 256))
     if cfg.workload == "logreg":
         return LogisticRegression(IN_FEATURES["logreg"]).double()
     arch = m.arch or WORKLOADS[cfg.workload].archs[0]
     if arch == "cnn":
         return SmallCNN()
     return MLP(IN_FEATURES[cfg.workload], m.hidden, 10)
+
+
+def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    m = cfg.model
+    return GPTConfig(
+        vocab_size=vocab_size,
+        seq_len=m.seq_len,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        norm=m.norm,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+    )
 
 
 # Input widths of the fixed data sets, so a model can be rebuilt without loading them.
@@ -235,7 +238,7 @@ def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> 
     # trained on the training split only and the split does not depend on the tokenizer.
     raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     chunk = min(16384, max(len(raw) // 40, m.seq_len + 1))
-    tr, va = split_blocks(raw, chunk, d.val_fraction)
+    tr, va = split_blocks(raw, chunk, val_fraction(cfg))
     train_text = tr.tobytes().decode("utf-8", errors="replace")
     val_text = va.tobytes().decode("utf-8", errors="replace")
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
@@ -279,8 +282,7 @@ def _build_images(loader: Callable):
         from cadence.data import split_indices
 
         x, y = loader()
-        # Small image sets hold out a fixed 20%; data.val_fraction is for text corpora.
-        tr, va = split_indices(len(x), 0.2)
+        tr, va = split_indices(len(x), val_fraction(cfg))
         model = build_model(cfg)
         return ClassificationWorkload(
             model.to(device),
@@ -288,7 +290,7 @@ def _build_images(loader: Callable):
             y[tr].to(device),
             x[va].to(device),
             y[va].to(device),
-            eval_samples=None,
+            eval_samples=cfg.train.eval_samples,
         )
 
     return build
@@ -297,7 +299,7 @@ def _build_images(loader: Callable):
 def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
     from cadence.data import load_breast_cancer_split, logreg_optimum
 
-    xt, yt, xv, yv = load_breast_cancer_split(0.2)
+    xt, yt, xv, yv = load_breast_cancer_split(val_fraction(cfg))
     _, j_star = logreg_optimum(xt, yt, cfg.model.l2)
     model = build_model(cfg)
     return LogRegWorkload(
@@ -306,7 +308,7 @@ def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None)
         yt.to(device),
         xv.to(device),
         yv.to(device),
-        eval_samples=None,
+        eval_samples=cfg.train.eval_samples,
         l2=cfg.model.l2,
         j_star=j_star,
     )
@@ -332,16 +334,49 @@ class WorkloadSpec:
     higher_is_better: bool
     archs: tuple[str, ...]
     build: Callable[[Config, torch.device, Path | None], Workload]
+    val_fraction: float = 0.2  # held out when data.val_fraction is null
 
     def check(self, cfg: Config) -> None:
-        from cadence.config import ConfigError
-
+        """This workload's rules: an architecture it has, and a model its builder accepts."""
         arch = cfg.model.arch
         if arch is not None and arch not in self.archs:
             raise ConfigError(
                 f"model.arch: {arch!r} is not available for workload {self.name!r}; "
                 f"choose one of: {', '.join(self.archs)}"
             )
+        try:
+            _check_model(cfg, arch or self.archs[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_model(cfg: Config, arch: str) -> None:
+    """The model's own rules (GPTConfig.validate, the MLP's widths), without building it."""
+    m = cfg.model
+    if arch == "gpt":
+        gpt_config(cfg, vocab_size=256).validate()
+    elif arch == "mlp":
+        MLP.check_sizes(IN_FEATURES[cfg.workload], m.hidden, 10)
+    elif arch == "linear" and m.l2 < 0:
+        raise ValueError(f"model.l2: must be >= 0, got {m.l2}")
+
+
+def val_fraction(cfg: Config) -> float:
+    """data.val_fraction, or the workload's own default when it is null."""
+    if cfg.data.val_fraction is not None:
+        return cfg.data.val_fraction
+    return WORKLOADS[cfg.workload].val_fraction
+
+
+def check_config(cfg: Config) -> None:
+    """The workload's rules on a config the config layer already accepted: a known workload,
+    an architecture it has, a model shape its builder takes. Raises a one-line ConfigError."""
+    spec = WORKLOADS.get(cfg.workload)
+    if spec is None:
+        raise ConfigError(
+            f"workload: unknown workload {cfg.workload!r}; choose one of: {', '.join(WORKLOADS)}"
+        )
+    spec.check(cfg)
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -354,6 +389,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             False,
             ("gpt",),
             _build_lm,
+            val_fraction=0.05,
         ),
         WorkloadSpec(
             "mnist",
@@ -385,6 +421,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
 
 def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
     """Seeded model init + data on the configured device."""
+    check_config(cfg)
     torch.manual_seed(cfg.train.seed)
     w = WORKLOADS[cfg.workload].build(cfg, resolve_device(cfg.train.device), tokenizer_dir)
     w.name = cfg.workload

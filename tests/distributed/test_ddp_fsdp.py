@@ -182,8 +182,8 @@ def test_only_rank_zero_writes(lm: dict, mode: str) -> None:
 def test_fsdp_weights_load_into_a_fresh_model(lm: dict) -> None:
     """The consolidated FSDP2 weights are a plain model: load_run and load_model both work and
     give back the run's final validation loss."""
-    from cadence.config import load_config
     from cadence.deploy import load_run
+    from cadence.run import load_config
     from cadence.workloads import build_model, build_workload
 
     two = lm["fsdp"]["two"]

@@ -139,8 +139,8 @@ def test_export_consolidates_a_sharded_checkpoint(runs: dict[str, Path], tmp_pat
     _equal_files(tmp_path / "ema/model.safetensors", two / "model_ema.safetensors")
     # An earlier checkpoint: its weights give the validation loss the run logged at that step.
     _export(str(two), "--checkpoint", "step_00000004", "--out", str(tmp_path / "early"))
-    from cadence.config import load_config
     from cadence.deploy import load_run
+    from cadence.run import load_config
     from cadence.workloads import build_workload
 
     loaded = load_run(tmp_path / "early")

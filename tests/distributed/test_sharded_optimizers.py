@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cadence.models import GPT, GPTConfig
 from cadence.optim import OPTIMIZERS, build_optimizer
 from cadence.optim.sharded import ShardedMuon, is_sharded
-from cadence.training.distributed import World, wrap
+from cadence.runtime.distributed import World, wrap
 
 try:
     from .conftest import run

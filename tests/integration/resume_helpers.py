@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import cadence
-from cadence.training.events import Callback
+from cadence.runtime.events import Callback
 from cli_helpers import cadence_cmd, cli_env
 
 # Fields that depend on the clock, not on the computation.
@@ -142,7 +142,7 @@ class CrashAt(Callback):
 
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """PNG plots dominate a tiny in-process run's time and are not what these tests check."""
-    monkeypatch.setattr("cadence.training.run.plot_run", lambda *a, **k: None)
+    monkeypatch.setattr("cadence.run.rundir.plot_run", lambda *a, **k: None)
 
 
 def tail_lines(text: str) -> list[str]:

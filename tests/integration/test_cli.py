@@ -109,3 +109,27 @@ def test_help_lists_commands():
     assert res.returncode == 0 and "train" in res.stdout and "list" in res.stdout
     res = cadence("train", "--help")
     assert "--set" in res.stdout and "--run-dir" in res.stdout
+
+
+def test_a_smoke_run_of_the_default_recipe_just_works(tmp_path):
+    """`--set train.max_steps=N` on the default recipe: its warmup is a fraction of the run."""
+    i = TINY_LM.index("schedule.warmup=1")
+    tiny = TINY_LM[: i - 1] + TINY_LM[i + 1 :]  # the recipe's own warmup: 0.1 of the run
+    res = cadence("train", *tiny, "--set", "train.max_steps=2", "--run-dir", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == 2
+
+
+def test_a_clamped_warmup_is_one_warning_line_and_the_run_goes_on(tmp_path):
+    cfg = tmp_path / "logreg.yaml"
+    cfg.write_text(
+        "workload: logreg\noptimizer: {name: sgd, lr: 0.1}\n"
+        "schedule: {name: cosine, warmup: 30}\ntrain: {max_steps: 300, progress: false}\n"
+    )
+    res = cadence("train", str(cfg), "--set", "train.max_steps=4", "--run-dir", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("cadence: warning: schedule.warmup: 30 ")
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "warmup: 3\n" in saved  # the run records the warmup it used

@@ -56,7 +56,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     spec_path.write_text(SPEC)
     out = root / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cadence.bench.cli", "compare", str(spec_path), "--out", str(out)]
+        [sys.executable, "-m", "cadence", "compare", str(spec_path), "--out", str(out)]
         + ["--jobs", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -206,7 +206,7 @@ def test_shipped_suites_are_valid() -> None:
 
 
 def test_cli_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cadence.bench.cli import main
+    from cadence.cli import main
 
     assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
     assert "spec file not found" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def logreg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _parse(*argv: str) -> argparse.Namespace:
-    from cadence.deploy.cli import add_parsers
+    from cadence.cli.deploy import add_parsers
 
     parser = argparse.ArgumentParser(prog="cadence")
     add_parsers(parser.add_subparsers(dest="command"))

@@ -38,8 +38,8 @@ from safetensors.torch import load_file
 import cadence
 import cadence.training.checkpoint as ckpt
 from cadence.cli import main
-from cadence.config import ConfigError, load_config
-from cadence.training.run import resume
+from cadence.config import ConfigError
+from cadence.run import load_config, resume
 from cli_helpers import as_sets, cli_env
 
 pytestmark = pytest.mark.usefixtures("plots_off")
@@ -289,7 +289,7 @@ def test_a_real_failed_write_through_the_cli_is_one_line_exit_1(tmp_path):
 
 def nan_on_training_call(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> None:
     """Make the workload's training loss NaN on the given (1-based) training-mode calls."""
-    import cadence.training.run as run
+    import cadence.run.session as run
 
     real_build = run.build_workload
 

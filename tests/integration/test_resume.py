@@ -34,9 +34,9 @@ from resume_helpers import (
 
 import cadence
 from cadence.cli import main
+from cadence.run import resume
+from cadence.runtime.events import Callback
 from cadence.schedules import build_schedule
-from cadence.training.events import Callback
-from cadence.training.run import resume
 from cli_helpers import as_sets
 
 pytestmark = pytest.mark.usefixtures("plots_off")

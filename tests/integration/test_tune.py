@@ -12,9 +12,9 @@ import yaml
 from rich.console import Console
 
 import cadence
+from cadence.cli.tune import add_parsers
 from cadence.config import ConfigError
 from cadence.training import Trainer, fit
-from cadence.tune.cli import add_parsers
 from cadence.tune.sweep import parse_space, run_sweep
 from cadence.workloads import build_workload
 

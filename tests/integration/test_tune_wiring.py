@@ -56,3 +56,24 @@ def test_log_noise_scale_adds_it_to_metrics_without_changing_training(tmp_path):
     assert noisy["final_train_loss"] == plain["final_train_loss"]
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_noise_scale_every_is_its_own_cadence_and_writes_noise_scale_jsonl(tmp_path):
+    """Measurements fall on every `noise_scale_every`-th step, log step or not, and land both
+    in that step's metrics row and in noise_scale.jsonl."""
+    cfg = cadence.load_config(
+        None,
+        [*TINY, "optimizer.lr=0.1", "train.log_noise_scale=true", "train.noise_scale_every=3"],
+    )
+    cadence.train(cfg, run_dir=tmp_path / "run")
+    lines = (tmp_path / "run" / "noise_scale.jsonl").read_text().splitlines()
+    measured = [json.loads(x) for x in lines]
+    assert [m["step"] for m in measured] == list(range(3, 21, 3))
+    rows = {
+        r["step"]: r
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    }
+    for m in measured:
+        assert rows[m["step"]]["noise_scale"] == m["noise_scale"]
+    # The other rows are the ordinary log cadence (every 5 steps) and nothing else.
+    assert sorted(rows) == sorted({*range(5, 21, 5), *range(3, 21, 3)})

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cadence import load_config
 from cadence.config import (
     Config,
     ConfigError,
     config_from_dict,
     dump_config,
-    load_config,
     parse_override,
     recipe_names,
 )

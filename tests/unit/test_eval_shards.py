@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cadence.training.distributed import World
+from cadence.runtime.distributed import World
 from cadence.workloads import ClassificationWorkload
 
 

@@ -176,7 +176,7 @@ def test_given_optimizer_state_and_rng_are_restored():
         "sgd-logreg", ["optimizer.name=adamw", "batch.size=32", "train.progress=false"]
     )
     workload = build_workload(cfg)
-    from cadence.training.components import optimizer_from
+    from cadence.config.parts import optimizer_from
 
     opt = optimizer_from(cfg, workload.model)
     loss = workload.loss_sum(workload.model, workload.batch(torch.arange(32))) / 32

@@ -33,6 +33,9 @@ from cadence.bench.profiles import (
 )
 from cadence.bench.spec import PROFILE_MEASURES, RunPlan, Spec, grid, plan_runs, trial_label
 from cadence.config import Config, config_from_dict
+from cadence.run import train
+from cadence.training.stopping import StopReason
+from cadence.workloads import check_config
 
 __all__ = ["aggregate", "compare", "execute", "run_record"]
 
@@ -47,14 +50,11 @@ def _train_worker(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     The per-run PNG plots are skipped in workers: drawing them costs ~2 s per run with
     matplotlib (more than a small run trains), and the report overlays every run's curves from
-    metrics.jsonl anyway. This only touches the worker process.
+    metrics.jsonl anyway.
     """
-    import cadence
-    import cadence.training.run as run_module
-
-    run_module.plot_run = lambda *args, **kwargs: []
     cfg = config_from_dict(config)
-    return cadence.train(cfg, run_dir=run_dir)
+    check_config(cfg)
+    return train(cfg, run_dir=run_dir, plots=False)
 
 
 class WorkerPool:
@@ -87,7 +87,8 @@ def _is_done(plan: RunPlan) -> bool:
         saved = yaml.safe_load(config_path.read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    if str(summary.get("stop_reason") or "").startswith("interrupted"):
+    reason = StopReason.of_summary(summary)
+    if reason is None or reason.interrupted:  # unfinished, or from before stops were typed
         return False
     return saved == plan.config.to_dict()
 
@@ -143,7 +144,8 @@ def execute(
                     f" {_rel(p, out)}: {'target at step ' + str(summary['target_step']) if reached else 'missed'}"
                     f" ({summary['wall_time_s']:.1f}s)"
                 )
-                if str(summary.get("stop_reason") or "").startswith("interrupted"):
+                reason = StopReason.of_summary(summary)
+                if reason is not None and reason.interrupted:
                     raise KeyboardInterrupt
     except BaseException:
         pool.close(cancel=True)

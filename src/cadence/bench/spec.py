@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from cadence.config import Config, ConfigError, config_from_dict
+from cadence.workloads import check_config
 
 __all__ = [
     "RunPlan",
@@ -312,10 +313,10 @@ def _get_dotted(data: dict[str, Any], key: str) -> Any:
 def _base_data(base: str | None, where: str) -> dict[str, Any]:
     if base is None:
         return {}
-    from cadence.config import _read_source  # raw YAML of a recipe/file, before defaults
+    from cadence.config import read_source  # raw YAML of a recipe/file, before defaults
 
     try:
-        data, _ = _read_source(base)
+        data, _ = read_source(base)
     except ConfigError as exc:
         raise ConfigError(f"{where}.base: {exc}") from None
     return data
@@ -371,7 +372,9 @@ def build_config(
                 v = current * v["scale"]
             _set_dotted(data, k, v, name)
     try:
-        return config_from_dict(data)
+        cfg = config_from_dict(data)
+        check_config(cfg)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{where} on {entry.name}: {exc}") from None
 

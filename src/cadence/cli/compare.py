@@ -2,14 +2,12 @@
 
 The main CLI calls :func:`add_parsers` with its subparsers; the handler takes ``(args, console)``
 and returns an exit status. A bad spec raises ``ConfigError`` before any run starts (the main CLI
-prints one line and exits 2). ``python -m cadence.bench.cli compare ...`` works on its own too.
+prints one line and exits 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ from rich.table import Table
 
 from cadence.config import ConfigError
 
-__all__ = ["add_parsers", "cmd_compare", "main"]
+__all__ = ["add_parsers", "cmd_compare"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -74,25 +72,3 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         f"report: {out / 'report.html'}  ·  {out / 'report.md'}  ·  {out / 'results.json'}"
     )
     return 1 if results["counts"]["failed"] else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (`python -m cadence.bench.cli compare ...`), same exit codes as cadence."""
-    from cadence.data import DataError
-
-    parser = argparse.ArgumentParser(prog="cadence")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_parsers(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args, Console())
-    except (ConfigError, DataError) as exc:
-        print(f"cadence: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cadence: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

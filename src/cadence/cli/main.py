@@ -1,14 +1,28 @@
-"""The `cadence` command: parse -> build -> run. No training logic lives here."""
+"""The `cadence` command: parse -> build -> run. No training logic lives here.
+
+All argument parsing of every command lives in this package (`cadence.cli`): train.py, tune.py
+(find-lr, find-batch, tune), compare.py and deploy.py (export, generate, serve) each register
+their subcommands and call the library; this module assembles them, maps user errors to one
+line and exit status 2, and prints config warnings as one line each.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.table import Table
+
+from cadence.cli.args import add_config_args
+from cadence.cli.compare import add_parsers as add_compare_parsers
+from cadence.cli.deploy import add_parsers as add_deploy_parsers
+from cadence.cli.train import cmd_train
+from cadence.cli.tune import add_parsers as add_tune_parsers
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,23 +40,6 @@ def _distributed_errors() -> tuple[type[BaseException], ...]:
         if hasattr(dist, name):
             errors += (getattr(dist, name),)
     return errors
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "config",
-        nargs="?",
-        default=None,
-        help="a YAML file or a built-in recipe name (see `cadence list recipes`); default: default",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set optimizer.lr=0.1 (repeatable)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,113 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_list)
 
-    from cadence.bench.cli import add_parsers as add_bench_parsers
-    from cadence.deploy.cli import add_parsers as add_deploy_parsers
-    from cadence.tune.cli import add_parsers as add_tune_parsers
-
     add_tune_parsers(sub)
-    add_bench_parsers(sub)
+    add_compare_parsers(sub)
     add_deploy_parsers(sub)
     return parser
-
-
-def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from cadence.config import ConfigError, load_config
-    from cadence.training.run import resume, train
-
-    if args.nproc is not None:
-        return launch(args)
-
-    if args.resume is not None:
-        run_dir = args.run_dir if args.resume is True else args.resume
-        if run_dir is None:
-            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
-        summary = resume(run_dir, config=args.config, overrides=args.overrides)
-    else:
-        summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
-    reason = summary["stop_reason"] or ""
-    if os.environ.get("RANK", "0") != "0":
-        return 1 if reason.startswith("nonfinite") else 0  # rank 0 reports for the group
-    if reason.startswith("interrupted"):
-        print(
-            f"cadence: {reason} at step {summary['steps']}; checkpoint saved. Resume with: "
-            f"cadence train --resume {summary['run_dir']}",
-            file=sys.stderr,
-        )
-        return 143 if "SIGTERM" in reason else 130
-    if reason.startswith("nonfinite"):
-        print(
-            f"cadence: error: training stopped: {reason} (loss or gradient not finite); the last "
-            f"good state is checkpointed in {summary['run_dir']}/checkpoints. Try a lower "
-            "optimizer.lr, train.clip_grad_norm, or train.on_nonfinite=skip|rollback",
-            file=sys.stderr,
-        )
-        return 1
-    table = Table(title=f"run finished: {summary['stop_reason']}", show_header=False)
-    fm = summary.get("final_metrics") or {}
-    rows = [
-        ("run dir", summary["run_dir"]),
-        ("steps", f"{summary['steps']:,}"),
-        (
-            "samples" if not summary["tokens"] else "tokens",
-            f"{summary['tokens'] or summary['samples']:,}",
-        ),
-        ("final train loss", _num(summary["final_train_loss"])),
-    ]
-    rows += [(k, _num(v)) for k, v in fm.items()]
-    rows.append(
-        (
-            f"best {summary['metric']}",
-            f"{_num(summary['best_metric'])} (step {summary['best_step']})",
-        )
-    )
-    if summary["target"] is not None:
-        rows.append(("target step", str(summary["target_step"])))
-    rate = summary["tokens_per_s"] or summary["samples_per_s"]
-    unit = "tokens/s" if summary["tokens"] else "samples/s"
-    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s ({rate:,.0f} {unit})"))
-    for k, v in rows:
-        table.add_row(k, v)
-    console.print(table)
-    return 0
-
-
-def launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: run this same command under torchrun on N local processes."""
-    import subprocess
-
-    from cadence.config import ConfigError, load_config
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
-    if args.resume is None:
-        load_config(args.config, args.overrides)  # a bad config fails here, once, not N times
-    rest, skip = [], False
-    for a in args.argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        "-m",
-        "cadence",
-        *rest,
-    ]
-    return subprocess.call(cmd)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6g}"
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
@@ -216,6 +110,25 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """A config adjusted rather than refused (ConfigWarning) is one line on stderr."""
+    from cadence.config import ConfigWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, ConfigWarning):
+                print(f"cadence: warning: {message}", file=sys.stderr)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show  # restored by catch_warnings
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -226,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     console = Console()
     try:
-        return args.func(args, console)
+        with _one_line_warnings():
+            return args.func(args, console)
     except _user_errors() as exc:
         print(f"cadence: error: {exc}", file=sys.stderr)
         return 2

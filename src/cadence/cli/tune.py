@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cadence.cli import add_config_args
+from cadence.cli.args import add_config_args
 from cadence.config import ConfigError
 
 __all__ = ["add_parsers", "cmd_find_batch", "cmd_find_lr", "cmd_tune"]
@@ -98,7 +98,7 @@ def _progress(console: Console, label: str, total: int) -> Any:
 
 
 def cmd_find_lr(args: argparse.Namespace, console: Console) -> int:
-    from cadence.config import load_config
+    from cadence.run import load_config
     from cadence.tune.lr_finder import lr_range_test, write_lr_find
     from cadence.workloads import build_workload
 
@@ -145,8 +145,8 @@ def cmd_find_lr(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_find_batch(args: argparse.Namespace, console: Console) -> int:
-    from cadence.config import load_config
     from cadence.io import atomic_write_json
+    from cadence.run import load_config
     from cadence.tune.noise_scale import estimate_noise_scale
     from cadence.workloads import build_workload
 
@@ -195,7 +195,8 @@ def cmd_find_batch(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_tune(args: argparse.Namespace, console: Console) -> int:
-    from cadence.tune.sweep import load_space, parse_space, run_sweep, split_search_section
+    from cadence.tune.space import load_space, parse_space, split_search_section
+    from cadence.tune.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         base, space = split_search_section(args.config, args.overrides, Path(tmp))

@@ -1,28 +1,54 @@
-"""Config -> the trainer's pure parts. One place, used by the trainer and by config validation."""
+"""Config -> the trainer's pure parts (optimizer, LR schedule, plateau, batch ramp).
+
+One place maps config keys to the builders' arguments; the trainer builds its parts with it and
+the config check builds them once on a throwaway model, so each builder's own rules refuse a bad
+config before anything is loaded or written. Step-valued schedule keys given as fractions of the
+run are resolved to steps here.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cadence.optim import build_optimizer
+from cadence.optim import build_optimizer, check_hparams
 from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
 
 if TYPE_CHECKING:
-    from cadence.config import Config
+    from cadence.config.schema import Config
     from cadence.optim import AnyOptimizer
 
 
+def steps_of(value: int | float, total: int, key: str) -> int:
+    """An integer is a number of steps; a float is a fraction of the run's `total` steps.
+
+    A fraction rounds to the nearest step and stays below `total`, so ``schedule.warmup: 0.1``
+    works for a 20-step smoke run (2 steps) and a 300-step run (30) alike.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}: expected steps (an integer) or a run fraction, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"{key}: a fraction of the run must be in [0, 1), got {value}; "
+            "give a number of steps as an integer"
+        )
+    return max(0, min(round(value * total), total - 1))
+
+
 def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1) -> Schedule:
-    s = cfg.schedule
+    s, total = cfg.schedule, cfg.train.max_steps
     return build_schedule(
         s.name,
-        total_steps=cfg.train.max_steps,
-        warmup=s.warmup,
+        total_steps=total,
+        warmup=steps_of(s.warmup, total, "schedule.warmup"),
         gamma=s.gamma,
-        step_size=s.step_size,
-        milestones=tuple(s.milestones),
+        step_size=None
+        if s.step_size is None
+        else steps_of(s.step_size, total, "schedule.step_size"),
+        milestones=tuple(steps_of(m, total, "schedule.milestones") for m in s.milestones),
         min_lr_ratio=s.min_lr_ratio,
         decay_fraction=s.decay_fraction,
         cooldown=s.cooldown,
@@ -48,22 +74,29 @@ def batch_ramp_from(cfg: Config, n_train: int) -> BatchRamp:
     """`batch.size: full` is the whole training set at every step (no ramp)."""
     b = cfg.batch
     base = n_train if b.size == "full" else int(b.size)
-    stages = [(float(f), int(n)) for f, n in b.schedule]
-    return BatchRamp(base, stages, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
+    # The stages go in as written: BatchRamp checks their shape and values itself.
+    return BatchRamp(base, b.schedule, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
+
+
+def _optimizer_hparams(cfg: Config) -> dict[str, Any]:
+    o = cfg.optimizer
+    # 'auto' is resolved by the LR range test before training; 1.0 is a placeholder for the
+    # config check and the range test's own throwaway optimizer.
+    return {
+        "lr": 1.0 if o.lr == "auto" else o.lr,
+        "momentum": o.momentum,
+        "nesterov": o.nesterov,
+        "weight_decay": o.weight_decay,
+        "betas": tuple(o.betas),
+        "eps": o.eps,
+        "aux_lr": o.aux_lr,
+    }
+
+
+def check_optimizer(cfg: Config) -> None:
+    """The optimizer's rules without building it (no model needed)."""
+    check_hparams(cfg.optimizer.name, **_optimizer_hparams(cfg))
 
 
 def optimizer_from(cfg: Config, model: nn.Module) -> AnyOptimizer:
-    o = cfg.optimizer
-    # 'auto' is resolved by the LR range test before training; 1.0 only lets the config check
-    # build the optimizer once.
-    return build_optimizer(
-        o.name,
-        model,
-        lr=1.0 if o.lr == "auto" else o.lr,
-        momentum=o.momentum,
-        nesterov=o.nesterov,
-        weight_decay=o.weight_decay,
-        betas=(o.betas[0], o.betas[1]),
-        eps=o.eps,
-        aux_lr=o.aux_lr,
-    )
+    return build_optimizer(cfg.optimizer.name, model, **_optimizer_hparams(cfg))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cadence.data.checks import check_max_bytes, check_text_path, check_val_fraction
 from cadence.data.errors import DataError
 
 __all__ = ["DEFAULT_CORPUS_PACKAGE", "load_text", "split_blocks"]
@@ -144,20 +145,14 @@ def load_text(path: str | None, max_bytes: int | None = None) -> str:
     invalid UTF-8), so a dataset folder can contain stray binaries. ``max_bytes``
     keeps a deterministic prefix of that many UTF-8 bytes, for quick runs.
     """
-    if max_bytes is not None and max_bytes < 1:
-        raise DataError(f"data.max_bytes: must be a positive integer, got {max_bytes}")
+    check_max_bytes(max_bytes)
     if path is None:
         text = _default_corpus(max_bytes)
         if not text:
             raise DataError("data.path: the default corpus is empty; set data.path to a text file")
         return text
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(
-            f"data.path: {path} does not exist; point it at a text file, a .jsonl file "
-            "or a folder of text files"
-        )
+    p = check_text_path(path)
     reader = _Reader(max_bytes)
     if p.is_file():
         got = _read_file(p)
@@ -207,8 +202,7 @@ def split_blocks(
         )
     if block_len < 2:
         raise DataError(f"model.seq_len: block length must be >= 2, got {block_len}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction: must be strictly between 0 and 1, got {val_fraction}")
+    check_val_fraction(val_fraction)
     n_blocks = tokens.shape[0] // block_len
     blocks = tokens[: n_blocks * block_len].reshape(n_blocks, block_len)
     idx = np.arange(n_blocks, dtype=np.uint64)

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from cadence.data.checks import check_tokenizer
 from cadence.data.errors import DataError
 
 __all__ = [
@@ -169,15 +170,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 def build_tokenizer(kind: str, text: str, vocab_size: int) -> Tokenizer:
     """Make the tokenizer named by ``data.tokenizer``; ``vocab_size`` only matters for BPE."""
+    check_tokenizer(kind, vocab_size)
     if kind == "byte":
         return ByteTokenizer()
-    if kind == "bpe":
-        if not isinstance(vocab_size, int) or vocab_size < 257:
-            raise DataError(
-                f"data.vocab_size: BPE needs a vocabulary of at least 257 (256 bytes plus "
-                f"merges), got {vocab_size}; use e.g. 4096, or data.tokenizer: byte"
-            )
-        if not text:
-            raise DataError("data.path: cannot train a BPE tokenizer on empty text")
-        return BPETokenizer.train(text, vocab_size)
-    raise DataError(f"data.tokenizer: unknown tokenizer {kind!r}; use 'byte' or 'bpe'")
+    if not text:
+        raise DataError("data.path: cannot train a BPE tokenizer on empty text")
+    return BPETokenizer.train(text, vocab_size)

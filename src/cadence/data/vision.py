@@ -9,6 +9,7 @@ import importlib.resources
 import numpy as np
 import torch
 
+from cadence.data.checks import check_val_fraction
 from cadence.data.errors import DataError
 
 __all__ = ["load_digits", "load_mnist", "split_indices"]
@@ -63,8 +64,7 @@ def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Ten
     """
     if n < 2:
         raise DataError(f"data: need at least 2 examples to split, got {n}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction: must be strictly between 0 and 1, got {val_fraction}")
+    check_val_fraction(val_fraction)
     n_val = min(max(1, round(n * val_fraction)), n - 1)
     gen = torch.Generator()
     gen.manual_seed(seed)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cadence.config import Config, ConfigError, load_config
+from cadence.config import Config, ConfigError, parse_config
+from cadence.workloads import check_config
 
 __all__ = ["CLASSIFIER_INPUTS", "LoadedRun", "checkpoint_weights", "load_run"]
 
@@ -144,7 +145,8 @@ def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = No
     if not cfg_path.is_file():
         raise ConfigError(f"{cfg_path}: not found; {path} is not a cadence run directory")
     try:
-        cfg = load_config(cfg_path)
+        cfg = parse_config(cfg_path)
+        check_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     tokenizer = None

@@ -15,11 +15,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
-            raise ValueError(
-                f"model.hidden: layer sizes must be positive, got in={in_features}, "
-                f"hidden={list(hidden)}, out={out_features}"
-            )
+        self.check_sizes(in_features, hidden, out_features)
         sizes = [in_features, *hidden, out_features]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -28,6 +24,15 @@ class MLP(nn.Module):
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
         self._out_name = f"net.{len(layers) - 1}"
+
+    @staticmethod
+    def check_sizes(in_features: int, hidden: Sequence[int], out_features: int) -> None:
+        """The layer-size rule, callable before building (the config check does)."""
+        if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
+            raise ValueError(
+                f"model.hidden: layer sizes must be positive, got in={in_features}, "
+                f"hidden={list(hidden)}, out={out_features}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, out_features]; any trailing input shape is flattened."""

@@ -8,6 +8,7 @@ from cadence.optim.registry import (
     AnyOptimizer,
     OptimizerSpec,
     build_optimizer,
+    check_hparams,
     is_schedule_free,
     set_train_mode,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "Lion",
     "OptimizerSpec",
     "build_optimizer",
+    "check_hparams",
     "is_schedule_free",
     "muon_split",
     "param_groups",

@@ -9,7 +9,7 @@ trainer never keeps its own copy of the LRs: each step it writes
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "AnyOptimizer",
     "OptimizerSpec",
     "build_optimizer",
+    "check_hparams",
     "inner_optimizers",
     "is_schedule_free",
     "set_train_mode",
@@ -44,7 +45,8 @@ class OptimizerSpec:
     """One registry entry.
 
     ``full_batch`` tells the trainer to feed the whole training set each step (only "gd");
-    ``schedule_free`` tells it to toggle train/eval mode around evaluation and checkpoints.
+    ``schedule_free`` tells it to toggle train/eval mode around evaluation and checkpoints;
+    ``check`` holds the rules only this optimizer has (called by :func:`check_hparams`).
     """
 
     name: str
@@ -52,6 +54,7 @@ class OptimizerSpec:
     build: Callable[..., AnyOptimizer]
     full_batch: bool = False
     schedule_free: bool = False
+    check: Callable[..., None] | None = None
 
 
 def _stamp(groups: list[dict[str, Any]], lr: float, prefix: str = "") -> list[dict[str, Any]]:
@@ -69,14 +72,15 @@ def _groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, 
     return groups
 
 
-def _build_gd(
-    model: nn.Module, *, lr: float, momentum: float, nesterov: bool, weight_decay: float, **_: Any
-) -> AnyOptimizer:
+def _check_gd(*, momentum: float, nesterov: bool, **_: Any) -> None:
     if momentum != 0 or nesterov:
         raise ValueError(
             "optimizer.momentum: 'gd' is plain full-batch gradient descent; "
             "use 'sgd' for momentum or nesterov"
         )
+
+
+def _build_gd(model: nn.Module, *, lr: float, weight_decay: float, **_: Any) -> AnyOptimizer:
     return torch.optim.SGD(_groups(model, lr, weight_decay), lr=lr, momentum=0.0)
 
 
@@ -191,6 +195,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "Full-batch gradient descent (torch SGD, no momentum); one step per pass.",
             _build_gd,
             full_batch=True,
+            check=_check_gd,
         ),
         OptimizerSpec(
             "sgd",
@@ -242,6 +247,47 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+def check_hparams(
+    name: str,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    aux_lr: float | None = None,
+) -> OptimizerSpec:
+    """Every rule on an optimizer's settings, in one place: `build_optimizer` runs it, and so
+    does the config check, so a bad value is refused before any model or data exists.
+
+    Raises ValueError whose message starts with the config key (``optimizer.momentum: ...``).
+    """
+    spec = OPTIMIZERS.get(name)
+    if spec is None:
+        raise ValueError(
+            f"optimizer.name: unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}"
+        )
+    if not lr > 0:
+        raise ValueError(f"optimizer.lr: must be > 0, got {lr}")
+    if aux_lr is not None and not aux_lr > 0:
+        raise ValueError(f"optimizer.aux_lr: must be > 0, got {aux_lr}")
+    # Heavy-ball, Muon and schedule-free interpolation weights all diverge or stall at 1.
+    if not 0 <= momentum < 1:
+        raise ValueError(f"optimizer.momentum: must be in [0, 1), got {momentum}")
+    if weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay: must be >= 0, got {weight_decay}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"optimizer.betas: must be two numbers in [0, 1), got {list(betas)}")
+    if not eps > 0:
+        raise ValueError(f"optimizer.eps: must be > 0, got {eps}")
+    if nesterov and momentum == 0 and name == "sgd":
+        raise ValueError("optimizer.nesterov: needs optimizer.momentum > 0")
+    if spec.check is not None:
+        spec.check(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    return spec
+
+
 def build_optimizer(
     name: str,
     model: nn.Module,
@@ -260,21 +306,16 @@ def build_optimizer(
     Schedule-free optimizers come back already in train mode so the first ``step`` works;
     the trainer still toggles them with :func:`set_train_mode` around evaluation.
     """
-    spec = OPTIMIZERS.get(name)
-    if spec is None:
-        raise ValueError(
-            f"optimizer.name: unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}"
-        )
-    if not lr > 0:
-        raise ValueError(f"optimizer.lr: must be > 0, got {lr}")
-    if aux_lr is not None and not aux_lr > 0:
-        raise ValueError(f"optimizer.aux_lr: must be > 0, got {aux_lr}")
-    if momentum < 0:
-        raise ValueError(f"optimizer.momentum: must be >= 0, got {momentum}")
-    if weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay: must be >= 0, got {weight_decay}")
-    if nesterov and momentum <= 0 and name in ("sgd", "gd"):
-        raise ValueError("optimizer.nesterov: Nesterov needs momentum > 0")
+    spec = check_hparams(
+        name,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        betas=betas,
+        eps=eps,
+        aux_lr=aux_lr,
+    )
     optimizer = spec.build(
         model,
         lr=lr,

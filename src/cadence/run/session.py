@@ -1,44 +1,43 @@
-"""`train` and `resume`: build the workload, fit, and leave a complete run directory."""
+"""`train` and `resume`: build the workload, fit, and leave a complete run directory.
+
+This is the run layer, above the trainer and the tuners: it resolves ``optimizer.lr: auto``
+with the LR range test, attaches the loggers (metrics.jsonl, TensorBoard, progress bar) and the
+gradient-noise monitor (``train.log_noise_scale``) as ordinary callbacks, handles signals, and
+writes the final files.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cadence.config import Config, ConfigError, dump_config, flatten, load_config
+from cadence.config import Config, ConfigError, dump_config, flatten
 from cadence.data import DataError
-from cadence.io import atomic_path, atomic_write_json, atomic_write_text
-from cadence.track.metrics import MetricsWriter
-from cadence.track.plots import plot_run
-from cadence.track.progress import ProgressBar
-from cadence.track.tensorboard import TensorBoardLogger
-from cadence.training.checkpoint import (
-    CheckpointError,
-    agreed,
-    is_sharded_run,
-    latest_valid,
-    restore,
-    save_weights,
-    save_whole_weights,
-)
-from cadence.training.distributed import (
+from cadence.io import atomic_write_text
+from cadence.run.configs import load_config
+from cadence.run.rundir import default_run_dir, gather_final, prepare_run_dir, write_final
+from cadence.runtime.distributed import (
     SINGLE,
     World,
     barrier,
     broadcast_object,
-    gather_model_state,
     init_world,
     shutdown,
 )
-from cadence.training.events import Callback
+from cadence.runtime.events import Callback
+from cadence.track.metrics import MetricsWriter
+from cadence.track.progress import ProgressBar
+from cadence.track.tensorboard import TensorBoardLogger
+from cadence.training.checkpoint import CheckpointError, agreed, latest_valid, restore
 from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
+from cadence.tune.lr_finder import suggest_lr
+from cadence.tune.noise_scale import NoiseScaleMonitor
 from cadence.workloads import Workload, build_workload
 
 # Keys that may differ when a run is resumed: budgets, cadence of evaluation/logging/saving,
@@ -63,36 +62,20 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
-def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.workload}-{cfg.optimizer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(
-            f"--run-dir {run_dir}: already holds a run; resume it with "
-            f"`cadence train --resume {run_dir}`, or choose another directory"
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"--run-dir {run_dir}: cannot write there ({exc.strerror})") from None
-
-
 def train(
     config: Config | str | Path | None = None,
     run_dir: str | Path | None = None,
     callbacks: Sequence[Callback] = (),
     overrides: Sequence[str] = (),
+    *,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Train one run and return its summary (also written to run_dir/summary.json).
 
     Everything that can fail on user input (config, data path, model shape) fails before the run
     directory is created, so a bad invocation leaves nothing behind. Under torchrun every process
-    calls this; rank 0 alone writes files.
+    calls this; rank 0 alone writes files. ``plots=False`` skips the PNGs (matplotlib costs
+    seconds, more than a tiny run trains; ``compare`` draws its own from metrics.jsonl).
     """
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
@@ -112,14 +95,12 @@ def train(
         # The other ranks use the tokenizer rank 0 trained (BPE), not one of their own.
         workload = holder.get("w") or build_workload(cfg, tokenizer_dir=run_dir)
         if cfg.optimizer.lr == "auto":
-            from cadence.tune import suggest_lr
-
             # The range test restores the weights and RNG; config.yaml records the chosen LR.
             lr = suggest_lr(cfg, workload, run_dir=run_dir if world.is_main else None)
             if world.is_main:
                 print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
             cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
-        return _execute(cfg, workload, run_dir, callbacks, checkpoint=None, world=world)
+        return _execute(cfg, workload, run_dir, callbacks, None, world, plots)
     finally:
         shutdown(world)
 
@@ -129,6 +110,8 @@ def resume(
     config: Config | str | Path | None = None,
     overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
+    *,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Continue a run from its newest valid checkpoint, exactly where it was.
 
@@ -171,7 +154,7 @@ def resume(
             )
         _set_threads(cfg)
         workload = build_workload(cfg, tokenizer_dir=run_dir)
-        return _execute(cfg, workload, run_dir, callbacks, checkpoint=checkpoint, world=world)
+        return _execute(cfg, workload, run_dir, callbacks, checkpoint, world, plots)
     finally:
         shutdown(world)
 
@@ -181,7 +164,7 @@ def _set_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.train.threads)
 
 
-def _main_first(world: World, fn: Any) -> None:
+def _main_first(world: World, fn: Callable[[], None]) -> None:
     """Run `fn` on rank 0 first; a user error there is raised on every rank (no rank hangs)."""
     error = None
     if world.is_main:
@@ -194,6 +177,21 @@ def _main_first(world: World, fn: Any) -> None:
         raise ConfigError(error)
 
 
+def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
+    """The callbacks a run attaches for its config: on every rank the measuring ones (a
+    measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show."""
+    cbs: list[Callback] = []
+    t = cfg.train
+    if t.log_noise_scale:
+        every = t.noise_scale_every or t.eval_every
+        cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
+    if world.is_main:
+        cbs.append(TensorBoardLogger(run_dir / "tensorboard"))
+        if t.progress:
+            cbs.append(ProgressBar(t.max_steps))
+    return cbs
+
+
 def _execute(
     cfg: Config,
     workload: Workload,
@@ -201,17 +199,15 @@ def _execute(
     callbacks: Sequence[Callback],
     checkpoint: Path | None,
     world: World = SINGLE,
+    plots: bool = True,
 ) -> dict[str, Any]:
     main = world.is_main
-    cbs: list[Callback] = []
-    tensorboard = None
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     if main:  # logs, plots and progress come from rank 0 only
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        tensorboard = TensorBoardLogger(run_dir / "tensorboard")
-        cbs = [writer, tensorboard, *callbacks]
-        if cfg.train.progress:
-            cbs.append(ProgressBar(cfg.train.max_steps))
+    cbs = run_callbacks(cfg, run_dir, world)
+    # metrics.jsonl first, so a row is on disk before anyone else sees it; the user's last.
+    cbs = ([writer] if main else []) + cbs + (list(callbacks) if main else [])
     trainer = Trainer(cfg, workload, cbs, run_dir=run_dir, world=world)
     if checkpoint is not None:
         try:
@@ -225,53 +221,15 @@ def _execute(
             summary = fit(trainer)
             trainer.signals = None
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
+        for cb in cbs:
+            if isinstance(cb, TensorBoardLogger):
+                cb.close()
     summary["world_size"] = world.size
     summary["tokens_per_s_per_process"] = summary["tokens_per_s"] / world.size
     summary["samples_per_s_per_process"] = summary["samples_per_s"] / world.size
     summary["run_dir"] = str(run_dir)
-    gathered = _gather_final(trainer)  # a collective under FSDP2
+    gathered = gather_final(trainer)  # a collective under FSDP2
     if main:
-        _write_final(trainer, run_dir, writer, summary, *gathered)
+        write_final(trainer, run_dir, writer, summary, *gathered, plots=plots)
     barrier(world)
     return summary
-
-
-def _gather_final(trainer: Trainer) -> tuple[dict | None, dict | None]:
-    """Whole final (and EMA) weights of a sharded run, gathered by every rank; None otherwise."""
-    if not is_sharded_run(trainer):
-        return None, None
-    with trainer.averaged_weights():
-        weights = gather_model_state(trainer.model)
-    ema = None
-    if trainer.ema is not None:
-        with trainer.ema.applied(trainer.model):  # reshards on entry and exit
-            ema = gather_model_state(trainer.model)
-    return weights, ema
-
-
-def _write_final(
-    trainer: Trainer,
-    run_dir: Path,
-    writer: MetricsWriter,
-    summary: dict[str, Any],
-    weights: dict | None,
-    ema: dict | None,
-) -> None:
-    cfg = trainer.cfg
-    with atomic_path(run_dir / "model.safetensors") as tmp:
-        if weights is not None:
-            save_whole_weights(trainer.model, weights, tmp)
-        else:
-            with trainer.averaged_weights():
-                save_weights(trainer.model, tmp)
-    if trainer.ema is not None:
-        with atomic_path(run_dir / "model_ema.safetensors") as tmp:
-            if ema is not None:
-                save_whole_weights(trainer.model, ema, tmp)
-            else:
-                with trainer.ema.applied(trainer.model):
-                    save_weights(trainer.model, tmp)
-    plot_run(writer.rows, run_dir / "plots", title=f"{cfg.workload} · {cfg.optimizer.name}")
-    atomic_write_json(run_dir / "summary.json", summary)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cadence.io import atomic_path
-from cadence.training.events import Callback
+from cadence.runtime.events import Callback
 
 
 def _clean(value: Any) -> Any:

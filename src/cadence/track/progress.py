@@ -13,7 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from cadence.training.events import Callback
+from cadence.runtime.events import Callback
 
 
 class ProgressBar(Callback):

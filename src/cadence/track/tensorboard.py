@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cadence.training.events import Callback
+from cadence.runtime.events import Callback
 
 _SKIP = {"step"}
 

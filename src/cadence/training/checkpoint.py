@@ -16,20 +16,17 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import Tensor
 
-from cadence.optim import is_schedule_free
-from cadence.training.distributed import World, barrier, broadcast_object
+from cadence.runtime.distributed import World, barrier, broadcast_object
 from cadence.training.sharded import DIRNAME, load_sharded, save_sharded
 
 if TYPE_CHECKING:
@@ -111,69 +108,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached": float(np_state[4]),
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainer_state(trainer: Trainer, sharded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything besides the weights that a run needs to continue exactly, with named keys.
-
-    `sharded` is what `save_sharded` returned: then the optimizer's and the EMA's tensors are in
-    the DCP shards, and only their non-tensor parts are kept here.
-    """
-    state: dict[str, Any] = {
-        "format": FORMAT,
-        "train_state": trainer.state.state_dict(),
-        "smoother": trainer.smoother.state_dict(),
-        "rng": rng_state(),
-    }
-    if sharded is not None:
-        state["sharded"] = sharded
-    else:
-        state["optimizer"] = trainer.optimizer.state_dict()
-        if trainer.ema is not None:
-            state["ema"] = trainer.ema.state_dict()
-        if is_schedule_free(trainer.optimizer):
-            # The iterate the optimizer steps from (y); model.safetensors holds the averaged x.
-            state["train_weights"] = trainer.model.state_dict()
-    if trainer.plateau is not None:
-        state["plateau"] = trainer.plateau.state_dict()
-    if trainer.noise_scale is not None:
-        state["noise_scale"] = trainer.noise_scale.state_dict()
-    return state
-
-
-def is_sharded_run(trainer: Trainer) -> bool:
-    """FSDP runs save sharded (DCP) checkpoints, on any number of processes, so a checkpoint's
-    layout depends on the config and not on how many processes happened to run it."""
-    return trainer.cfg.train.distributed == "fsdp"
-
-
 def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
     """Write `root/step_N/` atomically, then prune to the last `keep_last` plus the best.
 
@@ -191,11 +125,12 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
         tmp.mkdir()
     barrier(world)
     try:
-        sharded = None
-        if is_sharded_run(trainer):
-            sharded = save_sharded(trainer, tmp / DIRNAME)  # collective
+        sharded = save_sharded(trainer, tmp / DIRNAME) if trainer.sharded else None  # collective
         if world.is_main:
-            _write_checkpoint(trainer, root, tmp, final, trainer_state(trainer, sharded))
+            state = trainer.state_dict()  # no collective: sharded tensors are in the shards
+            if sharded is not None:
+                state["sharded"] = sharded
+            _write_checkpoint(trainer, root, tmp, final, state)
             prune(root, keep_last)
     finally:
         if world.is_main and tmp.exists():
@@ -211,11 +146,10 @@ def _files(folder: Path) -> list[str]:
 def _write_checkpoint(
     trainer: Trainer, root: Path, tmp: Path, final: Path, state: dict[str, Any]
 ) -> None:
-    _save_state(state, tmp / "trainer.pt")
+    _save_state({"format": FORMAT, **state}, tmp / "trainer.pt")
     if "sharded" not in state:
-        with trainer.averaged_weights():  # checkpoints hold the weights one would evaluate
-            save_weights(trainer.model, tmp / "model.safetensors")
-    metric = (trainer.last_metrics or {}).get(trainer.workload.metric)
+        trainer.save_weights(tmp / "model.safetensors")
+    metric, higher_is_better = trainer.checkpoint_metric
     files = _files(tmp)
     manifest = {
         "format": FORMAT,
@@ -223,7 +157,7 @@ def _write_checkpoint(
         "step": trainer.state.step,
         "world_size": trainer.world.size,
         "metric": metric,
-        "higher_is_better": trainer.workload.higher_is_better,
+        "higher_is_better": higher_is_better,
         "files": {name: _sha256(tmp / name) for name in files},
     }
     (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
@@ -325,7 +259,7 @@ def restore(trainer: Trainer, path: Path, verified: bool = False) -> None:
     manifest = agreed(lambda: check(path), trainer.world)
     state = load_checkpoint(path, verified=True)
     sharded = manifest.get("layout") == "sharded"
-    if sharded != is_sharded_run(trainer):
+    if sharded != trainer.sharded:
         kind = "sharded (FSDP)" if sharded else "whole-model"
         raise CheckpointError(
             f"{path}: a {kind} checkpoint cannot resume a run with "
@@ -333,32 +267,16 @@ def restore(trainer: Trainer, path: Path, verified: bool = False) -> None:
         )
     if sharded:
         load_sharded(trainer, path / DIRNAME, state["sharded"])
-    else:
-        _restore_whole(trainer, path, state)
-    trainer.state.load_state_dict(state["train_state"])
-    trainer.smoother.load_state_dict(state["smoother"])
-    if trainer.plateau is not None and "plateau" in state:
-        trainer.plateau.load_state_dict(state["plateau"])
-    if trainer.noise_scale is not None and "noise_scale" in state:
-        trainer.noise_scale.load_state_dict(state["noise_scale"])
-    set_rng_state(state["rng"])
-
-
-def _restore_whole(trainer: Trainer, path: Path, state: dict[str, Any]) -> None:
-    if "train_weights" in state:
-        trainer.model.load_state_dict(state["train_weights"])
-    else:
+    elif "train_weights" not in state:  # schedule-free restores its iterate from the state
         try:
-            load_model(trainer.model, str(path / "model.safetensors"), device=str(trainer.device))
+            trainer.load_weights(path / "model.safetensors")
         except Exception as exc:  # noqa: BLE001
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
                 f"{path / 'model.safetensors'}: cannot be read ({first}); "
                 f"remove {path} to resume from an earlier one"
             ) from None
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if trainer.ema is not None and "ema" in state:
-        trainer.ema.load_state_dict(state["ema"])
+    trainer.load_state_dict(state)
 
 
 def agreed(fn: Callable[[], T], world: World) -> T:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from cadence.training.distributed import reshard
+from cadence.runtime.distributed import reshard
 
 
 @torch.no_grad()

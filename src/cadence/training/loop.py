@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cadence.training.step import train_step
+from cadence.training.step import backward_step
 from cadence.training.trainer import Trainer
 
 
@@ -13,13 +13,13 @@ def fit(trainer: Trainer) -> dict[str, Any]:
     t, cfg = trainer, trainer.cfg.train
     t.model.train()
     t.emit("on_start")
-    t.start_clock()
-    t.check_progress_budgets()  # a resumed run may already be at its budget
+    t.clock.start()
+    t.check_budgets()  # a resumed run may already be at its budget
     while not t.stopping:
         size = t.batch_size()
         micro_batches, units = t.next_batches(size)
         lr = t.apply_lr()
-        loss, grad_norm, stepped = train_step(
+        loss, grad_norm = backward_step(
             t.step_model,
             t.optimizer,
             t.workload.loss_sum,
@@ -30,16 +30,18 @@ def fit(trainer: Trainer) -> dict[str, Any]:
             params=t.params,
             world=t.world,
         )
-        if not stepped:
-            t.handle_nonfinite(size)
+        read = t.read(loss, grad_norm)  # the step's one host read (and one all-reduce)
+        if not read.finite:
+            t.handle_nonfinite(size)  # the update is not applied
             continue
+        t.optimizer.step()
         t.advance(size)
-        t.check_budgets(loss, grad_norm)
-        t.check_signals()
+        t.emit("on_step")
+        t.check_stops(read)
         final = t.stopping and not t.interrupted
         metrics = t.evaluate() if t.due(cfg.eval_every) or final else None
-        if metrics is not None or t.due(cfg.log_every) or final:
-            t.log(loss, grad_norm, lr, size, metrics)
+        if metrics is not None or t.pending or t.due(cfg.log_every) or final:
+            t.log(read, lr, size, metrics)
         if t.due(cfg.checkpoint_every) or t.stopping:
             t.save_checkpoint()
     if t.state.consecutive_skips:

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from cadence.optim import is_schedule_free
 from cadence.optim.registry import inner_optimizers
 from cadence.optim.sharded import is_sharded
-from cadence.training.distributed import reshard
+from cadence.runtime.distributed import reshard
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer

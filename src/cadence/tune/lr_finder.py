@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cadence.config.parts import optimizer_from
 from cadence.data import EpochSampler
 from cadence.schedules import split_micro
-from cadence.training.components import optimizer_from
 from cadence.training.step import autocast_context, train_step
 
 if TYPE_CHECKING:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from cadence.training.events import Callback
+from cadence.io import atomic_write_text
+from cadence.runtime.events import Callback
 
 if TYPE_CHECKING:
     from cadence.config import Config
@@ -281,11 +282,16 @@ def _train_first(cfg: Config, workload: Workload, steps: int) -> None:
 class NoiseScaleMonitor(Callback):
     """Measure ``B_simple`` every ``every`` steps during training (``train.log_noise_scale``).
 
-    Each measurement costs ``k`` extra forward/backward passes of ``b_small`` samples, drawn with
-    its own generator, and clears ``.grad`` afterwards; it changes no weight, optimizer state or
-    RNG stream of the run. Results go to ``self.rows`` and, with a run directory, to
-    ``noise_scale.jsonl`` (one JSON object per measurement).
+    An ordinary callback: after every ``every``-th optimizer step it costs ``k`` extra
+    forward/backward passes of ``b_small`` samples, drawn with its own generator, and clears
+    ``.grad`` afterwards; it changes no weight, optimizer state or RNG stream of the run. Each
+    measurement goes into that step's metrics row (``trainer.log_metrics``: the step is logged),
+    into ``self.rows`` and, when the trainer has a run directory, into ``noise_scale.jsonl``
+    there (one JSON object per measurement, written by rank 0). Its estimator and generator are
+    checkpointed with the run (``state_key``), so a resumed run measures as an uninterrupted one.
     """
+
+    state_key = "noise_scale"
 
     def __init__(
         self, every: int = 100, b_small: int | None = None, k: int = 8, beta: float = 0.9
@@ -299,17 +305,36 @@ class NoiseScaleMonitor(Callback):
         self._last = -1
 
     def on_start(self, trainer: Any) -> None:
-        self._gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
+        if self._gen is None:  # a resumed run brought its generator back with load_state_dict
+            self._gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 7919)
+        self._keep_until(trainer, trainer.state.step)
 
-    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
-        step = int(row["step"])
+    def on_rewind(self, trainer: Any, step: int) -> None:
+        self._keep_until(trainer, step)  # the checkpoint brought the estimator back to `step`
+
+    def _keep_until(self, trainer: Any, step: int) -> None:
+        """Drop measurements after `step` (a resumed or rolled-back run measures them again),
+        so noise_scale.jsonl never holds a step twice."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        path = Path(trainer.run_dir) / "noise_scale.jsonl" if trainer.run_dir else None
+        if path is None or not trainer.world.is_main or not path.exists():
+            return
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        kept = [x for x in lines if json.loads(x)["step"] <= step]
+        if kept != lines:
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+    def on_step(self, trainer: Any) -> None:
+        step = int(trainer.state.step)
         if step % self.every or step == self._last:
             return
         self._last = step
-        self.rows.append(self.measure(trainer, step))
-        if trainer.run_dir is not None:
+        row = self.measure(trainer, step)
+        self.rows.append(row)
+        trainer.log_metrics({k: v for k, v in row.items() if k != "step"})
+        if trainer.run_dir is not None and trainer.world.is_main:
             with open(Path(trainer.run_dir) / "noise_scale.jsonl", "a") as fh:
-                fh.write(json.dumps(self.rows[-1]) + "\n")
+                fh.write(json.dumps(row) + "\n")
 
     def measure(self, trainer: Any, step: int) -> dict[str, float]:
         cfg, w = trainer.cfg, trainer.workload

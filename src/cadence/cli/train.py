@@ -1,0 +1,111 @@
+"""`cadence train`: run (or resume) a training run, here or on N processes via torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from cadence.config import ConfigError
+from cadence.training.stopping import StopReason
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from cadence.run import load_config, resume, train
+
+    if args.nproc is not None:
+        return launch(args)
+
+    if args.resume is not None:
+        run_dir = args.run_dir if args.resume is True else args.resume
+        if run_dir is None:
+            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
+        summary = resume(run_dir, config=args.config, overrides=args.overrides)
+    else:
+        summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
+    reason = StopReason.of_summary(summary)
+    if os.environ.get("RANK", "0") != "0":
+        return 1 if reason is not None and reason.failed else 0  # rank 0 reports for the group
+    if reason is not None and reason.interrupted:
+        print(
+            f"cadence: {reason} at step {summary['steps']}; checkpoint saved. Resume with: "
+            f"cadence train --resume {summary['run_dir']}",
+            file=sys.stderr,
+        )
+        return 143 if reason.detail == "SIGTERM" else 130
+    if reason is not None and reason.failed:
+        print(
+            f"cadence: error: training stopped: {reason} (loss or gradient not finite); the last "
+            f"good state is checkpointed in {summary['run_dir']}/checkpoints. Try a lower "
+            "optimizer.lr, train.clip_grad_norm, or train.on_nonfinite=skip|rollback",
+            file=sys.stderr,
+        )
+        return 1
+    table = Table(title=f"run finished: {summary['stop_reason']}", show_header=False)
+    fm = summary.get("final_metrics") or {}
+    rows = [
+        ("run dir", summary["run_dir"]),
+        ("steps", f"{summary['steps']:,}"),
+        (
+            "samples" if not summary["tokens"] else "tokens",
+            f"{summary['tokens'] or summary['samples']:,}",
+        ),
+        ("final train loss", _num(summary["final_train_loss"])),
+    ]
+    rows += [(k, _num(v)) for k, v in fm.items()]
+    rows.append(
+        (
+            f"best {summary['metric']}",
+            f"{_num(summary['best_metric'])} (step {summary['best_step']})",
+        )
+    )
+    if summary["target"] is not None:
+        rows.append(("target step", str(summary["target_step"])))
+    rate = summary["tokens_per_s"] or summary["samples_per_s"]
+    unit = "tokens/s" if summary["tokens"] else "samples/s"
+    rows.append(("wall time", f"{summary['wall_time_s']:.1f} s ({rate:,.0f} {unit})"))
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    return 0
+
+
+def launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: run this same command under torchrun on N local processes."""
+    import subprocess
+
+    from cadence.run import load_config
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.resume is None:
+        load_config(args.config, args.overrides)  # a bad config fails here, once, not N times
+    rest, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "cadence",
+        *rest,
+    ]
+    return subprocess.call(cmd)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"

@@ -1,0 +1,152 @@
+"""The config's shape: typed dataclasses, one field per key, each with a default and a comment.
+
+Step-valued schedule keys (``schedule.warmup``, ``schedule.step_size``, ``schedule.milestones``)
+take an integer number of optimizer steps or a float fraction of ``train.max_steps`` in [0, 1),
+so that one recipe serves a 20-step smoke run and a full run alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user error in a config: the message names the key and what would fix it.
+
+    The message is always one line: user text echoed into it (a key, a --set value) has its line
+    breaks escaped, so the CLI's error stays a single line whatever was typed.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("\\n".join(str(message).splitlines()) or str(message))
+
+
+class ConfigWarning(UserWarning):
+    """A config that was adjusted rather than refused (the CLI prints it as one line)."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # see `cadence list optimizers`
+    lr: float | Literal["auto"] = 3e-3  # base (peak) LR; 'auto' runs the LR range test first
+    momentum: float = 0.0  # heavy-ball momentum (sgd, muon, schedulefree-sgd); 0 = library default
+    nesterov: bool = False  # Nesterov momentum for sgd (needs momentum > 0)
+    weight_decay: float = (
+        0.0  # decoupled for adamw/lion/muon; never applied to norms/biases/embeddings
+    )
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family and lion betas
+    eps: float = 1e-8  # adam-family epsilon
+    aux_lr: float | None = None  # lr of the AdamW part of muon (embeddings, head, norms); null = lr
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # see `cadence list schedules`
+    warmup: int | float = (
+        0  # linear warmup in front of the schedule: steps, or a fraction of the run
+    )
+    gamma: float = 0.1  # decay factor for exponential / step / multistep
+    per: Literal["step", "epoch"] = "step"  # exponential decay applies gamma per step or per epoch
+    step_size: int | float | None = (
+        None  # step schedule: decay every N steps or run fraction (null = max_steps // 3)
+    )
+    milestones: list[int | float] = field(
+        default_factory=list
+    )  # multistep: steps (or run fractions) at which lr *= gamma
+    min_lr_ratio: float = 0.0  # floor of cosine/linear/polynomial/wsd as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: fraction of training spent in the cooldown
+    cooldown: Literal["linear", "1-sqrt", "cosine"] = "linear"  # wsd cooldown shape
+    power: float = 1.0  # polynomial decay power
+    timescale: int | None = None  # inverse-sqrt: steps before the 1/sqrt decay starts
+    pct_start: float = 0.3  # onecycle: fraction of steps spent increasing the lr
+
+
+@dataclass
+class PlateauConfig:
+    enabled: bool = False  # loss-driven lr reduction, composed with the schedule
+    monitor: Literal["val_loss", "train_loss"] = "val_loss"  # train_loss is EMA-smoothed
+    patience: int = 3  # evaluations without improvement before reducing
+    factor: float = 0.5  # multiply the lr by this on a plateau
+    threshold: float = 1e-3  # relative improvement that counts as better
+    cooldown: int = 0  # evaluations to wait after a reduction
+    min_scale: float = 1e-3  # floor of the plateau multiplier
+
+
+@dataclass
+class BatchConfig:
+    size: int | Literal["full"] = 32  # global batch in samples, or 'full' for full-batch GD
+    micro_size: int | None = None  # micro-batch that fits in memory; gradients accumulate to `size`
+    schedule: list[list[float]] = field(default_factory=list)  # ramp: [[fraction, size], ...]
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # lr rule when the batch ramps up
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps; also the horizon of the lr schedule
+    max_samples: int | None = None  # stop after this many training samples
+    max_tokens: int | None = None  # stop after this many training tokens (lm)
+    max_time_s: float | None = None  # stop after this much wall time
+    eval_every: int = 100  # evaluate every N steps (and at the end)
+    eval_samples: int | None = 512  # cap on validation samples per evaluation (null = all)
+    log_every: int = 10  # write a metrics row every N steps
+    seed: int = 0  # seeds model init and data order
+    target: float | None = None  # stop when the validation metric reaches this (see list workloads)
+    stop_at_target: bool = True  # false: record the step the target was reached but keep training
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast for forward/backward
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this
+    checkpoint_every: int | None = None  # save a checkpoint every N steps (always at the end)
+    keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
+    rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
+    compile: bool = False  # torch.compile the model
+    ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated as ema_val_loss
+    early_stop_patience: int | None = None  # stop after N evaluations without a better metric
+    tol_grad_norm: float | None = None  # convergence: stop when the gradient norm falls below
+    tol_rel_loss: float | None = None  # convergence: stop when |dL|/|L| between steps falls below
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under torchrun: auto = ddp
+    dist_timeout_s: float = 300.0  # a collective waiting longer (a dead rank) fails the run
+    threads: int | None = None  # torch intra-op threads (null = torch's default)
+    progress: bool = True  # show a progress bar
+    log_noise_scale: bool = False  # measure the gradient noise scale (critical batch) as it trains
+    noise_scale_every: int | None = None  # steps between measurements (null = eval_every)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # text file/folder for lm (null = the installed sympy sources)
+    tokenizer: Literal["byte", "bpe"] = "byte"  # lm tokenizer; bpe is trained on the train split
+    vocab_size: int = 1024  # bpe vocabulary size
+    max_bytes: int | None = 4_000_000  # read at most this much text (null = all)
+    val_fraction: float | None = None  # held out for validation (null = 0.05 text, 0.2 otherwise)
+
+
+@dataclass
+class ModelConfig:
+    arch: str | None = None  # lm: gpt; mnist: cnn | mlp; digits: mlp; logreg: linear
+    n_layer: int = 4  # gpt blocks
+    n_head: int = 4  # gpt attention heads
+    d_model: int = 128  # gpt width
+    seq_len: int = 128  # gpt context length
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # gpt normalisation
+    tie_embeddings: bool = True  # gpt: share the embedding and output head
+    dropout: float = 0.0  # gpt dropout
+    hidden: list[int] = field(default_factory=lambda: [128])  # mlp hidden widths
+    l2: float = 1e-3  # logreg: L2 penalty in the objective (keeps the optimum finite)
+
+
+@dataclass
+class Config:
+    workload: str = "lm"  # see `cadence list workloads`
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

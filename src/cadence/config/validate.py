@@ -1,0 +1,122 @@
+"""The config's own rules, and a call to each builder's rules (the one home of each).
+
+A rule lives where the thing it guards is built: the optimizer's in ``cadence.optim``, the
+schedules', plateau's and batch ramp's in ``cadence.schedules``. This module holds only what no
+builder knows: budgets, cadences, the run's files and devices, and rules that tie sections
+together (full-batch GD needs ``batch.size: full``). Rules about the workload (its name, the
+architectures and model shapes it supports) are ``cadence.workloads.check_config``'s.
+"""
+
+from __future__ import annotations
+
+from cadence.config.parts import (
+    batch_ramp_from,
+    check_optimizer,
+    lr_schedule_from,
+    plateau_from,
+)
+from cadence.config.schema import Config, ConfigError
+from cadence.data.checks import (
+    check_max_bytes,
+    check_text_path,
+    check_tokenizer,
+    check_val_fraction,
+)
+from cadence.optim import OPTIMIZERS
+from cadence.schedules import split_micro
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (one line naming the key) unless every rule holds."""
+    _check(
+        isinstance(cfg.workload, str) and bool(cfg.workload.strip()),
+        f"workload: expected a workload name, got {cfg.workload!r}",
+    )
+    _check_builders(cfg)
+    _check_batch(cfg)
+    _check_train(cfg)
+    _check_data(cfg)
+
+
+def _check_builders(cfg: Config) -> None:
+    """Build the LR schedule, plateau and batch ramp and check the optimizer's settings once:
+    each raises ValueError naming its key, which becomes the config's error."""
+    try:
+        check_optimizer(cfg)
+        lr_schedule_from(cfg)
+        plateau_from(cfg)
+        if cfg.batch.size != "full":
+            batch_ramp_from(cfg, n_train=1)
+        split_micro(1 if cfg.batch.size == "full" else int(cfg.batch.size), cfg.batch.micro_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check_batch(cfg: Config) -> None:
+    o, b = cfg.optimizer, cfg.batch
+    _check(
+        not (b.schedule and b.size == "full"),
+        "batch.schedule: a batch ramp needs an integer batch.size",
+    )
+    _check(
+        not OPTIMIZERS[o.name].full_batch or b.size == "full",
+        f"batch.size: optimizer {o.name!r} is full-batch gradient descent; set batch.size=full",
+    )
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    for key in ("max_samples", "max_tokens", "max_time_s", "eval_samples", "checkpoint_every"):
+        v = getattr(t, key)
+        _check(v is None or v > 0, f"train.{key}: must be > 0 or null, got {v}")
+    _check(
+        t.keep_checkpoints >= 1, f"train.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}"
+    )
+    _check(
+        0 < t.rollback_lr_factor <= 1,
+        f"train.rollback_lr_factor: must be in (0, 1], got {t.rollback_lr_factor}",
+    )
+    _check(
+        t.on_nonfinite != "rollback" or t.checkpoint_every is not None,
+        "train.on_nonfinite: rollback needs train.checkpoint_every (a checkpoint to go back to)",
+    )
+    _check(t.eval_every >= 1, f"train.eval_every: must be >= 1, got {t.eval_every}")
+    _check(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
+    _check(
+        t.clip_grad_norm is None or t.clip_grad_norm > 0,
+        f"train.clip_grad_norm: must be > 0 or null, got {t.clip_grad_norm}",
+    )
+    _check(t.ema is None or 0 < t.ema < 1, f"train.ema: must be in (0, 1) or null, got {t.ema}")
+    _check(
+        t.early_stop_patience is None or t.early_stop_patience >= 1,
+        f"train.early_stop_patience: must be >= 1 or null, got {t.early_stop_patience}",
+    )
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}",
+    )
+    _check(
+        t.noise_scale_every is None or t.noise_scale_every >= 1,
+        f"train.noise_scale_every: must be >= 1 or null, got {t.noise_scale_every}",
+    )
+    _check(t.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {t.dist_timeout_s}")
+    _check(t.threads is None or t.threads >= 1, f"train.threads: must be >= 1, got {t.threads}")
+
+
+def _check_data(cfg: Config) -> None:
+    """The data loaders' own rules (cadence.data.checks), before any data is read."""
+    d = cfg.data
+    try:
+        if d.val_fraction is not None:
+            check_val_fraction(d.val_fraction)
+        check_max_bytes(d.max_bytes)
+        check_tokenizer(d.tokenizer, d.vocab_size)
+        if d.path is not None:
+            check_text_path(d.path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

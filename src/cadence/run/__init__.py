@@ -1,0 +1,20 @@
+"""A whole run: the config checked against its workload, training, and the run directory.
+
+The layer above the trainer and the tuners (it resolves ``optimizer.lr: auto`` with the LR
+range test and attaches the gradient-noise monitor); ``cadence.train`` and
+``cadence.load_config`` are these functions.
+"""
+
+from cadence.run.configs import load_config
+from cadence.run.rundir import default_run_dir, prepare_run_dir
+from cadence.run.session import RESUMABLE_KEYS, resume, run_callbacks, train
+
+__all__ = [
+    "RESUMABLE_KEYS",
+    "default_run_dir",
+    "load_config",
+    "prepare_run_dir",
+    "resume",
+    "run_callbacks",
+    "train",
+]
