@@ -2,7 +2,8 @@
 
 The public API: `load_config` builds a validated config from a recipe or YAML file plus
 `KEY=VALUE` overrides (checked against its workload too); `train` runs it and returns the
-summary; `resume` continues a run directory. `Callback` is the protocol for observing a run.
+summary; `resume` continues a run directory. `Callback` is the protocol for observing a run;
+`DatasetWorkload` trains your own module and datasets (`Workload` is the protocol behind it).
 
 Names are resolved on first use, so importing one part (``cadence.schedules``, ``cadence.optim``)
 does not import the trainer and everything above it.
@@ -24,6 +25,8 @@ _EXPORTS = {
     "resume": "cadence.run",
     "Callback": "cadence.runtime",
     "StopReason": "cadence.training",
+    "Workload": "cadence.workloads",
+    "DatasetWorkload": "cadence.workloads",
 }
 
 __all__ = [
@@ -31,7 +34,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigWarning",
+    "DatasetWorkload",
     "StopReason",
+    "Workload",
     "__version__",
     "load_config",
     "resume",
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from cadence.run import load_config, resume, train
     from cadence.runtime import Callback
     from cadence.training import StopReason
+    from cadence.workloads import DatasetWorkload, Workload
 
 
 def __getattr__(name: str) -> Any:

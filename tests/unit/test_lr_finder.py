@@ -13,10 +13,10 @@ from torch import nn
 import cadence
 from cadence.optim import OPTIMIZERS
 from cadence.tune.lr_finder import ema_lag, lr_range_test, smooth_losses, suggest_from_curve
-from cadence.workloads import Workload, build_workload
+from cadence.workloads import TensorWorkload, Workload, build_workload
 
 
-class LeastSquares(Workload):
+class LeastSquares(TensorWorkload):
     """0.5 |Xw - y|^2 / n: Hessian X^T X / n, known exactly."""
 
     def loss_sum(self, model, batch):

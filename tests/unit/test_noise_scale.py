@@ -20,10 +20,10 @@ from cadence.tune.noise_scale import (
     measure_grad_norms,
     unbiased_estimates,
 )
-from cadence.workloads import Workload, build_workload
+from cadence.workloads import TensorWorkload, Workload, build_workload
 
 
-class LinearRegression(Workload):
+class LinearRegression(TensorWorkload):
     def loss_sum(self, model, batch):
         x, y = batch
         return 0.5 * ((model(x).squeeze(-1) - y) ** 2).sum()

@@ -226,8 +226,6 @@ def _choose(records: Sequence[dict[str, Any]], by: str, higher: bool) -> dict[st
 def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per strategy x workload: time-to-target on each measure (median + bootstrap interval
     over seeds), reach rate, final and best metric; then profiles and scores per measure."""
-    from cadence.workloads import WORKLOADS
-
     table: list[dict[str, Any]] = []
     medians: dict[str, dict[str, dict[str, float]]] = {m: {} for m in PROFILE_MEASURES}
     medians["tokens"] = {}
@@ -238,12 +236,12 @@ def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             rs = [r for r in records if r["strategy"] == s.name and r["workload"] == w]
             if not rs:
                 continue
-            spec_w = WORKLOADS[entry.workload]
+            metric, higher = workload_metric(spec, w, rs)
             row: dict[str, Any] = {
                 "strategy": s.name,
                 "workload": w,
-                "metric": spec_w.metric,
-                "higher_is_better": spec_w.higher_is_better,
+                "metric": metric,
+                "higher_is_better": higher,
                 "target": entry.target,
                 "trial": rs[0]["trial"],
                 "params": rs[0]["params"],
@@ -301,17 +299,28 @@ def _tuning(
         tuning[s.name] = {}
         for w in dict.fromkeys(p.workload for p in phase1 if p.strategy == s.name):
             trials = [r for r in records1 if r["strategy"] == s.name and r["workload"] == w]
-            higher = spec_higher(spec, w)
+            higher = workload_metric(spec, w, trials)[1]
             best = _choose(trials, spec.profile_by, higher)
             chosen[(s.name, w)] = best["params"]
             tuning[s.name][w] = {"chosen": best["params"], "trials": trials}
     return records1, chosen, tuning
 
 
-def spec_higher(spec: Spec, workload: str) -> bool:
+def workload_metric(
+    spec: Spec, workload: str, records: Sequence[dict[str, Any]]
+) -> tuple[str, bool]:
+    """The metric of a spec's workload and its direction: from a finished run's summary (so a
+    user's own `package.module:function` workload needs no registry entry), else from the
+    built-in registry."""
     from cadence.workloads import WORKLOADS
 
-    return WORKLOADS[spec.workloads[workload].workload].higher_is_better
+    for r in records:
+        if r.get("metric") is not None:
+            return r["metric"], bool(r["higher_is_better"])
+    name = spec.workloads[workload].workload
+    if name in WORKLOADS:
+        return WORKLOADS[name].metric, WORKLOADS[name].higher_is_better
+    return "metric", False  # no run of it finished: there is nothing to rank
 
 
 def _hardware() -> dict[str, Any]:

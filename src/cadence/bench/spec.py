@@ -138,7 +138,7 @@ def _only(data: dict[str, Any], allowed: set[str], where: str) -> None:
 def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     """Read and check a spec (or a shipped suite); every run's config is validated here, so a
     bad spec fails before any run starts or any file is written."""
-    from cadence.workloads import WORKLOADS
+    from cadence.workloads import WORKLOADS, is_import_path
 
     data, name = _read(spec_or_suite, suite)
     _only(
@@ -166,15 +166,15 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
         entry = _mapping(entry, where)
         _only(entry, {"workload", "target", "max_steps", "max_time_s", "set"}, where)
         wl = entry.get("workload", key)
-        if wl not in WORKLOADS:
+        if not isinstance(wl, str) or (wl not in WORKLOADS and not is_import_path(wl)):
             raise ConfigError(
                 f"{where}.workload: unknown workload {wl!r}; choose one of: {', '.join(WORKLOADS)}"
+                ", or package.module:function for your own"
             )
         target = entry.get("target")
         if not isinstance(target, (int, float)) or isinstance(target, bool):
-            raise ConfigError(
-                f"{where}.target: a number is required (the {WORKLOADS[wl].metric} to reach)"
-            )
+            metric = WORKLOADS[wl].metric if wl in WORKLOADS else "workload's metric"
+            raise ConfigError(f"{where}.target: a number is required (the {metric} to reach)")
         max_steps = entry.get("max_steps")
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ConfigError(f"{where}.max_steps: a positive integer is required")

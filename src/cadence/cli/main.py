@@ -97,7 +97,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     sections = {
         "optimizers": [(n, s.description) for n, s in OPTIMIZERS.items()],
         "schedules": list(SCHEDULES.items()),
-        "workloads": [(n, s.description) for n, s in WORKLOADS.items()],
+        "workloads": [(n, s.description) for n, s in WORKLOADS.items()]
+        + [("module:function", "your own: a function of the config returning a DatasetWorkload")],
         "recipes": [(n, recipe_description(n)) for n in recipe_names()],
     }
     for name, items in sections.items():

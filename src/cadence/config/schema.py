@@ -139,7 +139,7 @@ class ModelConfig:
 
 @dataclass
 class Config:
-    workload: str = "lm"  # see `cadence list workloads`
+    workload: str = "lm"  # see `cadence list workloads`, or package.module:function (your own)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     plateau: PlateauConfig = field(default_factory=PlateauConfig)

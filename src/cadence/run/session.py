@@ -38,7 +38,7 @@ from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
 from cadence.tune.lr_finder import suggest_lr
 from cadence.tune.noise_scale import NoiseScaleMonitor
-from cadence.workloads import Workload, build_workload
+from cadence.workloads import Workload, build_workload, prepare
 
 # Keys that may differ when a run is resumed: budgets, cadence of evaluation/logging/saving,
 # stopping targets and presentation. Anything else would make the continuation a different run.
@@ -68,11 +68,14 @@ def train(
     callbacks: Sequence[Callback] = (),
     overrides: Sequence[str] = (),
     *,
+    workload: Workload | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
     """Train one run and return its summary (also written to run_dir/summary.json).
 
-    Everything that can fail on user input (config, data path, model shape) fails before the run
+    `workload` trains a workload built in Python (a :class:`cadence.DatasetWorkload`) instead
+    of the one the config's ``workload:`` names; pass it to :func:`resume` as well. Everything
+    that can fail on user input (config, data path, model shape) fails before the run
     directory is created, so a bad invocation leaves nothing behind. Under torchrun every process
     calls this; rank 0 alone writes files. ``plots=False`` skips the PNGs (matplotlib costs
     seconds, more than a tiny run trains; ``compare`` draws its own from metrics.jsonl).
@@ -85,7 +88,7 @@ def train(
         holder: dict[str, Workload] = {}
 
         def prepare() -> None:
-            holder["w"] = build_workload(cfg)
+            holder["w"] = _workload(cfg, workload)
             prepare_run_dir(run_dir)
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
@@ -93,7 +96,7 @@ def train(
 
         _main_first(world, prepare)
         # The other ranks use the tokenizer rank 0 trained (BPE), not one of their own.
-        workload = holder.get("w") or build_workload(cfg, tokenizer_dir=run_dir)
+        workload = holder.get("w") or _workload(cfg, workload, tokenizer_dir=run_dir)
         if cfg.optimizer.lr == "auto":
             # The range test restores the weights and RNG; config.yaml records the chosen LR.
             lr = suggest_lr(cfg, workload, run_dir=run_dir if world.is_main else None)
@@ -111,6 +114,7 @@ def resume(
     overrides: Sequence[str] = (),
     callbacks: Sequence[Callback] = (),
     *,
+    workload: Workload | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
     """Continue a run from its newest valid checkpoint, exactly where it was.
@@ -153,10 +157,22 @@ def resume(
                 "start a new run instead"
             )
         _set_threads(cfg)
-        workload = build_workload(cfg, tokenizer_dir=run_dir)
-        return _execute(cfg, workload, run_dir, callbacks, checkpoint, world, plots)
+        built = _workload(cfg, workload, tokenizer_dir=run_dir)
+        return _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
     finally:
         shutdown(world)
+
+
+def _workload(cfg: Config, given: Workload | None, tokenizer_dir: Path | None = None) -> Workload:
+    """The config's workload, or the one given in Python, ready for this config's run."""
+    if given is None:
+        return build_workload(cfg, tokenizer_dir=tokenizer_dir)
+    if not isinstance(given, Workload):
+        raise ConfigError(
+            f"workload: expected a cadence.Workload (e.g. cadence.DatasetWorkload), "
+            f"got {type(given).__name__}"
+        )
+    return prepare(given, cfg)
 
 
 def _set_threads(cfg: Config) -> None:

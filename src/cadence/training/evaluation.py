@@ -89,8 +89,11 @@ def record_evaluation(
     metric: str,
     higher_is_better: bool,
     train: TrainConfig,
+    target: float | None = None,
 ) -> StopReason | None:
-    """Update the best-metric records of `st` with one evaluation; the stop it calls for."""
+    """Update the best-metric records of `st` with one evaluation; the stop it calls for.
+
+    `target` is the metric value to reach (``train.target``, or the workload's own)."""
     value = metrics[metric]
     if is_better(value, st.best_metric, higher_is_better):
         st.best_metric, st.best_step, st.evals_since_best = value, st.step, 0
@@ -100,7 +103,7 @@ def record_evaluation(
     if vl is not None and (st.best_val_loss is None or vl < st.best_val_loss):
         st.best_val_loss = vl
     stop = None
-    if st.target_step is None and target_reached(value, train.target, higher_is_better):
+    if st.target_step is None and target_reached(value, target, higher_is_better):
         st.target_step = st.step
         if train.stop_at_target:
             stop = StopReason(StopKind.TARGET)

@@ -77,6 +77,7 @@ def run_summary(
     st: TrainState,
     last_metrics: dict[str, float] | None,
     params: Sequence[Tensor],
+    target: float | None,
 ) -> dict[str, Any]:
     """What summary.json holds: final and best results, budgets spent, speed, the stop."""
     train = max(st.train_time_s, 1e-9)
@@ -92,7 +93,7 @@ def run_summary(
         "best_metric": st.best_metric,
         "best_step": st.best_step,
         "best_val_loss": st.best_val_loss,
-        "target": cfg.train.target,
+        "target": target,
         "target_step": st.target_step,
         "steps": st.step,
         "samples": st.samples,

@@ -74,6 +74,8 @@ class Trainer(Checkpointable):
         self.last_metrics: dict[str, float] | None = None
         self.pending: dict[str, Any] = {}  # what callbacks logged for this step's row
         self.signals = None  # a StopSignals while fit() runs under cadence.train / resume
+        # train.target, or the workload's own target when the config leaves it null
+        self.target = t.target if t.target is not None else workload.target
         if self.ramp.size_at(0) < world.size:
             raise ConfigError(
                 f"batch.size: {self.ramp.size_at(0)} is smaller than the {world.size} processes; "
@@ -214,6 +216,7 @@ class Trainer(Checkpointable):
                 metric=w.metric,
                 higher_is_better=w.higher_is_better,
                 train=self.cfg.train,
+                target=self.target,
             )
         )
         if self.plateau is not None:
@@ -243,4 +246,6 @@ class Trainer(Checkpointable):
     # ------------------------------------------------------------ results
 
     def summary(self) -> dict[str, Any]:
-        return run_summary(self.cfg, self.workload, self.state, self.last_metrics, self.params)
+        return run_summary(
+            self.cfg, self.workload, self.state, self.last_metrics, self.params, self.target
+        )

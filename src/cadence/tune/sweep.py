@@ -190,10 +190,9 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = study_name or f"cadence-{base.workload}"
-    from cadence.workloads import WORKLOADS
-
-    spec = WORKLOADS[base.workload]
-    higher = spec.higher_is_better if metric == spec.metric else metric.endswith("accuracy")
+    cache = _WorkloadCache()
+    w = cache.get(base)  # built once here, reused by the first trial with the same data/model
+    higher = w.higher_is_better if metric == w.metric else metric.endswith("accuracy")
     direction = "maximize" if higher else "minimize"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     n_startup = max(2, min(5, trials // 4))
@@ -214,7 +213,6 @@ def run_sweep(
     except Exception as exc:  # bad URL, unreachable database
         raise ConfigError(f"--storage {storage}: cannot open the study ({exc})") from None
     study.set_user_attr("metric", metric)
-    cache = _WorkloadCache()
     first = len(study.trials)
     t0 = time.perf_counter()
 

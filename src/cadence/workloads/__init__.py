@@ -1,0 +1,52 @@
+"""Workloads: data + model + loss + metric (+ target), the unit that is trained and compared.
+
+protocol.py documents what the trainer needs (`Workload`); the built-in workloads (builtin.py,
+on device tensors: tensors.py) and `DatasetWorkload` (a user's module and datasets: dataset.py)
+implement it, and resolve.py turns ``workload:`` (a built-in name or ``package.module:function``)
+into one.
+"""
+
+from cadence.workloads.builtin import (
+    IN_FEATURES,
+    WORKLOADS,
+    WorkloadSpec,
+    build_model,
+    gpt_config,
+    val_fraction,
+)
+from cadence.workloads.dataset import DatasetWorkload
+from cadence.workloads.protocol import Workload, val_ranges
+from cadence.workloads.resolve import (
+    build_workload,
+    check_config,
+    is_import_path,
+    prepare,
+    resolve_device,
+)
+from cadence.workloads.tensors import (
+    ClassificationWorkload,
+    LanguageModelWorkload,
+    LogRegWorkload,
+    TensorWorkload,
+)
+
+__all__ = [
+    "IN_FEATURES",
+    "WORKLOADS",
+    "ClassificationWorkload",
+    "DatasetWorkload",
+    "LanguageModelWorkload",
+    "LogRegWorkload",
+    "TensorWorkload",
+    "Workload",
+    "WorkloadSpec",
+    "build_model",
+    "build_workload",
+    "check_config",
+    "gpt_config",
+    "is_import_path",
+    "prepare",
+    "resolve_device",
+    "val_fraction",
+    "val_ranges",
+]

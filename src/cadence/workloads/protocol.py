@@ -1,0 +1,93 @@
+"""The workload protocol: what the trainer needs from anything it trains.
+
+A workload is a model plus indexed access to training samples, the loss as a *sum over units*
+(tokens for text, samples otherwise), and an evaluation that returns named metrics, one of which
+(`metric`, with its direction) is what ``train.target``, early stopping and ``compare`` read.
+Exposing the loss as a sum lets the trainer divide by the unit count of the whole global batch,
+so gradient accumulation and any number of processes give the gradient of one large batch.
+
+cadence owns the sample order: the trainer asks for the samples at given indices
+(``batch(indices)``), in an order that is a pure function of (seed, sample count), so runs
+resume exactly and do not depend on the number of processes, for a user's dataset too.
+
+The built-in workloads and :class:`cadence.DatasetWorkload` (a user's module and datasets)
+implement this same protocol; a workload may also be written from scratch by subclassing
+:class:`Workload`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from cadence.runtime.distributed import World
+
+
+class Workload:
+    """Override `n_train`, `batch`, `loss_sum` and `evaluate`; the rest has defaults."""
+
+    name: str = ""  # shown in summaries and run-directory names
+    metric: str = "val_loss"  # the validation metric `train.target` and early stopping read
+    higher_is_better: bool = False  # the metric's direction
+    target: float | None = None  # a default for `train.target` (null in the config)
+    unit: str = "samples"  # what the loss is averaged over
+    tokens_per_sample: int = 0  # > 0 for text: each sample is a sequence of this many tokens
+    model: nn.Module
+    n_val: int = 0  # validation examples scored per evaluation (see `limit_eval`)
+
+    def __init__(self) -> None:
+        self.extras: dict[str, object] = {}  # e.g. the tokenizer, saved into the run directory
+
+    @property
+    def n_train(self) -> int:
+        """How many training samples there are; indices run over ``range(n_train)``."""
+        raise NotImplementedError
+
+    @property
+    def val_size(self) -> int:
+        """How many validation examples there are in all."""
+        raise NotImplementedError
+
+    def limit_eval(self, eval_samples: int | None) -> None:
+        """Score at most `eval_samples` validation examples per evaluation (None: all)."""
+        total = self.val_size
+        self.n_val = total if eval_samples is None else min(eval_samples, total)
+
+    def batch(self, indices: Tensor) -> Any:
+        """The micro-batch of the training samples at `indices` (a CPU int64 tensor, possibly
+        empty: under torch.distributed a rank with a smaller share runs an empty micro-batch)."""
+        raise NotImplementedError
+
+    def units(self, batch: Any) -> int:
+        """How many loss terms a micro-batch holds; known without a device sync."""
+        return batch[0].shape[0]
+
+    def loss_sum(self, model: nn.Module, batch: Any) -> Tensor:
+        """The *sum* of the loss over the micro-batch's units (0 for an empty micro-batch)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
+        """Validation metrics on the first `n_val` examples, including `metric`; under
+        torch.distributed each rank scores its share and the sums are all-reduced, so every
+        rank returns the same numbers."""
+        raise NotImplementedError
+
+
+def val_ranges(n_val: int, size: int, world: World | None) -> Iterator[tuple[int, int]]:
+    """This process's share of ``range(n_val)`` as ``[a, b)`` ranges of at most `size`.
+
+    Under torch.distributed each rank takes a contiguous share and every rank yields the same
+    number of ranges (the last ones possibly empty): an FSDP2 forward is a collective, so a
+    rank that ran one forward fewer would leave the others waiting.
+    """
+    rank, n = (world.rank, world.size) if world is not None else (0, 1)
+    share = torch.tensor_split(torch.arange(n_val), n)[rank]
+    lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+    longest = -(-n_val // n)
+    for i in range(0, max(longest, 1), size):
+        yield min(lo + i, hi), min(lo + i + size, hi)
