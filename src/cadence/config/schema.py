@@ -101,6 +101,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated as ema_val_loss
     early_stop_patience: int | None = None  # stop after N evaluations without a better metric
     tol_grad_norm: float | None = None  # convergence: stop when the gradient norm falls below

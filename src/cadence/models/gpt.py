@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
@@ -250,7 +251,19 @@ class GPT(nn.Module):
         # Not persistent: they are a pure function of the config, so checkpoints stay lean.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # see set_activation_checkpointing
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them.
+
+        Memory for activations drops from one set per block to the block inputs alone, for
+        about one extra forward per step. torch.utils.checkpoint with ``use_reentrant=False``
+        restores the RNG state for the recomputation, so dropout draws the same masks and the
+        gradients are those of the plain forward. Training only: evaluation and cached
+        generation run as usual.
+        """
+        self.activation_checkpointing = enabled
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual projections shrunk by 1/sqrt(2*n_layer)
@@ -299,8 +312,12 @@ class GPT(nn.Module):
         _, t = idx.shape
         cos, sin = self._rope(start_pos, t, idx.device)
         x = self.drop(self.tok_emb(idx))
+        recompute = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, start_pos)
+            if recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i, start_pos)
         x = self.norm_f(x)
         return self.head(x).float()
 

@@ -39,6 +39,17 @@ if TYPE_CHECKING:
     from cadence.workloads import Workload
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """``train.activation_checkpointing`` for a model that supports it (cadence's GPT)."""
+    setter = getattr(model, "set_activation_checkpointing", None)
+    if setter is None:
+        raise ConfigError(
+            f"train.activation_checkpointing: {type(model).__name__} has no blocks to "
+            "checkpoint (cadence's GPT has); set it to false"
+        )
+    setter(True)
+
+
 class Trainer(Checkpointable):
     def __init__(
         self,
@@ -53,6 +64,8 @@ class Trainer(Checkpointable):
         self.device = next(self.model.parameters()).device
         self.callbacks = list(callbacks)
         t = cfg.train
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         # Wrapped before the optimizer is built: FSDP2 shards the parameters in place, and the
         # optimizer must hold the sharded ones.
         self.step_model = distributed.wrap(self.model, world, t.precision)

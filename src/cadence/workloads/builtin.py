@@ -42,6 +42,11 @@ class WorkloadSpec:
             _check_model(cfg, arch or self.archs[0])
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if cfg.train.activation_checkpointing and (arch or self.archs[0]) != "gpt":
+            raise ConfigError(
+                f"train.activation_checkpointing: workload {self.name!r} has no Transformer "
+                "blocks to checkpoint; set it to false"
+            )
 
 
 def _check_model(cfg: Config, arch: str) -> None:

@@ -108,6 +108,11 @@ def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
 def prepare(w: Workload, cfg: Config, name: str | None = None) -> Workload:
     """A workload from outside the registry, made ready for the config's run: its model on
     the configured device, its evaluation capped at ``train.eval_samples``, a name."""
+    if cfg.train.activation_checkpointing and not hasattr(w.model, "set_activation_checkpointing"):
+        raise ConfigError(
+            f"train.activation_checkpointing: {type(w.model).__name__} has no "
+            "set_activation_checkpointing(enabled) method; add one or set it to false"
+        )
     w.model.to(resolve_device(cfg.train.device))
     w.limit_eval(cfg.train.eval_samples)
     if name is not None and not w.name:
