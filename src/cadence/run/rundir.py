@@ -62,8 +62,7 @@ def write_final(
         if weights is not None:
             save_whole_weights(trainer.model, weights, tmp)
         else:
-            with trainer.averaged_weights():
-                save_weights(trainer.model, tmp)
+            trainer.save_weights(tmp)  # the averaged weights of schedule-free, as checkpoints
     if trainer.ema is not None:
         with atomic_path(run_dir / "model_ema.safetensors") as tmp:
             if ema is not None:

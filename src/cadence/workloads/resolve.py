@@ -115,7 +115,5 @@ def prepare(w: Workload, cfg: Config, name: str | None = None) -> Workload:
         )
     w.model.to(resolve_device(cfg.train.device))
     w.limit_eval(cfg.train.eval_samples)
-    if name is not None and not w.name:
-        w.name = name
-    w.name = w.name or "custom"
+    w.name = w.name or name or "custom"
     return w
