@@ -6,11 +6,12 @@ recipe, so a test states every setting it depends on.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from resume_helpers import no_plots
+from resume_helpers import no_plots, train_tiny_lm
+from serve_helpers import LIMIT, Server, serve
 
 import cadence
 from cadence.config import Config
@@ -63,3 +64,15 @@ def make_config(empty_yaml: Path) -> Callable[..., Config]:
         return cadence.load_config(empty_yaml, [*base, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def served_lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained GPT run (seq_len 32) shared by the serving tests, which only read it."""
+    return train_tiny_lm(tmp_path_factory.mktemp("serve") / "lm")
+
+
+@pytest.fixture(scope="module")
+def lm_server(served_lm_run: Path) -> Iterator[Server]:
+    """A real server on 127.0.0.1 holding the tiny GPT, stopped when the module ends."""
+    yield from serve(served_lm_run, LIMIT)

@@ -1,16 +1,13 @@
 """The HTTP server, started for real on a free loopback port (uvicorn in a thread).
 
 Each server fixture binds 127.0.0.1:0, waits for uvicorn to start and shuts it down at the end of
-the module, so nothing outlives the tests and nothing listens beyond loopback.
+the module, so nothing outlives the tests and nothing listens beyond loopback (serve_helpers.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,24 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
-from resume_helpers import train_tiny_lm
 from safetensors.torch import save_model
+from serve_helpers import KEY, LIMIT, Server, read_events, serve
 
 import cadence
 from cadence.config import ConfigError, dump_config
 from cadence.deploy.generate import SamplingParams, generate
-from cadence.deploy.rundir import LoadedRun, load_run
-from cadence.deploy.serve import ServeSettings, create_app
+from cadence.deploy.rundir import LoadedRun
 from cadence.workloads import build_model
-
-KEY = "s3cret-token"
-LIMIT = 64
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_lm(tmp_path_factory.mktemp("serve") / "lm")
 
 
 @pytest.fixture(scope="module")
@@ -50,55 +37,14 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-class Server:
-    """uvicorn serving an app in a thread on an already-bound loopback socket."""
-
-    def __init__(self, run: LoadedRun, settings: ServeSettings) -> None:
-        self.run = run
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(run, settings), log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]})
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        self.sock = sock
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
-def _serve(run_dir: Path, **settings: object) -> Iterator[Server]:
-    torch.set_num_threads(1)
-    server = Server(load_run(run_dir), ServeSettings(max_new_tokens_limit=LIMIT, **settings))
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.thread.is_alive()
-
-
 @pytest.fixture(scope="module")
-def lm_server(lm_run: Path) -> Iterator[Server]:
-    yield from _serve(lm_run)
-
-
-@pytest.fixture(scope="module")
-def auth_server(lm_run: Path) -> Iterator[Server]:
-    yield from _serve(lm_run, api_key=KEY)
+def auth_server(served_lm_run: Path) -> Iterator[Server]:
+    yield from serve(served_lm_run, LIMIT, api_key=KEY)
 
 
 @pytest.fixture(scope="module")
 def clf_server(digits_run: Path) -> Iterator[Server]:
-    yield from _serve(digits_run)
+    yield from serve(digits_run, LIMIT)
 
 
 def _expected(run: LoadedRun, prompt: str, **kw: object) -> list[int]:
@@ -142,20 +88,10 @@ def test_generate_slides_past_the_context(lm_server: Server) -> None:
 
 def test_generate_streams_server_sent_events(lm_server: Server) -> None:
     body = {"prompt": "class A", "max_new_tokens": 10, "temperature": 0.0, "stream": True}
-    pieces, done = [], None
     with httpx.stream("POST", f"{lm_server.url}/v1/generate", json=body, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        event = "message"
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "done":
-                    done = data
-                else:
-                    pieces.append(data)
+        pieces, done = read_events(r)
     assert done is not None
     assert [p["token"] for p in pieces if p["token"] is not None] == done["tokens"]
     assert "".join(p["text"] for p in pieces) == done["text"]

@@ -11,6 +11,12 @@ language models (:func:`cadence.deploy.generate.generate_batch`). A generation t
 its context window runs alone, since rows of a batch cannot slide at different steps. Tokens are
 handed back to the event loop as they are produced, which is what streaming (server-sent events)
 sends.
+
+Cancellation. A handler that needs no more tokens (a stop string or the end-of-sequence token
+was generated, or the client went away) calls :meth:`Job.cancel`. The engine checks the flag
+between tokens: a cancelled job gets no further tokens, a job cancelled while still queued never
+runs, and a batch stops stepping once none of its rows wants another token. Every job still ends
+with one ``done`` (or ``error``) event.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +50,15 @@ class Job:
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams | None = None
     inputs: torch.Tensor | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the engine for no more tokens; safe from any thread, and to call twice."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
 
 class Engine:
@@ -100,6 +116,15 @@ class Engine:
             else:
                 batch, later = self._gather(job)
             pending.extend(later)
+            live = []
+            for j in batch:
+                if j.cancelled:  # cancelled while queued: nothing to run
+                    j.emit("done", None)
+                else:
+                    live.append(j)
+            if not live:
+                continue
+            batch = live
             self.metrics.add_batch(len(batch))
             try:
                 if job.kind == "predict":
@@ -128,16 +153,25 @@ class Engine:
 
     def _generate_one(self, job: Job) -> None:
         assert job.params is not None
-        for tok in generate(self.run.model, job.prompt, job.params):  # type: ignore[arg-type]
-            job.emit("token", tok)
+        tokens = generate(self.run.model, job.prompt, job.params)  # type: ignore[arg-type]
+        with closing(tokens):
+            for tok in tokens:
+                job.emit("token", tok)
+                if job.cancelled:
+                    break
         job.emit("done", None)
 
     def _generate_many(self, batch: list[Job]) -> None:
         prompts = [j.prompt for j in batch]
         params = [j.params for j in batch]
-        for step in generate_batch(self.run.model, prompts, params):  # type: ignore[arg-type]
-            for j, tok in zip(batch, step):
-                if tok is not None:
-                    j.emit("token", tok)
+        steps = generate_batch(self.run.model, prompts, params)  # type: ignore[arg-type]
+        with closing(steps):
+            for i, step in enumerate(steps):
+                for j, tok in zip(batch, step):
+                    if tok is not None and not j.cancelled:
+                        j.emit("token", tok)
+                # Stop before the next forward once no row wants another token.
+                if all(j.cancelled or i + 1 >= j.params.max_new_tokens for j in batch):  # type: ignore[union-attr]
+                    break
         for j in batch:
             j.emit("done", None)

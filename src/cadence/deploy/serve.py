@@ -6,10 +6,15 @@ Prometheus metrics in :mod:`cadence.deploy.serve_metrics`. Request handlers here
 never touch the model; they put a job on the engine's queue and await its results, which is also
 what streaming (server-sent events) sends.
 
+The OpenAI-compatible ``/v1/completions`` (its body, stop strings and response shapes) is in
+:mod:`cadence.deploy.openai_api`; both it and ``/v1/generate`` end a completion at a stop string
+or at the tokenizer's end-of-sequence token (``finish_reason`` ``"stop"``) and then cancel the
+engine job, so the engine moves on.
+
 Errors are for people: a body that does not validate gets 422 naming the field; a prompt over
 the context gets 413 and ``max_new_tokens`` over the limit 400, both naming the limit; asking a
 classifier to generate (or a language model to predict) gets 400. None of them disturbs the
-engine, so the server keeps serving.
+engine, so the server keeps serving. ``/v1/completions`` says the same in OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -29,10 +34,20 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cadence.deploy.engine import Engine, Job
-from cadence.deploy.generate import SamplingParams, StreamDecoder
+from cadence.deploy.generate import SamplingParams
+from cadence.deploy.openai_api import (
+    COMPLETIONS_PATH,
+    MAX_STOP,
+    Completion,
+    CompletionText,
+    ModelError,
+    add_completions,
+    eos_token_id,
+    openai_error,
+)
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 
@@ -74,6 +89,14 @@ class GenerateRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stream: bool = False
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
 
 
 class PredictRequest(BaseModel):
@@ -194,15 +217,19 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                message = "authorization: missing or wrong bearer token"
+                error: Any = {"error": message}
+                if path == COMPLETIONS_PATH:
+                    error = openai_error(message, code="invalid_api_key")
                 response: Response = JSONResponse(
-                    {"error": "authorization: missing or wrong bearer token"},
+                    error,
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 metrics.observe(path, 401, time.perf_counter() - start)
                 return response
         response = await call_next(request)
-        known = {"/v1/generate", "/v1/predict", "/health", "/metrics"}
+        known = {"/v1/generate", COMPLETIONS_PATH, "/v1/predict", "/health", "/metrics"}
         metrics.observe(
             path if path in known else "other", response.status_code, time.perf_counter() - start
         )
@@ -281,50 +308,39 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
         params = SamplingParams(
             body.max_new_tokens, body.temperature, body.top_k, body.top_p, body.seed
         )
-        _, events = _run_job({"kind": "generate", "prompt": prompt, "params": params})
-        decoder = StreamDecoder(run.tokenizer)
-        tokens: list[int] = []
+        text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
+        completion = Completion(_run_job, metrics, prompt, params, text)
 
         def summary() -> dict[str, Any]:
             return {
-                "text": run.tokenizer.decode(tokens),  # type: ignore[union-attr]
-                "tokens": tokens,
+                "text": text.text,
+                "tokens": text.tokens,  # with the EOS token, if that ended the text
                 "prompt_tokens": len(prompt),
-                "completion_tokens": len(tokens),
-                "finish_reason": "length",
+                "completion_tokens": len(text.tokens),
+                "finish_reason": text.finish_reason,
             }
 
         if not body.stream:
-            while True:
-                kind, value = await events.get()
-                if kind == "token":
-                    tokens.append(value)
-                elif kind == "done":
-                    metrics.add_tokens(len(tokens))
-                    return summary()
-                else:
-                    raise HTTPError(500, f"model: {value}")
+            try:
+                await completion.run()
+            except ModelError as exc:
+                raise HTTPError(500, f"model: {exc}") from None
+            return summary()
 
         async def sse() -> AsyncIterator[str]:
-            while True:
-                kind, value = await events.get()
-                if kind == "token":
-                    tokens.append(value)
-                    piece = decoder.push(value)
-                    yield f"data: {json.dumps({'token': value, 'text': piece})}\n\n"
-                elif kind == "done":
-                    metrics.add_tokens(len(tokens))
-                    tail = decoder.flush()
-                    if tail:
-                        yield f"data: {json.dumps({'token': None, 'text': tail})}\n\n"
-                    yield f"event: done\ndata: {json.dumps(summary())}\n\n"
-                    return
-                else:
-                    yield f"event: error\ndata: {json.dumps({'error': f'model: {value}'})}\n\n"
-                    return
+            try:
+                async for token, piece in completion:
+                    if token is not None or piece:
+                        yield f"data: {json.dumps({'token': token, 'text': piece})}\n\n"
+                yield f"event: done\ndata: {json.dumps(summary())}\n\n"
+            except ModelError as exc:
+                yield f"event: error\ndata: {json.dumps({'error': f'model: {exc}'})}\n\n"
+            finally:
+                completion.close()
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
+    add_completions(app, run, settings, metrics, _run_job)
     return app
 
 
