@@ -21,9 +21,19 @@ __all__ = ["add_parsers", "cmd_export", "cmd_generate", "cmd_serve"]
 
 def add_parsers(sub: Any) -> None:
     """Register ``export``, ``generate`` and ``serve`` on the main CLI's subparsers."""
-    p = sub.add_parser("export", help="export a run as safetensors or ONNX (checked vs PyTorch)")
+    p = sub.add_parser(
+        "export",
+        help="export a run as safetensors, ONNX or the Hugging Face format (checked vs PyTorch)",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cadence train`")
-    p.add_argument("--format", required=True, choices=["safetensors", "onnx"], dest="fmt")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["safetensors", "onnx", "hf"],
+        dest="fmt",
+        help="hf: a folder transformers' from_pretrained loads (HF runs; cadence GPT with "
+        "model.norm=layernorm, as GPT-NeoX)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT)")
     _add_weight_choice(p, "export model_ema.safetensors (train.ema)")
     p.add_argument(
@@ -95,7 +105,11 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         f"exported {args.fmt} to [bold]{result.out}[/] in {time.perf_counter() - t0:.1f} s"
     )
     console.print(f"  files: {', '.join(result.files)}")
-    what = "round trip" if args.fmt == "safetensors" else "onnxruntime vs PyTorch"
+    what = {
+        "safetensors": "round trip",
+        "onnx": "onnxruntime vs PyTorch",
+        "hf": "from_pretrained vs PyTorch",
+    }[args.fmt]
     console.print(
         f"  {what}: max abs diff {result.max_abs_diff:.3g} (tolerance {result.tolerance:g})"
     )

@@ -90,6 +90,7 @@ def _optimizer_hparams(cfg: Config) -> dict[str, Any]:
         "betas": tuple(o.betas),
         "eps": o.eps,
         "aux_lr": o.aux_lr,
+        "body_lr_ratio": o.body_lr_ratio,
     }
 
 

@@ -39,6 +39,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam-family and lion betas
     eps: float = 1e-8  # adam-family epsilon
     aux_lr: float | None = None  # lr of the AdamW part of muon (embeddings, head, norms); null = lr
+    body_lr_ratio: float = 1.0  # fine-tuning: lr of all but the output head, as a fraction of it
 
 
 @dataclass
@@ -126,7 +127,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str | None = None  # lm: gpt; mnist: cnn | mlp; digits: mlp; logreg: linear
+    arch: str | None = None  # lm: gpt | hf; mnist: cnn | mlp; digits: mlp; logreg: linear
     n_layer: int = 4  # gpt blocks
     n_head: int = 4  # gpt attention heads
     d_model: int = 128  # gpt width
@@ -136,6 +137,9 @@ class ModelConfig:
     dropout: float = 0.0  # gpt dropout
     hidden: list[int] = field(default_factory=lambda: [128])  # mlp hidden widths
     l2: float = 1e-3  # logreg: L2 penalty in the objective (keeps the optimum finite)
+    hf: str | None = None  # lm: a local Hugging Face causal-LM directory (from_pretrained, offline)
+    hf_config: dict[str, Any] | None = None  # lm: a fresh HF model, e.g. {model_type: llama, ...}
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept fixed (fnmatch)
 
 
 @dataclass

@@ -41,6 +41,32 @@ def validate(cfg: Config) -> None:
     _check_batch(cfg)
     _check_train(cfg)
     _check_data(cfg)
+    _check_model(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    """The Hugging Face and fine-tuning keys' shape (the model itself is checked by the
+    workload layer, which can load its config)."""
+    m = cfg.model
+    _check(
+        m.hf is None or m.hf_config is None,
+        "model.hf: give a model directory (model.hf) or a fresh config (model.hf_config), not both",
+    )
+    _check(
+        (m.hf is None and m.hf_config is None) or cfg.workload == "lm",
+        f"model.hf: Hugging Face causal LMs train on workload lm, not {cfg.workload!r}",
+    )
+    _check(
+        m.hf is None or bool(m.hf.strip()),
+        "model.hf: expected the path of a local model directory",
+    )
+    if m.hf_config is not None:
+        _check(
+            isinstance(m.hf_config.get("model_type"), str),
+            "model.hf_config: needs a model_type (e.g. llama, gpt2) next to the sizes",
+        )
+    for i, pattern in enumerate(m.freeze):
+        _check(bool(pattern.strip()), f"model.freeze[{i}]: expected a parameter-name pattern")
 
 
 def _check_builders(cfg: Config) -> None:

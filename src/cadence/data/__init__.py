@@ -12,8 +12,10 @@ from cadence.data.text import load_text, split_blocks
 from cadence.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
+    PretrainedTokenizer,
     Tokenizer,
     build_tokenizer,
+    has_pretrained_tokenizer,
     load_tokenizer,
 )
 from cadence.data.vision import load_digits, load_mnist, split_indices
@@ -23,12 +25,14 @@ __all__ = [
     "ByteTokenizer",
     "DataError",
     "EpochSampler",
+    "PretrainedTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "load_breast_cancer_split",
     "load_digits",
     "load_mnist",
     "load_text",
+    "has_pretrained_tokenizer",
     "load_tokenizer",
     "logreg_grad",
     "logreg_loss",

@@ -19,6 +19,7 @@ from cadence.data.errors import DataError
 __all__ = [
     "BPETokenizer",
     "ByteTokenizer",
+    "PretrainedTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "load_tokenizer",
@@ -150,6 +151,58 @@ class BPETokenizer:
         return path
 
 
+# What a Hugging Face model directory keeps about its tokenizer besides tokenizer.json; copied
+# with it so an exported model's AutoTokenizer loads the same special tokens.
+PRETRAINED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+class PretrainedTokenizer(BPETokenizer):
+    """A model directory's own fast tokenizer (``tokenizer.json``), with its special tokens.
+
+    ``eos_token_id`` ends a generation; the directory's other tokenizer files travel with it
+    into the run directory and any export, so ``AutoTokenizer`` can load it there too.
+    """
+
+    def __init__(self, hf_tokenizer: object, files: dict[str, bytes]) -> None:
+        super().__init__(hf_tokenizer)
+        self.files = files
+        self.eos_token_id = self._special_id("eos_token")
+
+    def _special_id(self, key: str) -> int | None:
+        raw = self.files.get("tokenizer_config.json")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw).get(key)
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if not isinstance(value, str):
+            return None
+        token_id = self._tok.token_to_id(value)  # type: ignore[attr-defined]
+        return int(token_id) if token_id is not None else None
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> PretrainedTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(directory)
+        files = {n: (path / n).read_bytes() for n in PRETRAINED_FILES if (path / n).is_file()}
+        return cls(HFTokenizer.from_file(str(path / TOKENIZER_FILE)), files)
+
+    def save(self, directory: str | Path) -> Path:
+        path = super().save(directory)
+        for name, data in self.files.items():
+            (path.parent / name).write_bytes(data)
+        return path
+
+
+def has_pretrained_tokenizer(directory: str | Path) -> bool:
+    """A Hugging Face model directory that ships its tokenizer (``tokenizer.json``)."""
+    return (Path(directory) / TOKENIZER_FILE).is_file()
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Restore what ``save`` wrote; accepts the folder or the ``tokenizer.json`` itself."""
     path = Path(directory)
@@ -165,6 +218,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise DataError(f"tokenizer: {path} is not a valid tokenizer.json") from None
     if isinstance(spec, dict) and spec.get("type") == "byte":
         return ByteTokenizer()
+    if (path.parent / PRETRAINED_FILES[0]).is_file():
+        return PretrainedTokenizer.from_dir(path.parent)
     return BPETokenizer.from_file(path)
 
 

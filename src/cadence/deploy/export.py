@@ -1,4 +1,4 @@
-"""Export a run: consolidated safetensors, or ONNX checked against PyTorch.
+"""Export a run: consolidated safetensors, ONNX checked against PyTorch, or the HF format.
 
 Both formats write a self-describing folder: the weights (or graph), the run's ``config.yaml``,
 the ``tokenizer.json`` of language models and an ``export.json`` manifest that records what was
@@ -24,7 +24,9 @@ from torch import nn
 from cadence.config import ConfigError, dump_config
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
 
-__all__ = ["ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
+__all__ = ["FORMATS", "ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
+
+FORMATS = ("safetensors", "onnx", "hf")
 
 # Max |onnxruntime - PyTorch| allowed on the exported outputs (logits). fp32 kernels differ in
 # summation order only, which on these models stays around 1e-6; 1e-4 leaves headroom for
@@ -84,6 +86,11 @@ def _copy_metadata(run: LoadedRun, dst: Path) -> list[str]:
     if run.tokenizer is not None:
         run.tokenizer.save(dst)  # type: ignore[attr-defined]
         files.append("tokenizer.json")
+        files += list(getattr(run.tokenizer, "files", {}))  # a pretrained tokenizer's config
+    save_config = getattr(run.model, "save_config", None)
+    if callable(save_config):  # a Hugging Face model's shape (hf/config.json)
+        save_config(dst)
+        files.append("hf")
     return files
 
 
@@ -192,13 +199,14 @@ def export_run(
     tolerance: float = ONNX_TOLERANCE,
     checkpoint: str | None = None,
 ) -> ExportResult:
-    """Export ``run_dir`` as ``safetensors`` or ``onnx`` into ``out`` (default RUN/export/FMT).
+    """Export ``run_dir`` as ``safetensors``, ``onnx`` or ``hf`` into ``out`` (default
+    RUN/export/FMT); ``hf`` is the Hugging Face format (see :mod:`cadence.deploy.export_hf`).
 
     ``checkpoint`` exports one of the run's checkpoints instead of its final weights; a sharded
     (FSDP) checkpoint is consolidated into one whole model on the way.
     """
-    if fmt not in ("safetensors", "onnx"):
-        raise ConfigError(f"--format: unknown format {fmt!r}; choose safetensors or onnx")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: unknown format {fmt!r}; choose {', '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise ConfigError(f"--quantize: unknown scheme {quantize!r}; the only one is int8")
     if quantize and fmt != "onnx":
@@ -218,6 +226,11 @@ def export_run(
         if fmt == "safetensors":
             files, diff = _export_safetensors(run, tmp)
             tol = 0.0  # the same weights in the same PyTorch model: bit-identical outputs
+        elif fmt == "hf":
+            from cadence.deploy.export_hf import HF_TOLERANCE, export_hf
+
+            files, diff = export_hf(run, tmp, random_inputs(run))
+            tol = HF_TOLERANCE
         else:
             files, diff = _export_onnx(run, tmp)
             tol = tolerance
@@ -251,6 +264,8 @@ def export_run(
         result.files.append("export.json")
         dest.mkdir(parents=True, exist_ok=True)
         for name in result.files:
+            if (dest / name).is_dir():  # a folder (hf/) of an earlier export: replace it whole
+                shutil.rmtree(dest / name)
             os.replace(tmp / name, dest / name)
         return result
     finally:

@@ -1,4 +1,6 @@
-"""Autoregressive text generation for GPT runs, with a KV cache and a sliding context window.
+"""Autoregressive text generation for language-model runs (cadence's GPT or a Hugging Face
+causal LM behind ``HFCausalLM``, which share one interface), with a KV cache and a sliding
+context window.
 
 The context window. A GPT was trained on ``seq_len`` positions. When prompt + generated tokens
 would exceed that, the window *slides*: the context is cut to its last ``seq_len // 2`` tokens,
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from cadence.models.gpt import GPT
+from cadence.models.hf import HFCausalLM
 
 __all__ = [
     "SamplingParams",
@@ -87,7 +90,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: GPT | HFCausalLM,
     prompt: Sequence[int],
     params: SamplingParams,
     use_cache: bool = True,
@@ -96,8 +99,8 @@ def generate(
     params.check()
     if len(prompt) == 0:
         raise ValueError("prompt: must hold at least one token")
-    seq_len = model.config.seq_len
-    device = model.tok_emb.weight.device
+    seq_len = model.context_length
+    device = next(model.parameters()).device
     tokens = list(prompt)
     start = max(0, len(tokens) - seq_len)  # a prompt longer than the window keeps its tail
     gen = params.generator()
@@ -121,7 +124,7 @@ def generate(
 
 @torch.no_grad()
 def generate_batch(
-    model: GPT, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    model: GPT | HFCausalLM, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
 ) -> Iterator[list[int | None]]:
     """Decode several requests together: one forward per step for the whole batch.
 
@@ -131,7 +134,7 @@ def generate_batch(
     would need to slide at different steps. Yields, per step, each row's new token or ``None``
     once that row has its ``max_new_tokens``.
     """
-    seq_len = model.config.seq_len
+    seq_len = model.context_length
     for i, (p, sp) in enumerate(zip(prompts, params)):
         sp.check()
         if not p or len(p) + sp.max_new_tokens > seq_len:
@@ -139,7 +142,7 @@ def generate_batch(
                 f"generate_batch: row {i} needs 1..{seq_len} positions, has "
                 f"{len(p)} + {sp.max_new_tokens}; generate it alone"
             )
-    device = model.tok_emb.weight.device
+    device = next(model.parameters()).device
     b, width = len(prompts), max(len(p) for p in prompts)
     steps = max(sp.max_new_tokens for sp in params)
     idx = torch.zeros(b, width, dtype=torch.long, device=device)

@@ -43,7 +43,9 @@ class LoadedRun:
 
     @property
     def seq_len(self) -> int:
-        return self.config.model.seq_len
+        """The context a prompt must fit: the model's own (an HF model's may exceed the
+        window it was trained on), or model.seq_len."""
+        return int(getattr(self.model, "context_length", self.config.model.seq_len))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,7 +161,7 @@ def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = No
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({exc})") from None
     weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema)
     try:
-        model = build_model(cfg, vocab_size=getattr(tokenizer, "vocab_size", None))
+        model = build_model(cfg, vocab_size=getattr(tokenizer, "vocab_size", None), run_dir=path)
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     try:

@@ -254,6 +254,11 @@ class GPT(nn.Module):
         self.activation_checkpointing = False  # see set_activation_checkpointing
         self.reset_parameters()
 
+    @property
+    def context_length(self) -> int:
+        """Positions generation keeps in view (the trained window; see deploy.generate)."""
+        return self.config.seq_len
+
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them.
 

@@ -79,6 +79,16 @@ def output_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in linears[-1].parameters()}
 
 
+def _hidden_matrix_ids(model: nn.Module) -> set[int]:
+    """Weights that map one hidden space to another: ``nn.Linear`` weights, or the names a
+    model lists with ``hidden_matrix_names()`` (a Hugging Face GPT-2 stores them in Conv1D)."""
+    names_fn = getattr(model, "hidden_matrix_names", None)
+    if callable(names_fn):
+        all_named = dict(model.named_parameters(remove_duplicate=False))
+        return {id(all_named[n]) for n in names_fn()}
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+
+
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Return ``(muon_params, adamw_params)``.
 
@@ -87,7 +97,7 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     (its rows are per-class and should move independently), gains, biases and conv kernels
     are all left to AdamW. Tied params count once and follow the embedding rule.
     """
-    linear_weight_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    linear_weight_ids = _hidden_matrix_ids(model)
     excluded = embedding_parameter_ids(model) | output_parameter_ids(model)
     muon: list[nn.Parameter] = []
     adamw: list[nn.Parameter] = []

@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from cadence.optim.chained import ChainedOptimizer
-from cadence.optim.groups import muon_split, param_groups
+from cadence.optim.groups import muon_split, output_parameter_ids, param_groups
 from cadence.optim.lion import Lion
 from cadence.optim.sharded import ShardedAdafactor, ShardedMuon
 
@@ -257,6 +257,7 @@ def check_hparams(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     aux_lr: float | None = None,
+    body_lr_ratio: float = 1.0,
 ) -> OptimizerSpec:
     """Every rule on an optimizer's settings, in one place: `build_optimizer` runs it, and so
     does the config check, so a bad value is refused before any model or data exists.
@@ -272,6 +273,10 @@ def check_hparams(
         raise ValueError(f"optimizer.lr: must be > 0, got {lr}")
     if aux_lr is not None and not aux_lr > 0:
         raise ValueError(f"optimizer.aux_lr: must be > 0, got {aux_lr}")
+    if not 0 < body_lr_ratio <= 1:
+        raise ValueError(
+            f"optimizer.body_lr_ratio: must be in (0, 1] (1 = one lr for all), got {body_lr_ratio}"
+        )
     # Heavy-ball, Muon and schedule-free interpolation weights all diverge or stall at 1.
     if not 0 <= momentum < 1:
         raise ValueError(f"optimizer.momentum: must be in [0, 1), got {momentum}")
@@ -299,6 +304,7 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     aux_lr: float | None = None,
+    body_lr_ratio: float = 1.0,
 ) -> Optimizer | ChainedOptimizer:
     """Build the named optimizer over ``model``'s trainable parameters.
 
@@ -315,6 +321,7 @@ def build_optimizer(
         betas=betas,
         eps=eps,
         aux_lr=aux_lr,
+        body_lr_ratio=body_lr_ratio,
     )
     optimizer = spec.build(
         model,
@@ -326,9 +333,43 @@ def build_optimizer(
         eps=eps,
         aux_lr=lr if aux_lr is None else aux_lr,
     )
+    if body_lr_ratio != 1.0:
+        _scale_body(optimizer, model, body_lr_ratio)
     if spec.schedule_free:
         set_train_mode(optimizer, True)
     return optimizer
+
+
+def _scale_body(optimizer: AnyOptimizer, model: nn.Module, ratio: float) -> None:
+    """Give every parameter but the output head ``ratio`` times its group's LR.
+
+    Fine-tuning's discriminative LR: the pretrained body moves slowly, the head (often new or
+    re-targeted) at the full rate. Groups are split after the optimizer is built (it has no
+    state yet, so this is exact) rather than in every builder: the head/body decision stays
+    :func:`output_parameter_ids`'s, and each group keeps the hyper-parameters its builder gave.
+    """
+    head = output_parameter_ids(model)
+    for opt in inner_optimizers(optimizer):
+        groups = []
+        for g in opt.param_groups:
+            parts = {
+                "head": [p for p in g["params"] if id(p) in head],
+                "body": [p for p in g["params"] if id(p) not in head],
+            }
+            for part, params in parts.items():
+                if not params:
+                    continue
+                scale = ratio if part == "body" else 1.0
+                groups.append(
+                    {
+                        **g,
+                        "params": params,
+                        "lr": g["lr"] * scale,
+                        "base_lr": g["base_lr"] * scale,
+                        "group_name": f"{g['group_name']}_{part}",
+                    }
+                )
+        opt.param_groups[:] = groups
 
 
 def inner_optimizers(optimizer: AnyOptimizer) -> list[Any]:

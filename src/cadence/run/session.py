@@ -93,6 +93,9 @@ def train(
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
                 tokenizer.save(run_dir)
+            save_config = getattr(holder["w"].model, "save_config", None)
+            if callable(save_config):  # a Hugging Face model's shape, to rebuild it offline
+                save_config(run_dir)
 
         _main_first(world, prepare)
         # The other ranks use the tokenizer rank 0 trained (BPE), not one of their own.

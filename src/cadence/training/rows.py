@@ -82,6 +82,8 @@ def run_summary(
     """What summary.json holds: final and best results, budgets spent, speed, the stop."""
     train = max(st.train_time_s, 1e-9)
     reason = st.stop_reason
+    flops_fn = getattr(workload.model, "flops_per_token", None)
+    flops = float(flops_fn()) if callable(flops_fn) else None
     return {
         "workload": workload.name,
         "optimizer": cfg.optimizer.name,
@@ -105,6 +107,9 @@ def run_summary(
         "samples_per_s": st.samples / train,  # per second of training (no eval/checkpoints)
         "tokens_per_s": st.tokens / train,
         "params": sum(p.numel() for p in params),
+        # Model FLOPs (6N + attention, see GPT.flops_per_token) and their rate: MFU's numerator.
+        "flops_per_token": flops,
+        "model_flops_per_s": None if flops is None else flops * st.tokens / train,
         "stop_reason": None if reason is None else str(reason),
         "stop": None if reason is None else reason.to_dict(),
     }

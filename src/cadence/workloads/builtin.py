@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cadence.config import Config, ConfigError
 from cadence.models import MLP, GPTConfig
+from cadence.workloads.hf import build_hf_model, check_hf, hf_tokenizer, is_hf
 from cadence.workloads.protocol import Workload
 from cadence.workloads.tensors import ClassificationWorkload, LanguageModelWorkload, LogRegWorkload
 
@@ -38,21 +39,36 @@ class WorkloadSpec:
                 f"model.arch: {arch!r} is not available for workload {self.name!r}; "
                 f"choose one of: {', '.join(self.archs)}"
             )
+        arch = model_arch(cfg)
+        if arch == "hf" and not is_hf(cfg):
+            raise ConfigError("model.arch: hf needs model.hf (a directory) or model.hf_config")
+        if is_hf(cfg) and arch != "hf":
+            raise ConfigError(f"model.arch: {arch!r} does not take model.hf; drop model.arch")
         try:
-            _check_model(cfg, arch or self.archs[0])
+            _check_model(cfg, arch)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if cfg.train.activation_checkpointing and (arch or self.archs[0]) != "gpt":
+        if cfg.train.activation_checkpointing and arch not in ("gpt", "hf"):
             raise ConfigError(
                 f"train.activation_checkpointing: workload {self.name!r} has no Transformer "
                 "blocks to checkpoint; set it to false"
             )
 
 
+def model_arch(cfg: Config) -> str:
+    """The architecture a config trains: ``model.arch``, ``hf`` for a Hugging Face model, or
+    the workload's first."""
+    if cfg.model.arch is not None:
+        return cfg.model.arch
+    return "hf" if is_hf(cfg) else WORKLOADS[cfg.workload].archs[0]
+
+
 def _check_model(cfg: Config, arch: str) -> None:
     """The model's own rules (GPTConfig.validate, the MLP's widths), without building it."""
     m = cfg.model
-    if arch == "gpt":
+    if arch == "hf":
+        check_hf(cfg)
+    elif arch == "gpt":
         gpt_config(cfg, vocab_size=256).validate()
     elif arch == "mlp":
         MLP.check_sizes(IN_FEATURES[cfg.workload], m.hidden, 10)
@@ -67,10 +83,14 @@ def val_fraction(cfg: Config) -> float:
     return WORKLOADS[cfg.workload].val_fraction
 
 
-def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
+def build_model(
+    cfg: Config, vocab_size: int | None = None, run_dir: Path | None = None
+) -> nn.Module:
     """The workload's model from the config alone (no data), e.g. to load saved weights.
 
     `vocab_size` is the tokenizer's, for `lm` (a BPE vocabulary can come out smaller than asked).
+    `run_dir` is the run whose saved shape a Hugging Face model takes (its weights come after);
+    without it an HF model comes from `model.hf` (pretrained) or `model.hf_config` (fresh).
     """
     from cadence.models import GPT, LogisticRegression, SmallCNN
 
@@ -82,6 +102,8 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> nn.Module:
             "models from a config (its trained weights are in the run's model.safetensors)"
         )
     m = cfg.model
+    if cfg.workload == "lm" and is_hf(cfg):
+        return build_hf_model(cfg, vocab_size or 256, run_dir)
     if cfg.workload == "lm":
         return GPT(gpt_config(cfg, vocab_size or 256))
     if cfg.workload == "logreg":
@@ -127,7 +149,7 @@ def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> 
 
         tok = load_tokenizer(tokenizer_dir)  # a resumed run keeps the tokenizer it trained with
     else:
-        tok = build_tokenizer(d.tokenizer, train_text, d.vocab_size)
+        tok = hf_tokenizer(cfg) or build_tokenizer(d.tokenizer, train_text, d.vocab_size)
 
     def pack(t: str) -> Tensor:
         ids = np.asarray(tok.encode(t), dtype=np.int64)
@@ -212,10 +234,11 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     for spec in [
         WorkloadSpec(
             "lm",
-            "GPT language model on text (default: the installed sympy sources); metric val_loss",
+            "GPT (or a Hugging Face causal LM: model.hf) on text (default: the installed sympy "
+            "sources); metric val_loss",
             "val_loss",
             False,
-            ("gpt",),
+            ("gpt", "hf"),
             _build_lm,
             val_fraction=0.05,
         ),

@@ -88,6 +88,7 @@ def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
     if not is_import_path(cfg.workload):
         w = WORKLOADS[cfg.workload].build(cfg, device, tokenizer_dir)
         w.name = cfg.workload
+        _freeze(w, cfg)
         return w
     try:
         w = _import_builder(cfg.workload)(cfg)
@@ -114,6 +115,20 @@ def prepare(w: Workload, cfg: Config, name: str | None = None) -> Workload:
             "set_activation_checkpointing(enabled) method; add one or set it to false"
         )
     w.model.to(resolve_device(cfg.train.device))
+    _freeze(w, cfg)
     w.limit_eval(cfg.train.eval_samples)
     w.name = w.name or name or "custom"
     return w
+
+
+def _freeze(w: Workload, cfg: Config) -> None:
+    """``model.freeze``: fixed parameters, named as the model itself names them."""
+    from cadence.models.hf import PREFIX, HFCausalLM, freeze_parameters
+
+    if not cfg.model.freeze:
+        return
+    prefix = PREFIX if isinstance(w.model, HFCausalLM) else ""
+    try:
+        freeze_parameters(w.model, cfg.model.freeze, prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
