@@ -1,4 +1,5 @@
-"""What `train.activation_checkpointing` saves, and what it costs, on the default recipe's GPT.
+"""What `train.activation_checkpointing` saves, and what it costs: the default recipe's GPT, or
+any model a config names (`--set model.hf_config=...` for a Hugging Face one).
 
 Memory is counted exactly: every tensor autograd keeps for the backward pass goes through
 `torch.autograd.graph.saved_tensors_hooks`, which adds up its bytes (on a GPU the peak of
@@ -6,6 +7,7 @@ Memory is counted exactly: every tensor autograd keeps for the backward pass goe
 by side, plain and checkpointed interleaved (A B, B A, ...), so a drift of the machine cancels.
 
     python benchmarks/activation_memory.py [--recipe default] [--batch 32] [--repeats 5]
+    python benchmarks/activation_memory.py --set 'model.hf_config={model_type: llama, ...}'
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def main() -> None:
     p.add_argument("--recipe", default="default")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="interleaved pairs of steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    cfg = load_config(args.recipe, ["data.max_bytes=200000", "train.progress=false"])
+    cfg = load_config(args.recipe, ["data.max_bytes=200000", "train.progress=false", *args.set])
     w = build_workload(cfg)
     model = w.model.train()
     x, y = w.batch(torch.arange(args.batch))
