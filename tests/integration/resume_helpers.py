@@ -175,3 +175,22 @@ def train_tiny_lm(run_dir: Path, *extra: str) -> Path:
     ]
     cadence.train(cadence.load_config(None, overrides), run_dir=run_dir)
     return run_dir
+
+
+def kill_twice_then_resume(cmd: list[str], run_dir: Path, seed: int) -> None:
+    """Start `cadence CMD`, SIGKILL it at a random logged step, resume and kill it again, then
+    resume to the end: the interrupted run, to compare with an uninterrupted one."""
+    import random
+    import signal
+
+    rng = random.Random(seed)
+    reached = 0
+    for _ in range(2):
+        proc = start_cli(*cmd)
+        reached = wait_for_step(proc, run_dir / "metrics.jsonl", reached + rng.randint(4, 8))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        cmd = ["train", "--resume", str(run_dir)]
+    res = run_cli(*cmd)
+    assert res.returncode == 0, res.stderr

@@ -7,13 +7,11 @@ parameter roles from the module types, the loss of the loaded weights on the fir
 from __future__ import annotations
 
 import json
-import random
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from resume_helpers import rows, run_cli, start_cli, wait_for_step, weights
+from resume_helpers import assert_same_run, kill_twice_then_resume, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
@@ -112,22 +110,9 @@ def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_weights(tmp_path, l
     args = [*HF_RUN, f"model.hf={llama_dir}", "optimizer.name=muon", "train.max_steps=24"]
     args += ["train.checkpoint_every=3"]
     assert run_cli("train", *as_sets(args), "--run-dir", str(tmp_path / "straight")).returncode == 0
-    rng = random.Random(3)
     cmd = ["train", *as_sets(args), "--run-dir", str(tmp_path / "run")]
-    reached = 0
-    for _ in range(2):
-        proc = start_cli(*cmd)
-        reached = wait_for_step(
-            proc, tmp_path / "run" / "metrics.jsonl", reached + rng.randint(4, 8)
-        )
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        assert proc.returncode == -signal.SIGKILL
-        cmd = ["train", "--resume", str(tmp_path / "run")]
-    res = run_cli(*cmd)
-    assert res.returncode == 0, res.stderr
-    assert weights(tmp_path / "run") == weights(tmp_path / "straight")
-    assert rows(tmp_path / "run") == rows(tmp_path / "straight")
+    kill_twice_then_resume(cmd, tmp_path / "run", seed=3)
+    assert_same_run(tmp_path / "straight", tmp_path / "run", range(1, 25))
 
 
 def test_fine_tuning_starts_from_the_saved_weights(tmp_path, llama_dir):

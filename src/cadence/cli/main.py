@@ -1,9 +1,9 @@
 """The `cadence` command: parse -> build -> run. No training logic lives here.
 
 All argument parsing of every command lives in this package (`cadence.cli`): train.py, tune.py
-(find-lr, find-batch, tune), compare.py and deploy.py (export, generate, serve) each register
-their subcommands and call the library; this module assembles them, maps user errors to one
-line and exit status 2, and prints config warnings as one line each.
+(find-lr, find-batch, tune), compare.py, deploy.py (export, generate, serve) and prepare.py
+(prepare-data) each register their subcommands and call the library; this module assembles them,
+maps user errors to one line and exit status 2, and prints config warnings as one line each.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.table import Table
 from cadence.cli.args import add_config_args
 from cadence.cli.compare import add_parsers as add_compare_parsers
 from cadence.cli.deploy import add_parsers as add_deploy_parsers
+from cadence.cli.prepare import add_parsers as add_prepare_parsers
 from cadence.cli.train import cmd_train
 from cadence.cli.tune import add_parsers as add_tune_parsers
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_parsers(sub)
     add_compare_parsers(sub)
     add_deploy_parsers(sub)
+    add_prepare_parsers(sub)
     return parser
 
 

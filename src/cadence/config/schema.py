@@ -118,7 +118,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # text file/folder for lm (null = the installed sympy sources)
+    path: str | None = None  # lm: text file/folder or a prepare-data folder (null = sympy)
+    sampling: Literal["packed", "random"] = "packed"  # prepared data: windows in turn, or random
     tokenizer: Literal["byte", "bpe"] = "byte"  # lm tokenizer; bpe is trained on the train split
     vocab_size: int = 1024  # bpe vocabulary size
     max_bytes: int | None = 4_000_000  # read at most this much text (null = all)

@@ -1,7 +1,7 @@
 """Datasets, tokenizers and the resumable sampler; all local, no downloads."""
 
 from cadence.data.errors import DataError
-from cadence.data.sampler import EpochSampler
+from cadence.data.sampler import EpochSampler, RandomOffsets
 from cadence.data.tabular import (
     load_breast_cancer_split,
     logreg_grad,
@@ -26,6 +26,7 @@ __all__ = [
     "DataError",
     "EpochSampler",
     "PretrainedTokenizer",
+    "RandomOffsets",
     "Tokenizer",
     "build_tokenizer",
     "load_breast_cancer_split",

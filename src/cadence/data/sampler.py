@@ -8,9 +8,10 @@ checkpoint beyond one integer.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["EpochSampler"]
+__all__ = ["EpochSampler", "RandomOffsets"]
 
 _EPOCH_STRIDE = 1_000_003
 
@@ -66,3 +67,45 @@ class EpochSampler:
         if not parts:
             return torch.empty(0, dtype=torch.long)
         return torch.cat(parts)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser over uint64 (wrapping arithmetic): a well-mixed hash of x."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class RandomOffsets:
+    """Stream sample ``k`` -> a window start drawn from ``hash(seed, k)``, uniform over
+    ``[0, n_positions)``.
+
+    The random-offset counterpart of :class:`EpochSampler` (nanoGPT's ``torch.randint`` windows,
+    made addressable): the window of any sample is a pure function of (seed, k), so resuming
+    at sample k reads nothing that was skipped, and the draw does not depend on how many
+    processes split the batch. ``n`` is the number of non-overlapping windows, so that an
+    "epoch" means as many tokens as a packed epoch.
+    """
+
+    def __init__(self, n: int, n_positions: int, seed: int) -> None:
+        if n < 1 or n_positions < 1:
+            raise ValueError(
+                f"RandomOffsets needs n >= 1 and positions >= 1, got {n}, {n_positions}"
+            )
+        self.n = int(n)
+        self.n_positions = int(n_positions)
+        self.seed = int(seed)
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        if start < 0 or count < 0:
+            raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
+        k = np.arange(start, start + count, dtype=np.uint64)
+        key = _splitmix64(np.uint64(self.seed & _MASK) ^ np.uint64(_GOLDEN)) if count else 0
+        h = _splitmix64(k ^ np.uint64(key))
+        return torch.from_numpy((h % np.uint64(self.n_positions)).astype(np.int64))

@@ -7,7 +7,7 @@ exact tokenizer it was trained with and ``load_tokenizer`` restores either kind.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -110,8 +110,12 @@ class BPETokenizer:
         return int(self._tok.get_vocab_size())  # type: ignore[attr-defined]
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
-        """Train on ``text``; callers pass only the training split to avoid leakage."""
+    def train(cls, text: str, vocab_size: int, special_tokens: Sequence[str] = ()) -> BPETokenizer:
+        """Train on ``text``; callers pass only the training split to avoid leakage.
+
+        ``special_tokens`` (none by default, so existing vocabularies do not change) take the
+        first ids, e.g. prepare-data's ``<|endoftext|>`` document separator.
+        """
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -122,7 +126,7 @@ class BPETokenizer:
             vocab_size=vocab_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
-            special_tokens=[],
+            special_tokens=list(special_tokens),
         )
         tok.train_from_iterator(_chunks(text), trainer=trainer)
         return cls(tok)

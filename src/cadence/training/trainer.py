@@ -21,7 +21,6 @@ from torch import Tensor
 
 from cadence.config import ConfigError
 from cadence.config.parts import batch_ramp_from, lr_schedule_from, optimizer_from, plateau_from
-from cadence.data import EpochSampler
 from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
@@ -78,7 +77,7 @@ class Trainer(Checkpointable):
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
-        self.sampler = EpochSampler(workload.n_train, t.seed, shuffle=cfg.batch.size != "full")
+        self.sampler = workload.sampler(t.seed, shuffle=cfg.batch.size != "full")
         self.state = TrainState()
         self.clock = RunClock(self.state)
         self.rows = RowLogger(workload.n_train, workload.tokens_per_sample)

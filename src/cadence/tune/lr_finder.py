@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from cadence.config.parts import optimizer_from
-from cadence.data import EpochSampler
 from cadence.schedules import split_micro
 from cadence.training.step import autocast_context, train_step
 
@@ -208,7 +207,7 @@ def _one_curve(
     model.train()
     full = cfg.batch.size == "full"
     size = _batch_size(cfg, workload)
-    sampler = EpochSampler(workload.n_train, seed, shuffle=not full)
+    sampler = workload.sampler(seed, shuffle=not full)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_context(next(model.parameters()).device, cfg.train.precision)
     # Each group keeps its ratio to the main LR (Muon's aux_lr, per-group LRs).

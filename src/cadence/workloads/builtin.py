@@ -16,7 +16,13 @@ from torch import Tensor, nn
 
 from cadence.config import Config, ConfigError
 from cadence.models import MLP, GPTConfig
-from cadence.workloads.hf import build_hf_model, check_hf, hf_tokenizer, is_hf
+from cadence.workloads.hf import (
+    build_hf_model,
+    check_hf,
+    check_prepared_tokenizer,
+    hf_tokenizer,
+    is_hf,
+)
 from cadence.workloads.protocol import Workload
 from cadence.workloads.tensors import ClassificationWorkload, LanguageModelWorkload, LogRegWorkload
 
@@ -132,10 +138,40 @@ def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
 IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
 
 
+def _build_prepared(cfg: Config, device: torch.device) -> Workload:
+    """``data.path`` is a `cadence prepare-data` folder: windows of its memory-mapped shards."""
+    from cadence.data import DataError, load_tokenizer
+    from cadence.data.shards import open_prepared
+    from cadence.workloads.prepared import PreparedLMWorkload
+
+    corpus = open_prepared(cfg.data.path)  # type: ignore[arg-type]
+    tok = load_tokenizer(corpus.path)
+    check_prepared_tokenizer(cfg, corpus.path)
+    w = PreparedLMWorkload(
+        build_model(cfg, vocab_size=tok.vocab_size).to(device),
+        corpus,
+        cfg.model.seq_len,
+        cfg.data.sampling,
+        device,
+        cfg.train.eval_samples,
+    )
+    if w.n_train == 0 or w.val_size == 0:
+        raise DataError(
+            f"data.path: {corpus.path} holds {corpus.train.n_tokens} training and "
+            f"{corpus.val.n_tokens} validation tokens, less than one window of "
+            f"model.seq_len + 1 = {w.window} in a split; prepare more text or lower model.seq_len"
+        )
+    w.extras["tokenizer"] = tok
+    return w
+
+
 def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
     from cadence.data import build_tokenizer, load_text, split_blocks
+    from cadence.data.shards import is_prepared
 
     d, m = cfg.data, cfg.model
+    if d.path is not None and is_prepared(d.path):
+        return _build_prepared(cfg, device)
     text = load_text(d.path, d.max_bytes)
     # Split the text (not the tokens) by a fixed rule over 16 KiB chunks, so a BPE tokenizer is
     # trained on the training split only and the split does not depend on the tokenizer.

@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from cadence.data import Tokenizer
     from cadence.models.hf import HFCausalLM
 
-__all__ = ["HF_CONFIG_DIR", "build_hf_model", "check_hf", "hf_tokenizer", "is_hf"]
+__all__ = [
+    "HF_CONFIG_DIR",
+    "build_hf_model",
+    "check_hf",
+    "check_prepared_tokenizer",
+    "hf_tokenizer",
+    "is_hf",
+]
 
 HF_CONFIG_DIR = "hf"  # under a run directory: the model's config.json
 
@@ -114,6 +121,27 @@ def hf_tokenizer(cfg: Config) -> Tokenizer | None:
         raise ConfigError(
             f"model.hf: {_model_dir(cfg) / 'tokenizer.json'} cannot be read ({_first_line(exc)})"
         ) from None
+
+
+def check_prepared_tokenizer(cfg: Config, corpus: Path) -> None:
+    """A model folder with its own tokenizer trains only on data prepared with that tokenizer:
+    the ids of another mean other tokens, and nothing else would notice."""
+    from tokenizers import Tokenizer
+
+    from cadence.data import has_pretrained_tokenizer
+
+    if cfg.model.hf is None or not has_pretrained_tokenizer(_model_dir(cfg)):
+        return
+    ours = Tokenizer.from_file(str(_model_dir(cfg) / "tokenizer.json")).to_str()
+    try:
+        theirs = Tokenizer.from_file(str(corpus / "tokenizer.json")).to_str()
+    except Exception:  # noqa: BLE001 - cadence's byte tokenizer is not a `tokenizers` file
+        theirs = None
+    if ours != theirs:
+        raise ConfigError(
+            f"data.path: {corpus} was prepared with another tokenizer than model.hf's own; "
+            f"prepare it with `cadence prepare-data ... --tokenizer {cfg.model.hf}`"
+        )
 
 
 def build_hf_model(cfg: Config, vocab_size: int, run_dir: Path | None = None) -> HFCausalLM:

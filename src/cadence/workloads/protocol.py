@@ -57,6 +57,17 @@ class Workload:
         total = self.val_size
         self.n_val = total if eval_samples is None else min(eval_samples, total)
 
+    def sampler(self, seed: int, shuffle: bool = True) -> Any:
+        """What turns a data position into sample indices: ``.indices(start, count)``.
+
+        By default an :class:`~cadence.data.EpochSampler` (seeded epochs of ``range(n_train)``);
+        a workload that addresses its samples otherwise (random window offsets into a token
+        stream) returns its own, with the same purity: a function of (seed, position).
+        """
+        from cadence.data import EpochSampler
+
+        return EpochSampler(self.n_train, seed, shuffle=shuffle)
+
     def batch(self, indices: Tensor) -> Any:
         """The micro-batch of the training samples at `indices` (a CPU int64 tensor, possibly
         empty: under torch.distributed a rank with a smaller share runs an empty micro-batch)."""

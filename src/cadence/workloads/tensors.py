@@ -119,7 +119,20 @@ class LogRegWorkload(TensorWorkload):
         }
 
 
-class LanguageModelWorkload(TensorWorkload):
+class NextTokenLoss:
+    """Next-token cross-entropy over (inputs, targets) batches, summed over target tokens:
+    the loss of every language-model workload (blocks on the device, or a prepared corpus)."""
+
+    def units(self, batch: tuple[Tensor, Tensor]) -> int:
+        return batch[1].numel()
+
+    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+
+
+class LanguageModelWorkload(NextTokenLoss, TensorWorkload):
     unit = "tokens"
 
     def __init__(self, *args, bytes_per_token: float, **kwargs) -> None:
@@ -130,14 +143,6 @@ class LanguageModelWorkload(TensorWorkload):
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         blocks = self.x_train[indices.to(self.x_train.device)].long()
         return blocks[:, :-1], blocks[:, 1:]
-
-    def units(self, batch: tuple[Tensor, Tensor]) -> int:
-        return batch[1].numel()
-
-    def loss_sum(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:

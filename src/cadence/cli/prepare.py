@@ -1,0 +1,128 @@
+"""`cadence prepare-data`: argparse wiring and the handler.
+
+The main CLI calls :func:`add_parsers` with its subparsers; the handler takes ``(args, console)``
+and returns an exit status. Bad input raises ``DataError`` (one line, exit 2, printed by the main
+CLI); the work itself is :func:`cadence.data.prepare.prepare_corpus`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["add_parsers", "cmd_prepare_data", "default_workers"]
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (a container's share, not the host's), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `prepare-data` on the main CLI's subparsers."""
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenize a corpus once into memory-mapped token shards (data.path: DIR)",
+        description="Tokenize SRC (text files, folders, .jsonl, .parquet, datasets saved with "
+        "save_to_disk) into DIR: token shards, their index and the tokenizer, split into "
+        "training and validation by document. Re-running the same command after an "
+        "interruption keeps the finished shards.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, in corpus order")
+    p.add_argument("--out", required=True, metavar="DIR", help="the prepared corpus's folder")
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        metavar="byte|bpe|HF_DIR",
+        help="byte (default), bpe (trained here on the training split), or a Hugging Face "
+        "model folder with tokenizer.json (its eos token separates documents)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="BPE vocabulary to train (default 4096)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        default=0.05,
+        help="share of pieces (documents, or chunks of long ones) held out (default 0.05)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizing processes for bpe and HF tokenizers (default: the CPUs available, at "
+        f"most 8; here {default_workers()}); byte tokenizing runs in-process",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        metavar="N",
+        default=2**26,
+        help="tokens per shard file (default 2**26)",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        metavar="N",
+        default=1 << 20,
+        help="documents longer than this are cut at line boundaries (default 1 MiB)",
+    )
+    p.set_defaults(func=cmd_prepare_data)
+
+
+def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
+    from cadence.data.prepare import prepare_corpus
+
+    start = time.perf_counter()
+    index = prepare_corpus(
+        args.sources,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        workers=args.workers if args.workers is not None else default_workers(),
+        shard_tokens=args.shard_tokens,
+        chunk_bytes=args.chunk_bytes,
+    )
+    seconds = time.perf_counter() - start
+
+    table = Table(title=f"prepared {args.out}", title_justify="left")
+    for col in ("split", "documents", "pieces", "tokens", "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in index["splits"].items():
+        table.add_row(
+            name,
+            f"{split['documents']:,}",
+            f"{split['pieces']:,}",
+            f"{split['tokens']:,}",
+            str(len(split["shards"])),
+        )
+    console.print(table)
+    tok = index["tokenizer"]
+    skipped = index.get("skipped", {})
+    notes = [f"skipped {skipped['files']:,} non-text files"] if skipped.get("files") else []
+    if skipped.get("documents"):
+        notes.append(f"skipped {skipped['documents']:,} records holding NUL or invalid text")
+    console.print(
+        f"tokenizer {tok['kind']} (vocab {tok['vocab_size']:,}, separator {index['separator']}, "
+        f"{index['dtype']})" + "".join(f"  ·  {n}" for n in notes)
+    )
+    mb = index["bytes"] / 1e6
+    console.print(f"{mb:,.2f} MB of text in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.2f} MB/s)")
+    console.print(f"train on it with: --set data.path={args.out}")
+    return 0

@@ -1,0 +1,177 @@
+"""Prepared corpora: token shards on disk, their index, and reading them memory-mapped.
+
+``cadence prepare-data SRC... --out DIR`` (:mod:`cadence.data.prepare`) tokenizes once and
+writes DIR as:
+
+    DIR/index.json          the manifest, written last (atomically): a DIR without it, or whose
+                            index does not verify, is not a prepared corpus
+    DIR/tokenizer.json      the tokenizer (+ tokenizer_config.json for an HF model's)
+    DIR/train-00000.bin     raw little-endian token ids (uint16 when the vocabulary fits,
+    DIR/val-00000.bin       uint32 otherwise), documents joined by the separator token
+
+Each split is one token stream cut into shards of at most ``shard_tokens`` tokens; a training
+window may span two shards. The index records, per split, the shards (file, tokens, SHA-256)
+and totals, and, for the corpus, the tokenizer, the separator id, the dtype, the validation rule
+and the sources' fingerprints (path, size, mtime) so a stale preparation can be recognised.
+
+Validation is split off by document (a document larger than ``chunk_bytes`` is cut at line
+boundaries into pieces first): piece ``i`` of the corpus, in source order, is validation when
+``frac(i * 2654435761 / 2**32) < val_fraction`` -- the same fixed, seed-free rule as
+:func:`cadence.data.split_blocks`, so no training window ever reads validation text.
+
+Reading (:func:`open_prepared`) checks the index and every shard's size, and with
+``verify=True`` their checksums; a missing, truncated or corrupt file is a ``DataError`` naming
+it. Shards are ``np.memmap``-ed: resident memory holds the pages being read, not the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cadence.data.errors import DataError
+
+__all__ = [
+    "FORMAT",
+    "INDEX_FILE",
+    "VERSION",
+    "PreparedCorpus",
+    "TokenStream",
+    "dtype_for",
+    "is_prepared",
+    "open_prepared",
+    "val_piece",
+]
+
+FORMAT = "cadence-tokens"
+VERSION = 1
+INDEX_FILE = "index.json"
+HASH_MULT = 2654435761
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def val_piece(i: int, val_fraction: float) -> bool:
+    """Whether corpus piece ``i`` (in source order) belongs to validation."""
+    return ((i * HASH_MULT) & 0xFFFFFFFF) / 2.0**32 < val_fraction
+
+
+def is_prepared(path: str | Path) -> bool:
+    """A folder that `cadence prepare-data` finished (it has an index)."""
+    p = Path(path)
+    return p.is_dir() and (p / INDEX_FILE).is_file()
+
+
+class TokenStream:
+    """One split's shards as a single token stream: ``read(offset, length)`` spans shards."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.starts = np.cumsum([0, *[len(a) for a in arrays]])
+        self.n_tokens = int(self.starts[-1])
+
+    def read(self, offset: int, length: int) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` as int64 (a copy: the page cache stays shared)."""
+        if offset < 0 or offset + length > self.n_tokens:
+            raise IndexError(f"tokens [{offset}, {offset + length}) of {self.n_tokens}")
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        filled = 0
+        while filled < length:
+            a, lo = self.arrays[shard], offset + filled - int(self.starts[shard])
+            take = min(length - filled, len(a) - lo)
+            out[filled : filled + take] = a[lo : lo + take]
+            filled += take
+            shard += 1
+        return out
+
+
+@dataclass
+class PreparedCorpus:
+    path: Path
+    index: dict[str, Any]
+    train: TokenStream
+    val: TokenStream
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["tokenizer"]["vocab_size"])
+
+    @property
+    def separator(self) -> int:
+        return int(self.index["separator"])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_index(root: Path) -> dict[str, Any]:
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise DataError(
+            f"data.path: {root} has no {INDEX_FILE}; prepare it with `cadence prepare-data "
+            f"SRC --out {root}` (an interrupted prepare leaves no index)"
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(
+            f"data.path: {path} is corrupt (not JSON); prepare the data again"
+        ) from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"data.path: {path} is not a cadence prepared-data index")
+    if index.get("version") != VERSION:
+        raise DataError(
+            f"data.path: {path} has format version {index.get('version')}, this cadence reads "
+            f"{VERSION}; prepare the data again"
+        )
+    return index
+
+
+def _open_split(root: Path, index: dict[str, Any], split: str, verify: bool) -> TokenStream:
+    dtype = np.dtype(index["dtype"])
+    arrays = []
+    for shard in index["splits"][split]["shards"]:
+        path = root / shard["file"]
+        if not path.is_file():
+            raise DataError(f"data.path: shard {path} is missing; prepare the data again")
+        expected = int(shard["tokens"]) * dtype.itemsize
+        if path.stat().st_size != expected:
+            raise DataError(
+                f"data.path: shard {path} has {path.stat().st_size} bytes, the index says "
+                f"{expected} (truncated or replaced); prepare the data again"
+            )
+        if verify and _sha256(path) != shard["sha256"]:
+            raise DataError(
+                f"data.path: shard {path} does not match its checksum in {INDEX_FILE} "
+                "(corrupt); prepare the data again"
+            )
+        if expected:
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return TokenStream(arrays)
+
+
+def open_prepared(path: str | Path, verify: bool = False) -> PreparedCorpus:
+    """The prepared corpus at ``path``: index checked, shards sized (and hashed if ``verify``)."""
+    root = Path(path).expanduser()
+    index = _load_index(root)
+    try:
+        train = _open_split(root, index, "train", verify)
+        val = _open_split(root, index, "val", verify)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"data.path: {root / INDEX_FILE} is malformed ({exc})") from None
+    return PreparedCorpus(root, index, train, val)

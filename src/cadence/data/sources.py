@@ -1,0 +1,266 @@
+"""prepare-data's sources: local files, folders, .jsonl, .parquet and saved HF datasets.
+
+Everything is read as a stream of *documents* (a text file, a .jsonl line, a parquet row, a
+dataset row), and each document is cut into *pieces* of at most ``chunk_bytes`` UTF-8 bytes at
+line boundaries. Pieces are the unit of the validation split, so their order must never change
+for the same sources: sources in the order given, files sorted within a folder (text.py's
+``_walk``), rows in stored order. Folders skip hidden entries and files that are not text exactly
+as ``load_text`` does (text.py's ``_decode_text``), so a corpus reads the same whichever loader
+reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cadence.data.errors import DataError
+from cadence.data.text import _decode_text, _walk
+
+__all__ = ["HF_DATASET_FILES", "ReadStats", "Source", "cut_pieces", "iter_pieces", "open_sources"]
+
+# A folder holding one of these was written by `datasets`' save_to_disk (a Dataset, or a
+# DatasetDict whose top level holds only dataset_dict.json).
+HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+# Text files up to this size are read whole (and checked by _decode_text in one call); larger
+# ones are memory-mapped and checked block by block, so a 20 GB dump does not need 20 GB of RAM.
+WHOLE_FILE_BYTES = 64 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class Source:
+    """One SRC argument, resolved: what kind it is and which files it stands for."""
+
+    path: Path
+    kind: str  # "file" | "folder" | "hf"
+    files: list[Path]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Total bytes, newest mtime and file count: enough to tell that a source changed."""
+        size, mtime, count = 0, 0, 0
+        for f in self.files:
+            try:
+                st = f.stat()
+            except OSError as exc:
+                raise _unreadable(f, exc) from None
+            size, mtime, count = size + st.st_size, max(mtime, st.st_mtime_ns), count + 1
+        return {"path": str(self.path), "size": size, "mtime_ns": mtime, "files": count}
+
+    @property
+    def has_unsized_text(self) -> bool:
+        """Whether its text bytes can differ much from its file bytes (compressed columns)."""
+        return self.kind == "hf" or any(f.suffix.lower() == ".parquet" for f in self.files)
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    skipped_files: int = 0  # not text (binary, not UTF-8) inside a folder
+    skipped_documents: int = 0  # records holding NUL or invalid Unicode
+    skipped_bytes: int = 0  # the skipped files' size: read too, so part of the progress
+
+
+def open_sources(sources: Iterable[str | Path], exclude: Path | None = None) -> list[Source]:
+    """Resolve SRC arguments; ``exclude`` (the output folder) is left out of folder walks so
+    preparing ``.`` into ``./prepared`` does not read its own shards on a rerun."""
+    out: list[Source] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise DataError(
+                f"{src}: does not exist; give a text file, a folder, a .jsonl or .parquet file "
+                "or a dataset saved with save_to_disk"
+            )
+        p = p.resolve()
+        if p.is_dir() and any((p / name).is_file() for name in HF_DATASET_FILES):
+            out.append(Source(p, "hf", _walk(p)))
+        elif p.is_dir():
+            files = _walk(p)
+            if exclude is not None:
+                files = [f for f in files if not f.is_relative_to(exclude)]
+            out.append(Source(p, "folder", files))
+        else:
+            out.append(Source(p, "file", [p]))
+    return out
+
+
+def cut_pieces(buf: Any, chunk_bytes: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """``(begin, end)`` byte ranges of ``buf[start:]`` (bytes or mmap) of at most ``chunk_bytes``.
+
+    Each piece is the longest run of whole lines that fits; a line longer than ``chunk_bytes``
+    is cut at ``chunk_bytes``, moved back to a UTF-8 character boundary so every piece decodes.
+    """
+    n, a = len(buf), start
+    while a < n:
+        b = a + chunk_bytes
+        if b >= n:
+            yield a, n
+            return
+        j = buf.rfind(b"\n", a, b)
+        if j != -1:
+            b = j + 1
+        else:
+            while b > a + 1 and (buf[b] & 0xC0) == 0x80:  # a continuation byte
+                b -= 1
+        yield a, b
+        a = b
+
+
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"{path}: cannot read it ({exc.strerror or exc}); fix its permissions or leave it out "
+        "of the sources"
+    )
+
+
+def _text_file(path: Path, in_folder: bool, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    """A text file as one document: ``(buffer, start)``, ``start`` past a byte-order mark."""
+    try:
+        big = path.stat().st_size > WHOLE_FILE_BYTES
+        fh = path.open("rb")
+        raw: Any = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if big else fh.read()
+        size = len(raw)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with fh:
+        try:
+            if big:  # valid iff every block is: concatenated valid UTF-8 is valid UTF-8
+                ok = all(_decode_text(raw[a:b]) is not None for a, b in cut_pieces(raw, 1 << 24))
+            else:
+                ok = _decode_text(raw) is not None
+            start = 3 if raw[:3] == _BOM else 0
+            if ok and len(raw) > start:
+                stats.documents += 1
+                yield raw, start
+        finally:
+            if big:
+                raw.close()
+    if not ok:
+        if not in_folder:
+            raise DataError(
+                f"{path}: is not a UTF-8 text file (NUL bytes or invalid UTF-8); give text, "
+                ".jsonl, .parquet or a folder of text files"
+            )
+        stats.skipped_files += 1
+        stats.skipped_bytes += size
+
+
+def _record(text: Any, where: str, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    """A record's text as UTF-8; empty ones are dropped, ones holding NUL (the byte tokenizer's
+    separator) or lone surrogates are skipped like a folder's non-text files."""
+    if text is None or text == "":
+        return
+    if not isinstance(text, str):
+        raise DataError(f'{where}: "text" is a {type(text).__name__}, not a string')
+    if "\x00" in text:
+        stats.skipped_documents += 1
+        return
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        stats.skipped_documents += 1
+        return
+    stats.documents += 1
+    yield raw, 0
+
+
+def _jsonl(path: Path, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                msg = getattr(exc, "msg", "not UTF-8")
+                raise DataError(
+                    f"{path}:{lineno} is not valid JSON ({msg}); a .jsonl file needs one JSON "
+                    'object like {"text": "..."} per line'
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(
+                    f'{path}:{lineno} has no string "text" field; each line of a .jsonl file '
+                    'must be an object like {"text": "..."}'
+                )
+            yield from _record(record["text"], f"{path}:{lineno}", stats)
+
+
+def _parquet(path: Path, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading .parquet files needs pyarrow; pip install pyarrow"
+        ) from None
+    try:
+        pf = pq.ParquetFile(path)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    except Exception as exc:  # pyarrow's ArrowInvalid: not a parquet file
+        raise DataError(f"{path}: is not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        raise DataError(f'{path}: has no "text" column (columns: {", ".join(names)})')
+    for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
+        for value in batch.column(0).to_pylist():
+            yield from _record(value, str(path), stats)
+
+
+def _hf_dataset(path: Path, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path}: is a Hugging Face dataset saved with save_to_disk; reading it needs the "
+            "datasets package: pip install datasets"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot load it with datasets.load_from_disk ({first})") from None
+    parts = [ds[k] for k in ds] if isinstance(ds, datasets.DatasetDict) else [ds]
+    for part in parts:
+        if "text" not in part.column_names:
+            raise DataError(
+                f'{path}: the dataset has no "text" column (columns: '
+                f"{', '.join(part.column_names)})"
+            )
+        for batch in part.select_columns(["text"]).iter(batch_size=1024):
+            for value in batch["text"]:
+                yield from _record(value, str(path), stats)
+
+
+def _documents(source: Source, stats: ReadStats) -> Iterator[tuple[Any, int]]:
+    if source.kind == "hf":
+        yield from _hf_dataset(source.path, stats)
+        return
+    for f in source.files:
+        suffix = f.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _jsonl(f, stats)
+        elif suffix == ".parquet":
+            yield from _parquet(f, stats)
+        else:
+            yield from _text_file(f, source.kind == "folder", stats)
+
+
+def iter_pieces(
+    sources: list[Source], chunk_bytes: int, stats: ReadStats | None = None
+) -> Iterator[tuple[str, int, int]]:
+    """Every piece in corpus order: ``(text, utf8_bytes, document_number)``."""
+    stats = stats if stats is not None else ReadStats()
+    for source in sources:
+        for buf, start in _documents(source, stats):
+            doc = stats.documents - 1
+            for a, b in cut_pieces(buf, chunk_bytes, start):
+                yield bytes(buf[a:b]).decode("utf-8"), b - a, doc
