@@ -31,7 +31,7 @@ def add_parsers(sub: Any) -> None:
     """Register `prepare-data` on the main CLI's subparsers."""
     p = sub.add_parser(
         "prepare-data",
-        help="tokenize a corpus once into memory-mapped token shards (data.path: DIR)",
+        help="tokenize a corpus once into token shards that training reads in place (data.path: DIR)",
         description="Tokenize SRC (text files, folders, .jsonl, .parquet, datasets saved with "
         "save_to_disk) into DIR: token shards, their index and the tokenizer, split into "
         "training and validation by document. Re-running the same command after an "

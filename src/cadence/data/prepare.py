@@ -1,7 +1,7 @@
 """`cadence prepare-data`: tokenize a corpus once into the shards of :mod:`cadence.data.shards`.
 
 Tokenizing at the start of every run costs minutes per gigabyte and holds the corpus in memory;
-a prepared corpus is tokenized once, in parallel, and then read memory-mapped by every run.
+a prepared corpus is tokenized once, in parallel, and then read in place by every run.
 
 An interrupted prepare never leaves something that looks finished, and a rerun of the same
 command does not redo finished shards:

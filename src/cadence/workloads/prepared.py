@@ -1,4 +1,4 @@
-"""The language-model workload on a prepared corpus: windows read from memory-mapped shards.
+"""The language-model workload on a prepared corpus: windows read in place from its shards.
 
 ``data.path: DIR`` where DIR is a ``cadence prepare-data`` output. A training sample is a window
 of ``model.seq_len + 1`` tokens of the training stream:
@@ -11,8 +11,8 @@ of ``model.seq_len + 1`` tokens of the training stream:
 
 Either way which tokens a sample holds is a function of (seed, sample index): resuming reads no
 skipped data, and the batches do not depend on the number of processes. Only the batch being
-trained leaves the page cache: it is copied out of the memmap, pinned on CUDA, and moved with
-``non_blocking``. Evaluation scores a fixed, seed-free set of validation windows spread evenly
+trained is read (``pread``, see :class:`cadence.data.shards.TokenStream`), pinned on CUDA and
+moved with ``non_blocking``. Evaluation scores a fixed, seed-free set of validation windows spread evenly
 through the validation stream, ``train.eval_samples`` of them.
 """
 
