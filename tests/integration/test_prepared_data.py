@@ -161,3 +161,15 @@ def test_an_hf_model_trains_on_data_prepared_with_its_own_tokenizer(tmp_path, co
     with pytest.raises(cadence.ConfigError, match="prepared with another tokenizer"):
         cadence.train(cfg, run_dir=tmp_path / "bad", plots=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_on_prepared_data_exports_and_quantises(tmp_path, corpus):
+    from cadence.deploy.export import export_run
+
+    cfg = cadence.load_config(None, [*RUN, f"data.path={corpus}", "train.max_steps=3"])
+    cadence.train(cfg, run_dir=tmp_path / "run", plots=False)
+    result = export_run(tmp_path / "run", "onnx", quantize="int8")
+    assert result.max_abs_diff <= result.tolerance
+    q = result.quantization
+    # Scored on 64 validation windows spread through the split (there are more than 64).
+    assert q["val_examples"] == 64 and np.isfinite(q["val_loss_int8"])

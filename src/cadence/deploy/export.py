@@ -168,12 +168,12 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
     cfg = run.config
     cfg.train.device = "cpu"
     workload = build_workload(cfg)
-    n = min(len(workload.x_val), 64 if run.kind == "lm" else 2048)
-    x_val = workload.x_val[:n].cpu()
+    n = min(workload.val_size, 64 if run.kind == "lm" else 2048)
     if run.kind == "lm":
-        blocks = x_val.long()
+        blocks = workload.val_blocks(n).cpu()  # the same for text in memory and prepared data
         x, y = [blocks[:, :-1]], blocks[:, 1:]
     else:
+        x_val = workload.x_val[:n].cpu()
         x, y = [x_val.reshape(n, *CLASSIFIER_INPUTS[cfg.workload])], workload.y_val[:n].cpu()
     for label, session in (("fp32", fp32), ("int8", int8)):
         logits = torch.from_numpy(_ort_outputs(session, x)[0])

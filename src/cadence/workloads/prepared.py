@@ -97,10 +97,16 @@ class PreparedLMWorkload(NextTokenLoss, Workload):
         blocks = self._windows(self.corpus.train, starts)
         return blocks[:, :-1], blocks[:, 1:]
 
-    def val_starts(self) -> np.ndarray:
-        """Where the evaluated windows start: ``n_val`` of them, evenly spaced, seed-free."""
-        chosen = np.arange(self.n_val, dtype=np.int64) * self.n_val_windows // max(1, self.n_val)
+    def val_starts(self, n: int | None = None) -> np.ndarray:
+        """Where the evaluated windows start: ``n`` (default ``n_val``) of them, evenly spaced
+        through the validation stream, whatever the seed."""
+        n = self.n_val if n is None else min(n, self.n_val_windows)
+        chosen = np.arange(n, dtype=np.int64) * self.n_val_windows // max(1, n)
         return chosen * self.window
+
+    def val_blocks(self, n: int) -> Tensor:
+        """`n` validation windows of seq_len + 1 tokens (int64), spread as in evaluation."""
+        return self._windows(self.corpus.val, self.val_starts(n))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:

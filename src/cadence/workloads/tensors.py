@@ -144,6 +144,10 @@ class LanguageModelWorkload(NextTokenLoss, TensorWorkload):
         blocks = self.x_train[indices.to(self.x_train.device)].long()
         return blocks[:, :-1], blocks[:, 1:]
 
+    def val_blocks(self, n: int) -> Tensor:
+        """The first `n` validation blocks of seq_len + 1 tokens (int64)."""
+        return self.x_val[:n].long()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
         total, count = torch.zeros((), dtype=torch.float64), 0
