@@ -431,3 +431,25 @@ def test_cli_parquet_without_pyarrow(tmp_path: Path, capsys) -> None:
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     assert main(["prepare-data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o")]) == 2
     assert "pip install pyarrow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_max_bytes_keeps_a_deterministic_prefix_of_the_corpus(tmp_path, tokenizer):
+    src = tmp_path / "src"
+    src.mkdir()
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # é\n" for i in range(4000))
+    (src / "a.py").write_text(text)
+    (src / "b.py").write_text(text[::-1])
+    full = prepare_corpus([src], tmp_path / "full", tokenizer=tokenizer, vocab_size=300,
+                          chunk_bytes=2048, progress=False)  # fmt: skip
+    cut = prepare_corpus([src], tmp_path / "cut", tokenizer=tokenizer, vocab_size=300,
+                         chunk_bytes=2048, max_bytes=50_001, progress=False)  # fmt: skip
+    assert cut["max_bytes"] == 50_001 and cut["bytes"] <= 50_001 < full["bytes"]
+    assert cut["bytes"] > 50_001 - 4  # cut at a character boundary, at most one char short
+    # The same pieces as the full corpus up to the cut: its training stream is a prefix.
+    a, b = open_prepared(tmp_path / "cut").train, open_prepared(tmp_path / "full").train
+    if tokenizer == "byte":
+        n = a.n_tokens - 1  # the last piece is cut (and its separator follows it)
+        np.testing.assert_array_equal(a.read(0, n - 64), b.read(0, n - 64))
+    with pytest.raises(DataError, match="--max-bytes"):
+        prepare_corpus([src], tmp_path / "bad", max_bytes=0, progress=False)

@@ -82,6 +82,13 @@ def add_parsers(sub: Any) -> None:
         default=1 << 20,
         help="documents longer than this are cut at line boundaries (default 1 MiB)",
     )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        default=None,
+        help="prepare only the first N bytes of text, in corpus order (default: all)",
+    )
     p.set_defaults(func=cmd_prepare_data)
 
 
@@ -98,6 +105,7 @@ def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
         workers=args.workers if args.workers is not None else default_workers(),
         shard_tokens=args.shard_tokens,
         chunk_bytes=args.chunk_bytes,
+        max_bytes=args.max_bytes,
     )
     seconds = time.perf_counter() - start
 

@@ -80,15 +80,19 @@ def prepare_corpus(
     workers: int = 1,
     shard_tokens: int = 2**26,
     chunk_bytes: int = 1 << 20,
+    max_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` into the prepared corpus ``out`` and return its index.
 
     ``tokenizer`` is ``"byte"``, ``"bpe"`` (trained here on training pieces only, so validation
     text never shapes the vocabulary) or a Hugging Face model folder holding tokenizer.json.
-    Rerunning after an interruption resumes (see the module docstring).
+    Rerunning after an interruption resumes (see the module docstring). ``max_bytes`` keeps
+    the first that many bytes of text, in corpus order, for quick experiments on a large corpus.
     """
     _check_options(val_fraction, workers, shard_tokens, chunk_bytes)
+    if max_bytes is not None and max_bytes < 1:
+        raise DataError(f"--max-bytes: must be a positive number of bytes, got {max_bytes}")
     out = Path(out).expanduser()
     srcs = open_sources(sources, exclude=out.resolve())
     if not srcs:
@@ -98,9 +102,11 @@ def prepare_corpus(
     settings = {"format": FORMAT, "version": VERSION, "tokenizer": spec}
     settings |= {"val_fraction": val_fraction, "chunk_bytes": chunk_bytes}
     settings["shard_tokens"] = shard_tokens
+    if max_bytes is not None:  # absent when unset, so earlier progress files still match
+        settings["max_bytes"] = max_bytes
     state = _start(out, settings, fingerprint)
     console = Console(stderr=True, quiet=not progress)
-    tok, sep = _tokenizer(out, spec, state, srcs, chunk_bytes, val_fraction, console)
+    tok, sep = _tokenizer(out, spec, state, srcs, (chunk_bytes, max_bytes), val_fraction, console)
     dtype = dtype_for(tok.vocab_size)
 
     def commit() -> None:
@@ -116,7 +122,9 @@ def prepare_corpus(
         # One task, or byte "tokenizing" (a copy): worker processes would only add the cost of
         # starting them and of pickling the text there and the tokens back.
         workers = 1
-    tasks = _tasks(iter_pieces(srcs, chunk_bytes, stats), val_fraction, counts)
+    tasks = _tasks(iter_pieces(srcs, chunk_bytes, stats, max_bytes), val_fraction, counts)
+    if total is not None and max_bytes is not None:
+        total = min(total, max_bytes)
     initargs = (str(out / TOKENIZER_FILE), sep, dtype.str)
     columns = (TextColumn("tokenizing"), BarColumn(bar_width=16), DownloadColumn())
     columns += (TransferSpeedColumn(), TimeElapsedColumn())
@@ -148,6 +156,7 @@ def prepare_corpus(
         "val_fraction": val_fraction,
         "chunk_bytes": chunk_bytes,
         "shard_tokens": shard_tokens,
+        "max_bytes": max_bytes,
         "sources": fingerprint,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bytes": done,
@@ -241,7 +250,7 @@ def _tokenizer(
     spec: dict[str, Any],
     state: dict[str, Any],
     srcs: list[Source],
-    chunk_bytes: int,
+    limits: tuple[int, int | None],
     val_fraction: float,
     console: Console,
 ) -> tuple[Tokenizer, int]:
@@ -251,7 +260,7 @@ def _tokenizer(
     if kind == "bpe" and recorded and path.is_file() and _sha256(path) == recorded:
         tok: Tokenizer = load_tokenizer(path)  # resuming: keep the tokenizer the shards used
     elif kind == "bpe":
-        text = _bpe_text(srcs, chunk_bytes, val_fraction)
+        text = _bpe_text(srcs, limits, val_fraction)
         mb = len(text.encode("utf-8")) / 1e6
         with console.status(
             f"training a BPE tokenizer (vocab {spec['vocab_size']}) on {mb:.1f} MB"
@@ -294,10 +303,11 @@ def _load_pretrained(path: Path) -> PretrainedTokenizer:
     return tok
 
 
-def _bpe_text(srcs: list[Source], chunk_bytes: int, val_fraction: float) -> str:
-    """The first ~BPE_TRAIN_BYTES of training pieces, in corpus order (deterministic)."""
+def _bpe_text(srcs: list[Source], limits: tuple[int, int | None], val_fraction: float) -> str:
+    """The first ~BPE_TRAIN_BYTES of training pieces, in corpus order (deterministic), within
+    the corpus's ``max_bytes`` prefix (``limits`` is ``(chunk_bytes, max_bytes)``)."""
     parts, nbytes, n = [], 0, 0
-    for i, (text, nb, _) in enumerate(iter_pieces(srcs, chunk_bytes)):
+    for i, (text, nb, _) in enumerate(iter_pieces(srcs, limits[0], max_bytes=limits[1])):
         n = i + 1
         if nbytes >= BPE_TRAIN_BYTES:
             break

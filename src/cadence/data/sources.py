@@ -255,12 +255,25 @@ def _documents(source: Source, stats: ReadStats) -> Iterator[tuple[Any, int]]:
 
 
 def iter_pieces(
-    sources: list[Source], chunk_bytes: int, stats: ReadStats | None = None
+    sources: list[Source],
+    chunk_bytes: int,
+    stats: ReadStats | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[tuple[str, int, int]]:
-    """Every piece in corpus order: ``(text, utf8_bytes, document_number)``."""
+    """Every piece in corpus order: ``(text, utf8_bytes, document_number)``; with ``max_bytes``,
+    the deterministic prefix of that many bytes (the last piece cut at a character boundary)."""
     stats = stats if stats is not None else ReadStats()
+    left = max_bytes
     for source in sources:
         for buf, start in _documents(source, stats):
             doc = stats.documents - 1
             for a, b in cut_pieces(buf, chunk_bytes, start):
-                yield bytes(buf[a:b]).decode("utf-8"), b - a, doc
+                raw = bytes(buf[a:b])
+                if left is not None and len(raw) >= left:
+                    text = raw[:left].decode("utf-8", errors="ignore")
+                    if text:
+                        yield text, len(text.encode("utf-8")), doc
+                    return
+                if left is not None:
+                    left -= len(raw)
+                yield raw.decode("utf-8"), b - a, doc
