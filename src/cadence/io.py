@@ -1,7 +1,9 @@
-"""Files that are either whole or absent: write to a temporary name, fsync, rename."""
+"""Files that are either whole or absent (write to a temporary name, fsync, rename), and the
+checksum that tells a whole file from a damaged one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -35,6 +37,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks so a shard of gigabytes costs no memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

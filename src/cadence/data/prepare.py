@@ -46,8 +46,8 @@ from rich.progress import (
 
 from cadence.data.checks import check_tokenizer, check_val_fraction
 from cadence.data.errors import DataError
-from cadence.data.shard_writer import ShardWriter, write_json
-from cadence.data.shards import FORMAT, INDEX_FILE, VERSION, _sha256, dtype_for, val_piece
+from cadence.data.shard_writer import ShardWriter
+from cadence.data.shards import FORMAT, INDEX_FILE, VERSION, dtype_for, val_piece
 from cadence.data.sources import ReadStats, Source, iter_pieces, open_sources
 from cadence.data.tokenizers import (
     PRETRAINED_FILES,
@@ -60,6 +60,7 @@ from cadence.data.tokenizers import (
     has_pretrained_tokenizer,
     load_tokenizer,
 )
+from cadence.io import atomic_write_json, sha256_file
 
 __all__ = ["BPE_TRAIN_BYTES", "PROGRESS_FILE", "SEPARATOR_TOKEN", "prepare_corpus"]
 
@@ -110,7 +111,7 @@ def prepare_corpus(
     dtype = dtype_for(tok.vocab_size)
 
     def commit() -> None:
-        write_json(out / PROGRESS_FILE, state)
+        atomic_write_json(out / PROGRESS_FILE, state)
 
     writers = {
         s: ShardWriter(out, s, dtype, shard_tokens, state["shards"][s], commit) for s in SPLITS
@@ -162,7 +163,7 @@ def prepare_corpus(
         "bytes": done,
         "skipped": {"files": stats.skipped_files, "documents": stats.skipped_documents},
     }
-    write_json(out / INDEX_FILE, index)
+    atomic_write_json(out / INDEX_FILE, index)
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return index
 
@@ -202,7 +203,7 @@ def _tokenizer_spec(tokenizer: str, vocab_size: int) -> dict[str, Any]:
         )
     path = path.resolve()
     _load_pretrained(path)  # refused (no eos, does not load) before DIR is touched
-    return {"kind": "hf", "source": str(path), "sha256": _sha256(path / TOKENIZER_FILE)}
+    return {"kind": "hf", "source": str(path), "sha256": sha256_file(path / TOKENIZER_FILE)}
 
 
 def _clear_shards(out: Path) -> None:
@@ -238,7 +239,7 @@ def _start(out: Path, settings: dict[str, Any], fingerprint: list[dict]) -> dict
         (out / name).unlink(missing_ok=True)
     state = {"settings": settings, "sources": fingerprint, "tokenizer_sha256": None}
     state["shards"] = {s: [] for s in SPLITS}
-    write_json(prog, state)
+    atomic_write_json(prog, state)
     return state
 
 
@@ -257,7 +258,7 @@ def _tokenizer(
     """The tokenizer, saved into ``out`` (workers load it from there), and its separator id."""
     path, kind = out / TOKENIZER_FILE, spec["kind"]
     recorded = state["tokenizer_sha256"]
-    if kind == "bpe" and recorded and path.is_file() and _sha256(path) == recorded:
+    if kind == "bpe" and recorded and path.is_file() and sha256_file(path) == recorded:
         tok: Tokenizer = load_tokenizer(path)  # resuming: keep the tokenizer the shards used
     elif kind == "bpe":
         text = _bpe_text(srcs, limits, val_fraction)
@@ -273,12 +274,12 @@ def _tokenizer(
     else:
         tok = _load_pretrained(Path(spec["source"]))
         tok.save(out)
-    sha = _sha256(path)
+    sha = sha256_file(path)
     if recorded not in (None, sha):  # not the tokenizer the finished shards were made with
         _clear_shards(out)
         state["shards"] = {s: [] for s in SPLITS}
     state["tokenizer_sha256"] = sha
-    write_json(out / PROGRESS_FILE, state)
+    atomic_write_json(out / PROGRESS_FILE, state)
     if isinstance(tok, ByteTokenizer):
         return tok, 0  # NUL: _decode_text refuses it, so it never occurs in accepted text
     if isinstance(tok, PretrainedTokenizer):

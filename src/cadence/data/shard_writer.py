@@ -9,7 +9,6 @@ them untouched instead of rewriting them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,14 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShardWriter", "write_json"]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` whole or not at all (temp file + os.replace): a reader never sees half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+__all__ = ["ShardWriter"]
 
 
 class ShardWriter:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cadence.data.errors import DataError
+from cadence.io import sha256_file
 
 __all__ = [
     "FORMAT",
@@ -140,16 +141,6 @@ class PreparedCorpus:
         return int(self.index["separator"])
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_index(root: Path) -> dict[str, Any]:
     path = root / INDEX_FILE
     if not path.is_file():
@@ -186,7 +177,7 @@ def _open_split(root: Path, index: dict[str, Any], split: str, verify: bool) -> 
                 f"data.path: shard {path} has {path.stat().st_size} bytes, the index says "
                 f"{expected} (truncated or replaced); prepare the data again"
             )
-        if verify and _sha256(path) != shard["sha256"]:
+        if verify and sha256_file(path) != shard["sha256"]:
             raise DataError(
                 f"data.path: shard {path} does not match its checksum in {INDEX_FILE} "
                 "(corrupt); prepare the data again"

@@ -12,7 +12,6 @@ over for an older one.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import save_model
 from torch import Tensor
 
+from cadence.io import sha256_file
 from cadence.runtime.distributed import World, barrier, broadcast_object
 from cadence.training.sharded import DIRNAME, load_sharded, save_sharded
 
@@ -39,14 +39,6 @@ T = TypeVar("T")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -158,7 +150,7 @@ def _write_checkpoint(
         "world_size": trainer.world.size,
         "metric": metric,
         "higher_is_better": higher_is_better,
-        "files": {name: _sha256(tmp / name) for name in files},
+        "files": {name: sha256_file(tmp / name) for name in files},
     }
     (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
     for name in [*files, "checkpoint.json"]:
@@ -193,7 +185,7 @@ def verify(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
-        if _sha256(file) != listed.get(name):
+        if sha256_file(file) != listed.get(name):
             raise CheckpointError(f"{file}: checksum mismatch (truncated or corrupted)")
     return manifest
 
