@@ -101,11 +101,11 @@ class RandomOffsets:
         self.n = int(n)
         self.n_positions = int(n_positions)
         self.seed = int(seed)
+        self._key = _splitmix64(np.uint64(self.seed & _MASK) ^ np.uint64(_GOLDEN))
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         if start < 0 or count < 0:
             raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
         k = np.arange(start, start + count, dtype=np.uint64)
-        key = _splitmix64(np.uint64(self.seed & _MASK) ^ np.uint64(_GOLDEN)) if count else 0
-        h = _splitmix64(k ^ np.uint64(key))
+        h = _splitmix64(k ^ self._key)
         return torch.from_numpy((h % np.uint64(self.n_positions)).astype(np.int64))

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cadence.models.gpt import GPT
-from cadence.models.hf import HFCausalLM
+
+if TYPE_CHECKING:
+    from cadence.models.hf import HFCausalLM
 
 __all__ = [
     "SamplingParams",

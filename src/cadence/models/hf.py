@@ -182,7 +182,7 @@ class HFCausalLM(nn.Module):
         _quiet_transformers()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        return sum(p.numel() for p in model.parameters())  # tied weights count once
 
     @staticmethod
     def context_of(config: Any) -> int:
@@ -226,21 +226,16 @@ class HFCausalLM(nn.Module):
         }
 
     def hidden_matrix_names(self) -> set[str]:
-        """2-D weights that map one hidden space to another: the ones Muon should take.
-
-        nn.Linear and GPT-2's Conv1D (a Linear stored transposed; orthogonalisation commutes
-        with transposition, so Muon treats it the same), minus embeddings and the head.
-        """
+        """The weights of linear maps: nn.Linear's, and GPT-2's Conv1D (a Linear stored
+        transposed; orthogonalisation commutes with transposition, so Muon treats it the same).
+        ``muon_split`` leaves the embeddings and the head out of them, as for any model."""
         from transformers.pytorch_utils import Conv1D
 
-        excluded = self.output_parameter_names() | self.embedding_parameter_names()
-        names = set()
-        for name, m in self.named_modules():
-            w = getattr(m, "weight", None)
-            matrix = isinstance(m, (nn.Linear, Conv1D)) and isinstance(w, nn.Parameter)
-            if matrix and w.ndim == 2 and f"{name}.weight" not in excluded:
-                names.add(f"{name}.weight")
-        return names
+        return {
+            f"{name}.weight"
+            for name, m in self.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m.weight.ndim == 2
+        }
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters; with ``exclude_embeddings`` the tables and the head are left out

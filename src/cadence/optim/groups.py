@@ -55,6 +55,20 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def _named_ids(model: nn.Module, hook: str) -> set[int] | None:
+    """Ids of the parameters a model names with ``hook()``, or None when it has no such hook.
+    A name that is not a parameter is an error in the model, not something to skip."""
+    names_fn = getattr(model, hook, None)
+    if not callable(names_fn):
+        return None
+    all_named = dict(model.named_parameters(remove_duplicate=False))
+    names = set(names_fn())
+    unknown = names - all_named.keys()
+    if unknown:
+        raise ValueError(f"{hook}() lists names that are not parameters: {sorted(unknown)}")
+    return {id(all_named[n]) for n in names}
+
+
 def output_parameter_ids(model: nn.Module) -> set[int]:
     """Ids of the output head's parameters.
 
@@ -63,16 +77,9 @@ def output_parameter_ids(model: nn.Module) -> set[int]:
     to hurt training, and a single-layer model (logistic regression) has nothing but a head,
     so guessing "last Linear is the head" is the safer mistake.
     """
-    all_named = dict(model.named_parameters(remove_duplicate=False))
-    names_fn = getattr(model, "output_parameter_names", None)
-    if callable(names_fn):
-        names = set(names_fn())
-        unknown = names - all_named.keys()
-        if unknown:
-            raise ValueError(
-                f"output_parameter_names() lists names that are not parameters: {sorted(unknown)}"
-            )
-        return {id(all_named[n]) for n in names}
+    named = _named_ids(model, "output_parameter_names")
+    if named is not None:
+        return named
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         return set()
@@ -82,10 +89,9 @@ def output_parameter_ids(model: nn.Module) -> set[int]:
 def _hidden_matrix_ids(model: nn.Module) -> set[int]:
     """Weights that map one hidden space to another: ``nn.Linear`` weights, or the names a
     model lists with ``hidden_matrix_names()`` (a Hugging Face GPT-2 stores them in Conv1D)."""
-    names_fn = getattr(model, "hidden_matrix_names", None)
-    if callable(names_fn):
-        all_named = dict(model.named_parameters(remove_duplicate=False))
-        return {id(all_named[n]) for n in names_fn()}
+    named = _named_ids(model, "hidden_matrix_names")
+    if named is not None:
+        return named
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
 
 

@@ -114,8 +114,7 @@ def build_model(
         return GPT(gpt_config(cfg, vocab_size or 256))
     if cfg.workload == "logreg":
         return LogisticRegression(IN_FEATURES["logreg"]).double()
-    arch = m.arch or WORKLOADS[cfg.workload].archs[0]
-    if arch == "cnn":
+    if model_arch(cfg) == "cnn":
         return SmallCNN()
     return MLP(IN_FEATURES[cfg.workload], m.hidden, 10)
 

@@ -34,6 +34,11 @@ def is_hf(cfg: Config) -> bool:
     return cfg.model.hf is not None or cfg.model.hf_config is not None
 
 
+def _key(cfg: Config) -> str:
+    """The config key an HF model came from, for error messages."""
+    return "model.hf" if cfg.model.hf is not None else "model.hf_config"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -64,8 +69,9 @@ def _config(cfg: Config, vocab_size: int | None = None, run_dir: Path | None = N
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own refusal, as one line
-        key = "model.hf" if cfg.model.hf is not None else "model.hf_config"
-        raise ConfigError(f"{key}: transformers cannot build it ({_first_line(exc)})") from None
+        raise ConfigError(
+            f"{_key(cfg)}: transformers cannot build it ({_first_line(exc)})"
+        ) from None
 
 
 def check_hf(cfg: Config) -> None:
@@ -113,13 +119,16 @@ def hf_tokenizer(cfg: Config) -> Tokenizer | None:
     """The model directory's own tokenizer, or None when it has none (or there is no dir)."""
     from cadence.data import PretrainedTokenizer, has_pretrained_tokenizer
 
-    if cfg.model.hf is None or not has_pretrained_tokenizer(_model_dir(cfg)):
+    if cfg.model.hf is None:
+        return None
+    folder = _model_dir(cfg)
+    if not has_pretrained_tokenizer(folder):
         return None
     try:
-        return PretrainedTokenizer.from_dir(_model_dir(cfg))
+        return PretrainedTokenizer.from_dir(folder)
     except Exception as exc:  # noqa: BLE001 - a tokenizer.json `tokenizers` cannot parse
         raise ConfigError(
-            f"model.hf: {_model_dir(cfg) / 'tokenizer.json'} cannot be read ({_first_line(exc)})"
+            f"model.hf: {folder / 'tokenizer.json'} cannot be read ({_first_line(exc)})"
         ) from None
 
 
@@ -130,9 +139,12 @@ def check_prepared_tokenizer(cfg: Config, corpus: Path) -> None:
 
     from cadence.data import has_pretrained_tokenizer
 
-    if cfg.model.hf is None or not has_pretrained_tokenizer(_model_dir(cfg)):
+    if cfg.model.hf is None:
         return
-    ours = Tokenizer.from_file(str(_model_dir(cfg) / "tokenizer.json")).to_str()
+    folder = _model_dir(cfg)
+    if not has_pretrained_tokenizer(folder):
+        return
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json")).to_str()
     try:
         theirs = Tokenizer.from_file(str(corpus / "tokenizer.json")).to_str()
     except Exception:  # noqa: BLE001 - cadence's byte tokenizer is not a `tokenizers` file
@@ -153,9 +165,8 @@ def build_hf_model(cfg: Config, vocab_size: int, run_dir: Path | None = None) ->
     seq_len = cfg.model.seq_len
     config = _config(cfg, vocab_size, run_dir)
     if vocab_size > config.vocab_size:
-        key = "model.hf" if cfg.model.hf is not None else "model.hf_config"
         raise ConfigError(
-            f"{key}: the tokenizer has {vocab_size} tokens but the model's vocabulary has "
+            f"{_key(cfg)}: the tokenizer has {vocab_size} tokens but the model's vocabulary has "
             f"{config.vocab_size}; use the model's own tokenizer (tokenizer.json in its folder) "
             "or a smaller data.vocab_size / data.tokenizer=byte"
         )
