@@ -46,13 +46,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,11 +63,13 @@ from overhead import (
     loadavg,
     matmul_rate,
     one_line,
+    print_header,
     reset,
     run_plain,
     run_trainer,
     summarise,
     window,
+    write_result,
 )
 from torch import nn
 
@@ -337,11 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = setups["gpt"]["workload"].tokens_per_sample
     batch = int(setups["gpt"]["cfg"].batch.size)
 
-    print(f"cadence HF throughput benchmark  {now:%Y-%m-%d %H:%M}")
-    print(
-        f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), torch {hw['torch']}, "
-        f"{hw['threads']} threads, device {hw['device']}, python {hw['python']}"
-    )
+    print_header("HF throughput", now, hw)
     for model, s in setups.items():
         m = s["workload"].model
         print(
@@ -407,12 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(result)
     if args.out:
-        out = Path(args.out)
-        if out.suffix != ".json":
-            out = out / f"hf_throughput-{now:%Y-%m-%d}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(result, args.out, "hf_throughput", now)
     return 0
 
 

@@ -234,6 +234,25 @@ def make_config(args: argparse.Namespace, name: str) -> Any:
     return load_config(args.recipe, common + TRAINER_OVERRIDES.get(name, []))
 
 
+def print_header(name: str, now: datetime.datetime, hw: dict[str, Any]) -> None:
+    """The first two lines of a report: which benchmark, when, on what."""
+    print(f"cadence {name} benchmark  {now:%Y-%m-%d %H:%M}")
+    print(
+        f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), torch {hw['torch']}, "
+        f"{hw['threads']} threads, device {hw['device']}, python {hw['python']}"
+    )
+
+
+def write_result(result: dict[str, Any], out_arg: str, name: str, now: datetime.datetime) -> None:
+    """``--out``: a .json path, or a folder that gets ``NAME-<date>.json``."""
+    out = Path(out_arg)
+    if out.suffix != ".json":
+        out = out / f"{name}-{now:%Y-%m-%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -380,11 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     fpt = workload.model.flops_per_token()
     hw = hardware(device)
 
-    print(f"cadence overhead benchmark  {now:%Y-%m-%d %H:%M}")
-    print(
-        f"{hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), torch {hw['torch']}, "
-        f"{hw['threads']} threads, device {hw['device']}, python {hw['python']}"
-    )
+    print_header("overhead", now, hw)
     print(
         f"model: GPT {cfgs['plain'].model.n_layer}x{cfgs['plain'].model.d_model}, "
         f"{workload.model.num_params():,} params; batch {batch} x {workload.tokens_per_sample} "
@@ -448,12 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     print_table(result)
     if args.out:
-        out = Path(args.out)
-        if out.suffix != ".json":
-            out = out / f"overhead-{now:%Y-%m-%d}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(result, args.out, "overhead", now)
     return 0
 
 
