@@ -106,9 +106,12 @@ def train(
             if world.is_main:
                 print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
             cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
-        return _execute(cfg, workload, run_dir, callbacks, None, world, plots)
-    finally:
-        shutdown(world)
+        summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots)
+    except BaseException:
+        shutdown(world, clean=False)
+        raise
+    shutdown(world)
+    return summary
 
 
 def resume(
@@ -161,9 +164,12 @@ def resume(
             )
         _set_threads(cfg)
         built = _workload(cfg, workload, tokenizer_dir=run_dir)
-        return _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
-    finally:
-        shutdown(world)
+        summary = _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
+    except BaseException:
+        shutdown(world, clean=False)
+        raise
+    shutdown(world)
+    return summary
 
 
 def _workload(cfg: Config, given: Workload | None, tokenizer_dir: Path | None = None) -> Workload:

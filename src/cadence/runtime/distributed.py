@@ -70,8 +70,18 @@ def init_world(mode: str, timeout_s: float) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, clean: bool = True) -> None:
+    """Tear the process group down; ``clean`` when this rank finished without an error.
+
+    A clean finish waits at a barrier first, so no rank destroys its group while a peer's
+    last collective still has gloo traffic in flight: measured on 2 CPU processes under
+    FSDP2, about 1 run in 16 otherwise had a rank abort at exit ("terminate called without
+    an active exception", exit -6) after a complete run. After an error the barrier is
+    skipped: the other ranks may never reach it.
+    """
     if world.active and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
