@@ -1,14 +1,18 @@
 """Fixtures shared by the unit and the integration tests.
 
-Nothing here is autouse: each directory's conftest.py opts in (tests/distributed does not).
+Nothing here is autouse but the data cache: each directory's conftest.py opts in to the rest
+(tests/distributed does not).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+from cadence.data.cache import CACHE_ENV
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Corpora are prepared into a cache shared by this session's tests (and the processes they
+    start), never into the user's own ~/.cache."""
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cadence-cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before

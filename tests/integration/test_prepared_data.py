@@ -108,11 +108,14 @@ def test_training_from_a_prepared_corpus_learns_and_keeps_its_tokenizer(tmp_path
     assert (tmp_path / "run" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("sampling", ["packed", "random"])
-def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, corpus, sampling):
+@pytest.mark.parametrize("sampling,prefetch", [("packed", "false"), ("random", "true")])
+def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, corpus, sampling, prefetch):
+    """The interrupted run of the random case also reads its batches in the background: the
+    numbers are those of the plain, uninterrupted run all the same."""
     args = [*RUN, f"data.path={corpus}", f"data.sampling={sampling}", "train.max_steps=24"]
     args += ["train.checkpoint_every=3"]
     assert run_cli("train", *as_sets(args), "--run-dir", str(tmp_path / "straight")).returncode == 0
+    args.append(f"train.prefetch={prefetch}")
     cmd = ["train", *as_sets(args), "--run-dir", str(tmp_path / "run")]
     kill_twice_then_resume(cmd, tmp_path / "run", seed=5)
     assert_same_run(tmp_path / "straight", tmp_path / "run", range(1, 25))
@@ -137,9 +140,10 @@ def test_a_truncated_shard_or_a_missing_index_is_one_line_naming_the_file(tmp_pa
         open_prepared(broken)
 
 
-def test_random_sampling_needs_a_prepared_corpus():
-    with pytest.raises(cadence.ConfigError, match="data.sampling: random windows need"):
-        cadence.load_config(None, ["data.sampling=random"])
+def test_random_sampling_is_for_token_streams():
+    assert cadence.load_config(None, ["data.sampling=random"]).data.sampling == "random"
+    with pytest.raises(cadence.ConfigError, match="data.sampling: random windows .* lm workload"):
+        cadence.load_config(None, ["workload=digits", "data.sampling=random"])
 
 
 def test_an_hf_model_trains_on_data_prepared_with_its_own_tokenizer(tmp_path, corpus):

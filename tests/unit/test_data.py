@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -20,14 +19,13 @@ from cadence.data import (
     load_breast_cancer_split,
     load_digits,
     load_mnist,
-    load_text,
     load_tokenizer,
     logreg_grad,
     logreg_loss,
     logreg_optimum,
-    split_blocks,
     split_indices,
 )
+from cadence.data.sources import Source, default_corpus, iter_pieces, open_sources
 
 # ---------------------------------------------------------------- sampler
 
@@ -62,17 +60,23 @@ def test_sampler_seeds_and_order() -> None:
 # ---------------------------------------------------------------- text
 
 
-def test_default_corpus_deterministic_prefix() -> None:
-    a = load_text(None, max_bytes=20_000)
-    b = load_text(None, max_bytes=20_000)
-    assert a == b
-    assert 19_990 <= len(a.encode("utf-8")) <= 20_000
-    assert "sympy/" in a
-    longer = load_text(None, max_bytes=40_000)
-    assert longer.startswith(a[:-4])
+def _text(src: str | Path | Source, max_bytes: int | None = None) -> str:
+    """A corpus as prepare-data reads it: its pieces, in order, joined."""
+    return "".join(t for t, _, _ in iter_pieces(open_sources([src]), 1 << 20, None, max_bytes))
 
 
-def test_load_text_folder(tmp_path: Path) -> None:
+def test_default_corpus_is_sympys_py_files_in_order() -> None:
+    src = default_corpus()
+    assert src.files and all(f.suffix == ".py" for f in src.files)
+    rel = [f.relative_to(src.path).as_posix() for f in src.files]
+    assert rel == sorted(rel) and "__init__.py" in rel
+    a, b = _text(src, 20_000), _text(default_corpus(), 20_000)
+    assert a == b and 19_990 <= len(a.encode("utf-8")) <= 20_000
+    assert _text(src, 40_000).startswith(a[:-4])
+    assert a.startswith(src.files[0].read_text(encoding="utf-8")[:1000])
+
+
+def test_folder_reads_text_in_order_and_skips_the_rest(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "a.txt").write_text("alpha\n", encoding="utf-8")
     (tmp_path / "b" / "c.md").write_text("gamma é\n", encoding="utf-8")
@@ -80,49 +84,12 @@ def test_load_text_folder(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "secret.txt").write_text("hidden", encoding="utf-8")
-    text = load_text(str(tmp_path))
-    assert "alpha" in text and "gamma é" in text
-    assert text.index("alpha") < text.index("gamma")
-    assert "binary" not in text and "caf" not in text and "hidden" not in text
-    assert load_text(str(tmp_path / "a.txt")) == "alpha\n"
-
-
-def test_load_text_jsonl(tmp_path: Path) -> None:
-    path = tmp_path / "data.jsonl"
-    rows = [{"text": "first doc"}, {"text": "second doc", "id": 2}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    text = load_text(str(path))
-    assert "first doc" in text and "second doc" in text
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"content": "x"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="data.path"):
-        load_text(str(bad))
-
-
-def test_load_text_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data.path"):
-        load_text(str(tmp_path / "nope"))
-    (tmp_path / "x.bin").write_bytes(b"\x00\x00")
-    with pytest.raises(DataError, match="data.path"):
-        load_text(str(tmp_path))
+    text = _text(tmp_path)
+    assert text == "alpha\ngamma é\n"
+    assert _text(tmp_path / "a.txt") == "alpha\n"
+    with pytest.raises(DataError, match="not a UTF-8 text file"):
+        _text(tmp_path / "latin1.txt")
     assert issubclass(DataError, ValueError)
-
-
-def test_split_blocks() -> None:
-    tokens = np.arange(10_050, dtype=np.int64)
-    train, val = split_blocks(tokens, 10, 0.1)
-    assert train.shape[1] == val.shape[1] == 10
-    assert train.shape[0] + val.shape[0] == 1005
-    firsts = np.concatenate([train[:, 0], val[:, 0]])
-    assert sorted(firsts.tolist()) == list(range(0, 10_050, 10))  # disjoint, covers all
-    assert abs(val.shape[0] / 1005 - 0.1) < 0.01
-    # validation is spread through the corpus, not a tail
-    assert val[:, 0].min() < 1000 and val[:, 0].max() > 9000
-    train2, val2 = split_blocks(tokens, 10, 0.1)
-    assert np.array_equal(train, train2) and np.array_equal(val, val2)
-    assert np.array_equal(val[0], np.arange(val[0, 0], val[0, 0] + 10))  # contiguous blocks
-    with pytest.raises(DataError):
-        split_blocks(np.arange(15), 10, 0.1)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -143,7 +110,7 @@ def test_byte_tokenizer_round_trip(tmp_path: Path) -> None:
 
 
 def test_bpe_round_trip_and_save_load(tmp_path: Path) -> None:
-    text = load_text(None, max_bytes=200_000)
+    text = _text(default_corpus(), 200_000)
     tok = build_tokenizer("bpe", text, 400)
     assert isinstance(tok, BPETokenizer)
     assert 257 <= tok.vocab_size <= 400
@@ -159,7 +126,7 @@ def test_bpe_round_trip_and_save_load(tmp_path: Path) -> None:
 
 
 def test_bpe_chunked_encoding_matches_whole() -> None:
-    text = load_text(None, max_bytes=150_000)
+    text = _text(default_corpus(), 150_000)
     tok = build_tokenizer("bpe", text, 300)
     assert isinstance(tok, BPETokenizer)
     whole = tok._tok.encode(text).ids  # type: ignore[attr-defined]

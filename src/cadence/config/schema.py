@@ -102,6 +102,8 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
     compile: bool = False  # torch.compile the model
+    prefetch: bool | None = None  # read the next batch in the background (null = on CUDA for
+    # data read from disk, e.g. a prepared corpus)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated as ema_val_loss
     early_stop_patience: int | None = None  # stop after N evaluations without a better metric
@@ -118,8 +120,9 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # lm: text file/folder or a prepare-data folder (null = sympy)
-    sampling: Literal["packed", "random"] = "packed"  # prepared data: windows in turn, or random
+    path: str | None = None  # lm: text, .jsonl, .parquet, a folder or a prepare-data folder
+    # (null = sympy); text is prepared into the data cache ($CADENCE_CACHE) on first use
+    sampling: Literal["packed", "random"] = "packed"  # lm: windows in turn, or at random offsets
     tokenizer: Literal["byte", "bpe"] = "byte"  # lm tokenizer; bpe is trained on the train split
     vocab_size: int = 1024  # bpe vocabulary size
     max_bytes: int | None = 4_000_000  # read at most this much text (null = all)

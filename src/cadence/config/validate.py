@@ -22,7 +22,6 @@ from cadence.data.checks import (
     check_tokenizer,
     check_val_fraction,
 )
-from cadence.data.shards import is_prepared
 from cadence.optim import OPTIMIZERS
 from cadence.schedules import split_micro
 
@@ -145,10 +144,10 @@ def _check_data(cfg: Config) -> None:
         check_tokenizer(d.tokenizer, d.vocab_size)
         if d.path is not None:
             check_text_path(d.path)
-        if d.sampling == "random" and (d.path is None or not is_prepared(d.path)):
+        if d.sampling == "random" and cfg.workload != "lm":
             raise ValueError(
-                "data.sampling: random windows need a prepared corpus; run `cadence "
-                "prepare-data SRC --out DIR` and set data.path=DIR"
+                f"data.sampling: random windows of a token stream are for the lm workload, "
+                f"not {cfg.workload!r}; use packed"
             )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -8,7 +8,6 @@ from cadence.data.tabular import (
     logreg_loss,
     logreg_optimum,
 )
-from cadence.data.text import load_text, split_blocks
 from cadence.data.tokenizers import (
     BPETokenizer,
     ByteTokenizer,
@@ -32,12 +31,10 @@ __all__ = [
     "load_breast_cancer_split",
     "load_digits",
     "load_mnist",
-    "load_text",
     "has_pretrained_tokenizer",
     "load_tokenizer",
     "logreg_grad",
     "logreg_loss",
     "logreg_optimum",
-    "split_blocks",
     "split_indices",
 ]

@@ -62,7 +62,13 @@ from cadence.data.tokenizers import (
 )
 from cadence.io import atomic_write_json, sha256_file
 
-__all__ = ["BPE_TRAIN_BYTES", "PROGRESS_FILE", "SEPARATOR_TOKEN", "prepare_corpus"]
+__all__ = [
+    "BPE_TRAIN_BYTES",
+    "PROGRESS_FILE",
+    "SEPARATOR_TOKEN",
+    "prepare_corpus",
+    "tokenizer_spec",
+]
 
 SEPARATOR_TOKEN = "<|endoftext|>"  # the trained BPE's one special token: the piece separator
 BPE_TRAIN_BYTES = 200 * 10**6  # BPE trains on (at most) the first this many training bytes
@@ -72,7 +78,7 @@ _TASK_BYTES = 8 << 20  # text per worker task: large enough to amortise pickling
 
 
 def prepare_corpus(
-    sources: list[str | Path],
+    sources: list[str | Path | Source],
     out: str | Path,
     *,
     tokenizer: str = "byte",
@@ -98,7 +104,7 @@ def prepare_corpus(
     srcs = open_sources(sources, exclude=out.resolve())
     if not srcs:
         raise DataError("prepare-data: give at least one source (a file or a folder)")
-    spec = _tokenizer_spec(tokenizer, vocab_size)
+    spec = tokenizer_spec(tokenizer, vocab_size)
     fingerprint = [s.fingerprint() for s in srcs]
     settings = {"format": FORMAT, "version": VERSION, "tokenizer": spec}
     settings |= {"val_fraction": val_fraction, "chunk_bytes": chunk_bytes}
@@ -185,7 +191,7 @@ def _check_options(val_fraction: float, workers: int, shard_tokens: int, chunk_b
             raise DataError(f"{flag}: must be an integer >= {least}, got {value}")
 
 
-def _tokenizer_spec(tokenizer: str, vocab_size: int) -> dict[str, Any]:
+def tokenizer_spec(tokenizer: str, vocab_size: int) -> dict[str, Any]:
     """What identifies the tokenizer for resuming: a changed one must start over."""
     if tokenizer == "byte":
         return {"kind": "byte"}

@@ -16,8 +16,9 @@ and the sources' fingerprints (path, size, mtime) so a stale preparation can be 
 
 Validation is split off by document (a document larger than ``chunk_bytes`` is cut at line
 boundaries into pieces first): piece ``i`` of the corpus, in source order, is validation when
-``frac(i * 2654435761 / 2**32) < val_fraction`` -- the same fixed, seed-free rule as
-:func:`cadence.data.split_blocks`, so no training window ever reads validation text.
+``frac(i * 2654435761 / 2**32) < val_fraction`` (Fibonacci hashing: a low-discrepancy
+sequence, so validation is spread evenly through the corpus rather than being its last files), a
+fixed rule that ignores every seed; no training window ever reads validation text.
 
 Reading (:func:`open_prepared`) checks the index and every shard's size, and with
 ``verify=True`` their checksums; a missing, truncated or corrupt file is a ``DataError`` naming

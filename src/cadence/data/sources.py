@@ -3,14 +3,17 @@
 Everything is read as a stream of *documents* (a text file, a .jsonl line, a parquet row, a
 dataset row), and each document is cut into *pieces* of at most ``chunk_bytes`` UTF-8 bytes at
 line boundaries. Pieces are the unit of the validation split, so their order must never change
-for the same sources: sources in the order given, files sorted within a folder (text.py's
-``_walk``), rows in stored order. Folders skip hidden entries and files that are not text exactly
-as ``load_text`` does (text.py's ``_decode_text``), so a corpus reads the same whichever loader
-reads it.
+for the same sources: sources in the order given, files sorted within a folder (``_walk``), rows
+in stored order. Folders skip hidden entries and files that are not text (NUL bytes or invalid
+UTF-8), so a dataset folder can hold stray binaries.
+
+The bundled corpus (:func:`default_corpus`, the ``.py`` sources of the installed sympy) is one
+more source of this kind: every corpus, small or large, is read and prepared the same way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import mmap
 from collections.abc import Iterable, Iterator
@@ -19,9 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from cadence.data.errors import DataError
-from cadence.data.text import _decode_text, _walk
 
-__all__ = ["HF_DATASET_FILES", "ReadStats", "Source", "cut_pieces", "iter_pieces", "open_sources"]
+__all__ = [
+    "DEFAULT_CORPUS_PACKAGE",
+    "HF_DATASET_FILES",
+    "ReadStats",
+    "Source",
+    "cut_pieces",
+    "default_corpus",
+    "iter_pieces",
+    "open_sources",
+]
+
+# The default corpus: always installed (a dependency of torch), ~26 MB of real, varied code.
+DEFAULT_CORPUS_PACKAGE = "sympy"
 
 # A folder holding one of these was written by `datasets`' save_to_disk (a Dataset, or a
 # DatasetDict whose top level holds only dataset_dict.json).
@@ -65,11 +79,53 @@ class ReadStats:
     skipped_bytes: int = 0  # the skipped files' size: read too, so part of the progress
 
 
-def open_sources(sources: Iterable[str | Path], exclude: Path | None = None) -> list[Source]:
-    """Resolve SRC arguments; ``exclude`` (the output folder) is left out of folder walks so
-    preparing ``.`` into ``./prepared`` does not read its own shards on a rerun."""
+def _decode_text(raw: bytes) -> str | None:
+    """The file's text, or None when it does not look like text (NUL bytes or not UTF-8)."""
+    if b"\x00" in raw:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.removeprefix("\ufeff")
+
+
+def _walk(root: Path) -> list[Path]:
+    """Regular files under ``root`` in sorted relative-path order, skipping hidden entries."""
+    files = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file():
+            files.append(p)
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    return files
+
+
+def default_corpus() -> Source:
+    """The installed sympy's ``.py`` files, sorted: byte-identical for a given sympy version."""
+    spec = importlib.util.find_spec(DEFAULT_CORPUS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"data.path: no path given and the default corpus package "
+            f"{DEFAULT_CORPUS_PACKAGE!r} is not installed; install it or set data.path"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Source(root, "folder", [f for f in _walk(root) if f.suffix == ".py"])
+
+
+def open_sources(
+    sources: Iterable[str | Path | Source], exclude: Path | None = None
+) -> list[Source]:
+    """Resolve SRC arguments (a ``Source`` passes as it is); ``exclude`` (the output folder) is
+    left out of folder walks so preparing ``.`` into ``./prepared`` does not read its own
+    shards on a rerun."""
     out: list[Source] = []
     for src in sources:
+        if isinstance(src, Source):
+            out.append(src)
+            continue
         p = Path(src).expanduser()
         if not p.exists():
             raise DataError(

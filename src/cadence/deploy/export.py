@@ -170,7 +170,7 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
     workload = build_workload(cfg)
     n = min(workload.val_size, 64 if run.kind == "lm" else 2048)
     if run.kind == "lm":
-        blocks = workload.val_blocks(n).cpu()  # the same for text in memory and prepared data
+        blocks = workload.val_blocks(n).cpu()  # windows spread as in evaluation
         x, y = [blocks[:, :-1]], blocks[:, 1:]
     else:
         x_val = workload.x_val[:n].cpu()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from cadence.runtime import distributed
 from cadence.runtime.distributed import World
@@ -40,3 +45,76 @@ def global_batch(
         micro.append(workload.batch(indices[start : start + n]))
         start += n
     return micro, size * max(1, workload.tokens_per_sample)
+
+
+class Prefetcher:
+    """Reads the next global batch in a background thread while the current one trains.
+
+    For data read from disk (a prepared corpus): the read (``pread``, stacking, pinning) and
+    the host-to-device copy then overlap the step's compute instead of preceding it. Which
+    samples a batch holds is a function of (position, size) alone, so prefetching changes no
+    number: a request for anything but the batch read ahead (after a rollback, say) waits for
+    the read in flight, drops it and reads what was asked, in this thread.
+
+    Why a thread of our own and not ``torch.utils.data.DataLoader``: a batch here is addressed
+    by its position in the sample stream, which the loader's iterator does not expose, and the
+    cost to hide is one small read per step, not decoding that needs worker processes.
+
+    On CUDA the copy runs on a side stream; the consumer's stream waits on it, and each tensor
+    is marked as used there so the caching allocator does not hand its memory out early.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], tuple[list[Any], int]], device: Any) -> None:
+        self.fetch = fetch
+        self.cuda = getattr(device, "type", None) == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cadence-prefetch")
+        self.ahead: tuple[tuple[int, int], Future] | None = None
+        self.hits = 0
+
+    def _read(self, position: int, size: int) -> tuple[tuple[list[Any], int], Any]:
+        if self.stream is None:
+            return self.fetch(position, size), None
+        with torch.cuda.stream(self.stream):
+            out = self.fetch(position, size)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return out, done
+
+    def get(self, position: int, size: int, next_size: int) -> tuple[list[Any], int]:
+        """The batch at (position, size); the one at (position + size, next_size) is read next."""
+        if self.ahead is not None and self.ahead[0] == (position, size):
+            (out, done), self.hits = self.ahead[1].result(), self.hits + 1
+        else:
+            if self.ahead is not None:  # one reader of the workload at a time
+                with contextlib.suppress(Exception):  # an unwanted batch's error is not ours
+                    self.ahead[1].result()
+            out, done = self._read(position, size)
+        if done is not None:
+            current = torch.cuda.current_stream(self.stream.device)  # type: ignore[union-attr]
+            current.wait_event(done)
+            for tensor in _tensors(out[0]):
+                tensor.record_stream(current)
+        self.ahead = (
+            (position + size, next_size),
+            self.pool.submit(self._read, position + size, next_size),
+        )
+        return out
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].cancel()
+        self.pool.shutdown(wait=True)
+        self.ahead = None
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)

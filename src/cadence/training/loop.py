@@ -15,35 +15,38 @@ def fit(trainer: Trainer) -> dict[str, Any]:
     t.emit("on_start")
     t.clock.start()
     t.check_budgets()  # a resumed run may already be at its budget
-    while not t.stopping:
-        size = t.batch_size()
-        micro_batches, units = t.next_batches(size)
-        lr = t.apply_lr()
-        loss, grad_norm = backward_step(
-            t.step_model,
-            t.optimizer,
-            t.workload.loss_sum,
-            micro_batches,
-            units,
-            clip_grad_norm=cfg.clip_grad_norm,
-            autocast=t.autocast,
-            params=t.params,
-            world=t.world,
-        )
-        read = t.read(loss, grad_norm)  # the step's one host read (and one all-reduce)
-        if not read.finite:
-            t.handle_nonfinite(size)  # the update is not applied
-            continue
-        t.optimizer.step()
-        t.advance(size)
-        t.emit("on_step")
-        t.check_stops(read)
-        final = t.stopping and not t.interrupted
-        metrics = t.evaluate() if t.due(cfg.eval_every) or final else None
-        if metrics is not None or t.pending or t.due(cfg.log_every) or final:
-            t.log(read, lr, size, metrics)
-        if t.due(cfg.checkpoint_every) or t.stopping:
-            t.save_checkpoint()
+    try:
+        while not t.stopping:
+            size = t.batch_size()
+            micro_batches, units = t.next_batches(size)
+            lr = t.apply_lr()
+            loss, grad_norm = backward_step(
+                t.step_model,
+                t.optimizer,
+                t.workload.loss_sum,
+                micro_batches,
+                units,
+                clip_grad_norm=cfg.clip_grad_norm,
+                autocast=t.autocast,
+                params=t.params,
+                world=t.world,
+            )
+            read = t.read(loss, grad_norm)  # the step's one host read (and one all-reduce)
+            if not read.finite:
+                t.handle_nonfinite(size)  # the update is not applied
+                continue
+            t.optimizer.step()
+            t.advance(size)
+            t.emit("on_step")
+            t.check_stops(read)
+            final = t.stopping and not t.interrupted
+            metrics = t.evaluate() if t.due(cfg.eval_every) or final else None
+            if metrics is not None or t.pending or t.due(cfg.log_every) or final:
+                t.log(read, lr, size, metrics)
+            if t.due(cfg.checkpoint_every) or t.stopping:
+                t.save_checkpoint()
+    finally:
+        t.close()
     if t.state.consecutive_skips:
         t.save_checkpoint()  # stopped on a non-finite step: keep the last good state
     summary = t.summary()

@@ -25,7 +25,7 @@ from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
 from cadence.training import checkpoint, evaluation, nonfinite
-from cadence.training.batches import global_batch
+from cadence.training.batches import Prefetcher, global_batch
 from cadence.training.checkpointable import Checkpointable
 from cadence.training.ema import EMA
 from cadence.training.rows import RowLogger, run_summary
@@ -88,6 +88,12 @@ class Trainer(Checkpointable):
         self.signals = None  # a StopSignals while fit() runs under cadence.train / resume
         # train.target, or the workload's own target when the config leaves it null
         self.target = t.target if t.target is not None else workload.target
+        on = (
+            t.prefetch
+            if t.prefetch is not None
+            else workload.prefetch and self.device.type == "cuda"
+        )
+        self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
         if self.ramp.size_at(0) < world.size:
             raise ConfigError(
                 f"batch.size: {self.ramp.size_at(0)} is smaller than the {world.size} processes; "
@@ -124,14 +130,20 @@ class Trainer(Checkpointable):
 
     def next_batches(self, size: int) -> tuple[list[Any], int]:
         """The micro-batches of the next global batch, taken at the current data position."""
+        if self.prefetcher is None:
+            return self._read_batches(self.state.samples, size)
+        following = self.ramp.size_at(self.state.step + 1)
+        return self.prefetcher.get(self.state.samples, size, following)
+
+    def _read_batches(self, position: int, size: int) -> tuple[list[Any], int]:
         return global_batch(
-            self.workload,
-            self.sampler,
-            self.world,
-            self.state.samples,
-            size,
-            self.cfg.batch.micro_size,
+            self.workload, self.sampler, self.world, position, size, self.cfg.batch.micro_size
         )
+
+    def close(self) -> None:
+        """Stop the background reader (fit calls it however the loop ends)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     def read(self, local_loss: Tensor, grad_norm: Tensor) -> StepRead:
         """The step's one host read, with this process's signal and time flags agreed."""

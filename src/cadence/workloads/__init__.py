@@ -25,7 +25,6 @@ from cadence.workloads.resolve import (
 )
 from cadence.workloads.tensors import (
     ClassificationWorkload,
-    LanguageModelWorkload,
     LogRegWorkload,
     TensorWorkload,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "WORKLOADS",
     "ClassificationWorkload",
     "DatasetWorkload",
-    "LanguageModelWorkload",
     "LogRegWorkload",
     "TensorWorkload",
     "Workload",

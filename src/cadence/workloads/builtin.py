@@ -10,21 +10,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cadence.config import Config, ConfigError
+from cadence.data import DataError
 from cadence.models import MLP, GPTConfig
 from cadence.workloads.hf import (
     build_hf_model,
     check_hf,
     check_prepared_tokenizer,
-    hf_tokenizer,
+    hf_tokenizer_dir,
     is_hf,
 )
 from cadence.workloads.protocol import Workload
-from cadence.workloads.tensors import ClassificationWorkload, LanguageModelWorkload, LogRegWorkload
+from cadence.workloads.tensors import ClassificationWorkload, LogRegWorkload
 
 
 @dataclass(frozen=True)
@@ -137,13 +137,13 @@ def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
 IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
 
 
-def _build_prepared(cfg: Config, device: torch.device) -> Workload:
-    """``data.path`` is a `cadence prepare-data` folder: windows of its memory-mapped shards."""
-    from cadence.data import DataError, load_tokenizer
+def _build_prepared(cfg: Config, device: torch.device, path: Path, source: str = "") -> Workload:
+    """Windows read in place from the shards of a prepared corpus (see prepared.py)."""
+    from cadence.data import load_tokenizer
     from cadence.data.shards import open_prepared
     from cadence.workloads.prepared import PreparedLMWorkload
 
-    corpus = open_prepared(cfg.data.path)  # type: ignore[arg-type]
+    corpus = open_prepared(path)
     tok = load_tokenizer(corpus.path)
     check_prepared_tokenizer(cfg, corpus.path)
     w = PreparedLMWorkload(
@@ -156,7 +156,7 @@ def _build_prepared(cfg: Config, device: torch.device) -> Workload:
     )
     if w.n_train == 0 or w.val_size == 0:
         raise DataError(
-            f"data.path: {corpus.path} holds {corpus.train.n_tokens} training and "
+            f"data.path: {source or corpus.path} holds {corpus.train.n_tokens} training and "
             f"{corpus.val.n_tokens} validation tokens, less than one window of "
             f"model.seq_len + 1 = {w.window} in a split; prepare more text or lower model.seq_len"
         )
@@ -165,54 +165,48 @@ def _build_prepared(cfg: Config, device: torch.device) -> Workload:
 
 
 def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
-    from cadence.data import build_tokenizer, load_text, split_blocks
+    """Text of any size trains from a prepared corpus: ``data.path`` names one, or text (or
+    nothing, for the bundled corpus) that is prepared into the data cache on first use."""
+    from cadence.data.cache import cached_corpus
     from cadence.data.shards import is_prepared
+    from cadence.data.sources import default_corpus, open_sources
 
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     if d.path is not None and is_prepared(d.path):
-        return _build_prepared(cfg, device)
-    text = load_text(d.path, d.max_bytes)
-    # Split the text (not the tokens) by a fixed rule over 16 KiB chunks, so a BPE tokenizer is
-    # trained on the training split only and the split does not depend on the tokenizer.
-    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    chunk = min(16384, max(len(raw) // 40, m.seq_len + 1))
-    tr, va = split_blocks(raw, chunk, val_fraction(cfg))
-    train_text = tr.tobytes().decode("utf-8", errors="replace")
-    val_text = va.tobytes().decode("utf-8", errors="replace")
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        from cadence.data import load_tokenizer
-
-        tok = load_tokenizer(tokenizer_dir)  # a resumed run keeps the tokenizer it trained with
+        return _build_prepared(cfg, device, Path(d.path))
+    if d.path is None:
+        sources = [default_corpus()]
     else:
-        tok = hf_tokenizer(cfg) or build_tokenizer(d.tokenizer, train_text, d.vocab_size)
-
-    def pack(t: str) -> Tensor:
-        ids = np.asarray(tok.encode(t), dtype=np.int64)
-        n = len(ids) // (m.seq_len + 1)
-        dtype = torch.int16 if tok.vocab_size < 2**15 else torch.int32
-        return torch.from_numpy(ids[: n * (m.seq_len + 1)].reshape(n, m.seq_len + 1)).to(dtype)
-
-    train_blocks, val_blocks = pack(train_text), pack(val_text)
-    if len(train_blocks) == 0 or len(val_blocks) == 0:
-        from cadence.data import DataError
-
-        raise DataError(
-            f"data.path: corpus too small for model.seq_len={m.seq_len}; give more text "
-            "or a shorter model.seq_len"
-        )
-    bytes_per_token = len(val_text.encode("utf-8")) / max(1, val_blocks.numel())
-    model = build_model(cfg, vocab_size=tok.vocab_size)
-    w = LanguageModelWorkload(
-        model.to(device),
-        train_blocks.to(device),
-        None,
-        val_blocks.to(device),
-        None,
-        eval_samples=cfg.train.eval_samples,
-        bytes_per_token=bytes_per_token,
+        try:
+            sources = open_sources([d.path])
+        except DataError as exc:
+            raise DataError(f"data.path: {exc}") from None
+    hf_dir = hf_tokenizer_dir(cfg)
+    path = cached_corpus(
+        sources,
+        tokenizer=str(hf_dir) if hf_dir is not None else d.tokenizer,
+        vocab_size=d.vocab_size,
+        val_fraction=val_fraction(cfg),
+        max_bytes=d.max_bytes,
+        window=cfg.model.seq_len + 1,
     )
-    w.extras["tokenizer"] = tok
-    return w
+    if tokenizer_dir is not None:
+        _same_tokenizer(tokenizer_dir, path)
+    return _build_prepared(cfg, device, path, ", ".join(str(s.path) for s in sources))
+
+
+def _same_tokenizer(run_dir: Path, corpus: Path) -> None:
+    """A resumed run must read the token ids it trained on: the cached corpus (re-prepared if
+    the cache was cleared) must carry the run's own tokenizer."""
+    from cadence.io import sha256_file
+
+    ours, theirs = run_dir / "tokenizer.json", corpus / "tokenizer.json"
+    if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
+        raise DataError(
+            f"data.path: the corpus prepared in {corpus} has another tokenizer than the run in "
+            f"{run_dir} trained with (its text or the cache changed); resume with the data "
+            "the run started from, or start a new run"
+        )
 
 
 def _build_images(loader: Callable):

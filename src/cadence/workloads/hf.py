@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from cadence.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from cadence.data import Tokenizer
     from cadence.models.hf import HFCausalLM
 
 __all__ = [
@@ -23,7 +22,7 @@ __all__ = [
     "build_hf_model",
     "check_hf",
     "check_prepared_tokenizer",
-    "hf_tokenizer",
+    "hf_tokenizer_dir",
     "is_hf",
 ]
 
@@ -115,21 +114,14 @@ def _check_fits(cfg: Config, params: int) -> None:
         )
 
 
-def hf_tokenizer(cfg: Config) -> Tokenizer | None:
-    """The model directory's own tokenizer, or None when it has none (or there is no dir)."""
-    from cadence.data import PretrainedTokenizer, has_pretrained_tokenizer
+def hf_tokenizer_dir(cfg: Config) -> Path | None:
+    """The model directory when it has its own tokenizer (the data is tokenized with it)."""
+    from cadence.data import has_pretrained_tokenizer
 
     if cfg.model.hf is None:
         return None
     folder = _model_dir(cfg)
-    if not has_pretrained_tokenizer(folder):
-        return None
-    try:
-        return PretrainedTokenizer.from_dir(folder)
-    except Exception as exc:  # noqa: BLE001 - a tokenizer.json `tokenizers` cannot parse
-        raise ConfigError(
-            f"model.hf: {folder / 'tokenizer.json'} cannot be read ({_first_line(exc)})"
-        ) from None
+    return folder.resolve() if has_pretrained_tokenizer(folder) else None
 
 
 def check_prepared_tokenizer(cfg: Config, corpus: Path) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 class PreparedLMWorkload(NextTokenLoss, Workload):
     metric = "val_loss"
     unit = "tokens"
+    prefetch = True
 
     def __init__(
         self,

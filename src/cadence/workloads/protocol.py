@@ -68,6 +68,10 @@ class Workload:
 
         return EpochSampler(self.n_train, seed, shuffle=shuffle)
 
+    # Whether reading a batch costs host time worth overlapping with the step (data read from
+    # disk); batches indexed out of tensors already on the device do not.
+    prefetch: bool = False
+
     def batch(self, indices: Tensor) -> Any:
         """The micro-batch of the training samples at `indices` (a CPU int64 tensor, possibly
         empty: under torch.distributed a rank with a smaller share runs an empty micro-batch)."""

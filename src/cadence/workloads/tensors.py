@@ -6,7 +6,6 @@ corpus fit on the device whole, so a micro-batch is one indexing op and no loade
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -130,35 +129,6 @@ class NextTokenLoss:
         x, y = batch
         logits = model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-
-
-class LanguageModelWorkload(NextTokenLoss, TensorWorkload):
-    unit = "tokens"
-
-    def __init__(self, *args, bytes_per_token: float, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.bytes_per_token = bytes_per_token
-        self.tokens_per_sample = self.x_train.shape[1] - 1
-
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        blocks = self.x_train[indices.to(self.x_train.device)].long()
-        return blocks[:, :-1], blocks[:, 1:]
-
-    def val_blocks(self, n: int) -> Tensor:
-        """The first `n` validation blocks of seq_len + 1 tokens (int64)."""
-        return self.x_val[:n].long()
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for blocks, _ in self._val_batches(64, world):
-            blocks = blocks.long()
-            x, y = blocks[:, :-1], blocks[:, 1:]
-            total += self.loss_sum(model, (x, y)).double().cpu()
-            count += y.numel()
-        total_sum, count_sum = all_reduce_sums([float(total), count], world)
-        loss = total_sum / count_sum
-        return {"val_loss": loss, "val_bpb": loss / math.log(2) / self.bytes_per_token}
 
 
 # ---------------------------------------------------------------- builders
