@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from overhead import (
     LOG_EVERY,
     RESULTS_DIR,
+    Windows,
     fmt,
     hardware,
     loadavg,
@@ -115,14 +116,14 @@ class LossAdapter(nn.Module):
 class Blocks(torch.utils.data.Dataset):
     """The token blocks in the order the other loops draw them: item i is sample i of the run."""
 
-    def __init__(self, data: torch.Tensor, order: torch.Tensor) -> None:
+    def __init__(self, data: Windows, order: torch.Tensor) -> None:
         self.data, self.order = data, order
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        block = self.data[self.order[i]].long()
+        block = self.data[int(self.order[i])]
         return {"input_ids": block[:-1], "labels": block[1:]}
 
 
@@ -188,7 +189,7 @@ def run_hf_trainer(
             disable_tqdm=True,
             seed=cfg.train.seed,
         )
-        dataset = Blocks(workload.x_train, indices[:total].reshape(-1))
+        dataset = Blocks(Windows(workload), indices[:total].reshape(-1))
         trainer = Trainer(
             model=adapter,
             args=args,
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             "init": {k: v.detach().clone() for k, v in workload.model.state_dict().items()},
             "indices": sampler.indices(0, total * batch).view(total, batch),  # trainer's order
         }
-    device = setups["gpt"]["workload"].x_train.device
+    device = next(setups["gpt"]["workload"].model.parameters()).device
     hw = hardware(device)
     seq = setups["gpt"]["workload"].tokens_per_sample
     batch = int(setups["gpt"]["cfg"].batch.size)

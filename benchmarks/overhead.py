@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -142,6 +143,34 @@ def window(marks: list[tuple[int, float, int]], start: int, end: int) -> dict[st
     }
 
 
+class Windows:
+    """nanoGPT's reader, written out: packed windows of the prepared training shard (the corpus
+    the workload trains from) through ``np.memmap``; ``windows[idx]`` are int64 rows of
+    seq_len + 1 tokens, window ``i`` being tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``
+    -- the trainer's packed windows, so both loops see the same batches."""
+
+    def __init__(self, workload: Any) -> None:
+        corpus = workload.corpus
+        shards = corpus.index["splits"]["train"]["shards"]
+        if len(shards) != 1:
+            raise SystemExit("benchmark: expects a one-shard corpus (the default recipe's)")
+        path = corpus.path / shards[0]["file"]
+        self.data = np.memmap(path, dtype=np.dtype(corpus.index["dtype"]), mode="r")
+        self.width = workload.window
+        self.device = next(workload.model.parameters()).device
+
+    def __getitem__(self, idx: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(idx, int) or idx.ndim == 0:
+            i = int(idx) * self.width
+            return torch.from_numpy(self.data[i : i + self.width].astype(np.int64))
+        w = self.width
+        rows = np.stack([self.data[i * w : (i + 1) * w] for i in idx.tolist()])
+        out = torch.from_numpy(rows.astype(np.int64))
+        if self.device.type == "cuda":
+            return out.pin_memory().to(self.device, non_blocking=True)
+        return out
+
+
 def run_plain(
     workload: Workload, cfg: Any, init: dict, indices: torch.Tensor, warmup: int, steps: int
 ) -> dict[str, Any]:
@@ -152,7 +181,7 @@ def run_plain(
     t = cfg.train
     opt = optimizer_from(cfg, model)  # the same optimizer and parameter groups as the trainer
     lr_mult = lr_schedule_from(cfg)
-    data, device = workload.x_train, workload.x_train.device
+    data = Windows(workload)
     batch, seq = indices.shape[1], workload.tokens_per_sample
     total = warmup + steps
     marks = [(0, 0.0, 0)]
@@ -162,7 +191,7 @@ def run_plain(
         mult = lr_mult(step)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
-        blocks = data[indices[step].to(device)].long()
+        blocks = data[indices[step]]
         x, y = blocks[:, :-1], blocks[:, 1:]
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
@@ -390,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now()
     cfgs = {name: make_config(args, name) for name in variants}
     workload = build_workload(cfgs["plain"])
-    device = workload.x_train.device
+    device = next(workload.model.parameters()).device
     init = {k: v.detach().clone() for k, v in workload.model.state_dict().items()}
     batch = int(cfgs["plain"].batch.size)
     total = args.warmup + max(args.steps, args.slow_steps)
