@@ -101,7 +101,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
-    compile: bool = False  # torch.compile the model
+    compile: bool | Literal["auto"] = "auto"  # torch.compile per block; auto = where it pays
+    # (Transformer blocks, >= 1000 steps, a C++ compiler on CPU; not under FSDP)
     prefetch: bool | None = None  # read the next batch in the background (null = on CUDA for
     # data read from disk, e.g. a prepared corpus)
     activation_checkpointing: bool = False  # recompute each block's activations in backward

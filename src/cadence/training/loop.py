@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from cadence.training.step import backward_step
 from cadence.training.trainer import Trainer
 
 
@@ -20,17 +19,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
             size = t.batch_size()
             micro_batches, units = t.next_batches(size)
             lr = t.apply_lr()
-            loss, grad_norm = backward_step(
-                t.step_model,
-                t.optimizer,
-                t.workload.loss_sum,
-                micro_batches,
-                units,
-                clip_grad_norm=cfg.clip_grad_norm,
-                autocast=t.autocast,
-                params=t.params,
-                world=t.world,
-            )
+            loss, grad_norm = t.backward(micro_batches, units)
             read = t.read(loss, grad_norm)  # the step's one host read (and one all-reduce)
             if not read.finite:
                 t.handle_nonfinite(size)  # the update is not applied

@@ -27,10 +27,11 @@ from cadence.runtime.events import Callback
 from cadence.training import checkpoint, evaluation, nonfinite
 from cadence.training.batches import Prefetcher, global_batch
 from cadence.training.checkpointable import Checkpointable
+from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
 from cadence.training.rows import RowLogger, run_summary
 from cadence.training.state import RunClock, TrainState
-from cadence.training.step import StepRead, autocast_context, read_step
+from cadence.training.step import StepRead, autocast_context, backward_step, read_step
 from cadence.training.stopping import StopReason, budget_reached, stop_after_step, time_up
 
 if TYPE_CHECKING:
@@ -99,8 +100,9 @@ class Trainer(Checkpointable):
                 f"batch.size: {self.ramp.size_at(0)} is smaller than the {world.size} processes; "
                 "each process needs at least one sample"
             )
-        if t.compile:
-            self.step_model = torch.compile(self.step_model)
+        self.compiler = Compiler(
+            t.compile, self.model, self.step_model, self.device, t.max_steps, self.sharded
+        )
 
     # ------------------------------------------------------------ events
 
@@ -134,6 +136,24 @@ class Trainer(Checkpointable):
             return self._read_batches(self.state.samples, size)
         following = self.ramp.size_at(self.state.step + 1)
         return self.prefetcher.get(self.state.samples, size, following)
+
+    def backward(self, micro_batches: list[Any], units: int) -> tuple[Tensor, Tensor]:
+        """Forward and backward of a global batch: (loss, grad norm), on the device."""
+
+        def step(module: torch.nn.Module) -> tuple[Tensor, Tensor]:
+            return backward_step(
+                module,
+                self.optimizer,
+                self.workload.loss_sum,
+                micro_batches,
+                units,
+                clip_grad_norm=self.cfg.train.clip_grad_norm,
+                autocast=self.autocast,
+                params=self.params,
+                world=self.world,
+            )
+
+        return self.compiler.run(step, lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _read_batches(self, position: int, size: int) -> tuple[list[Any], int]:
         return global_batch(

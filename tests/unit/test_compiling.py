@@ -1,0 +1,83 @@
+"""train.compile: when auto compiles, that compiling changes no result, and the eager fallback."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import cadence
+from cadence.models import GPT, MLP, GPTConfig
+from cadence.training import compiling
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=16",
+    "model.n_head=2",
+    "model.seq_len=16",
+    "data.max_bytes=30000",
+    "batch.size=4",
+    "train.max_steps=4",
+    "train.eval_every=4",
+    "train.eval_samples=8",
+    "train.log_every=1",
+    "train.progress=false",
+]
+
+
+def _losses(run) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows]
+
+
+def test_auto_compiles_transformers_on_long_runs_only(monkeypatch) -> None:
+    monkeypatch.setattr(compiling, "_have_cxx", lambda: True)
+    gpt = GPT(GPTConfig(vocab_size=256, seq_len=8, n_layer=1, n_head=2, d_model=16))
+    mlp = MLP(64, [32], 10)
+    cpu, n = torch.device("cpu"), compiling.AUTO_MIN_STEPS
+    assert compiling.wants_compile("auto", gpt, cpu, n)
+    assert not compiling.wants_compile("auto", gpt, cpu, n - 1)
+    assert not compiling.wants_compile("auto", mlp, cpu, 10 * n)
+    assert compiling.wants_compile(True, mlp, cpu, 1) and not compiling.wants_compile(
+        False, gpt, cpu, n
+    )
+    monkeypatch.setattr(compiling, "_have_cxx", lambda: False)
+    assert not compiling.wants_compile("auto", gpt, cpu, n)  # inductor could not build on CPU
+    assert compiling.wants_compile("auto", gpt, torch.device("cuda"), n)
+
+
+def test_compiled_run_matches_eager_and_keeps_the_weights_names(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = cadence.load_config(None, [*TINY, f"train.compile={flag}"])
+        cadence.train(cfg, run_dir=tmp_path / flag, plots=False)
+        runs[flag] = tmp_path / flag
+    eager, compiled = _losses(runs["false"]), _losses(runs["true"])
+    assert compiled == pytest.approx(eager, rel=1e-4)  # the same math, other kernels
+    a = load_file(runs["false"] / "model.safetensors")
+    b = load_file(runs["true"] / "model.safetensors")
+    assert a.keys() == b.keys()  # per-block compile leaves the module tree and its names
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch) -> None:
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(compiling, "BACKEND", broken)
+    cfg = cadence.load_config(None, [*TINY, "train.compile=true"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cadence.train(cfg, run_dir=tmp_path / "fallback", plots=False)
+    ours = [w for w in caught if "train.compile" in str(w.message)]
+    assert len(ours) == 1 and "training continues eager" in str(ours[0].message)
+    cfg = cadence.load_config(None, [*TINY, "train.compile=false"])
+    cadence.train(cfg, run_dir=tmp_path / "eager", plots=False)
+    assert _losses(tmp_path / "fallback") == _losses(tmp_path / "eager")  # bitwise
