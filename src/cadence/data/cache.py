@@ -76,7 +76,8 @@ def cached_corpus(
     """The prepared folder for ``sources`` with these settings, preparing it on first use."""
     from cadence.data.prepare import prepare_corpus, tokenizer_spec
 
-    total = sum(s.fingerprint()["size"] for s in sources)
+    fingerprints = [s.fingerprint() for s in sources]  # a stat of every file: taken once
+    total = sum(f["size"] for f in fingerprints)
     if max_bytes is not None:
         total = min(total, max_bytes)
     chunk = piece_bytes(total, window)
@@ -84,7 +85,7 @@ def cached_corpus(
         spec = tokenizer_spec(tokenizer, vocab_size)
     what = {"format": FORMAT, "version": VERSION, "tokenizer": spec, "chunk_bytes": chunk}
     what |= {"val_fraction": val_fraction, "max_bytes": max_bytes}
-    what["sources"] = [s.fingerprint() for s in sources]
+    what["sources"] = fingerprints
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
     root = cache_root() / "data"
     out = root / key

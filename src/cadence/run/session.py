@@ -8,8 +8,9 @@ writes the final files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,7 @@ def train(
     seconds, more than a tiny run trains; ``compare`` draws its own from metrics.jsonl).
     """
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
-    try:
+    with _process_group(cfg) as world:
         _set_threads(cfg)
         run_dir = Path(broadcast_object(str(run_dir or default_run_dir(cfg)), world))
         holder: dict[str, Workload] = {}
@@ -107,10 +107,6 @@ def train(
                 print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
             cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
         summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots)
-    except BaseException:
-        shutdown(world, clean=False)
-        raise
-    shutdown(world)
     return summary
 
 
@@ -150,8 +146,7 @@ def resume(
             f"--resume {run_dir}: the config differs from the run's in {', '.join(changed)}; "
             "only budgets, evaluation/logging/checkpoint cadence and targets may change"
         )
-    world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
-    try:
+    with _process_group(cfg) as world:
         # Rank 0 checks the checksums; every rank resumes from the checkpoint it chose.
         checkpoint, warnings = agreed(lambda: latest_valid(run_dir / "checkpoints"), world)
         if world.is_main:
@@ -165,11 +160,20 @@ def resume(
         _set_threads(cfg)
         built = _workload(cfg, workload, tokenizer_dir=run_dir)
         summary = _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
+    return summary
+
+
+@contextlib.contextmanager
+def _process_group(cfg: Config) -> Iterator[World]:
+    """The run's torch.distributed world: after a clean finish the ranks meet at a barrier before
+    the group is destroyed; after an error it is torn down at once."""
+    world = init_world(cfg.train.distributed, cfg.train.dist_timeout_s)
+    try:
+        yield world
     except BaseException:
         shutdown(world, clean=False)
         raise
     shutdown(world)
-    return summary
 
 
 def _workload(cfg: Config, given: Workload | None, tokenizer_dir: Path | None = None) -> Workload:

@@ -68,7 +68,7 @@ class Trainer(Checkpointable):
             enable_activation_checkpointing(self.model)
         # Wrapped before the optimizer is built: FSDP2 shards the parameters in place, and the
         # optimizer must hold the sharded ones.
-        self.step_model = distributed.wrap(self.model, world, t.precision)
+        wrapped = distributed.wrap(self.model, world, t.precision)
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ramp = batch_ramp_from(cfg, workload.n_train)
@@ -101,7 +101,7 @@ class Trainer(Checkpointable):
                 "each process needs at least one sample"
             )
         self.compiler = Compiler(
-            t.compile, self.model, self.step_model, self.device, t.max_steps, self.sharded
+            t.compile, self.model, wrapped, self.device, t.max_steps, self.sharded
         )
 
     # ------------------------------------------------------------ events
