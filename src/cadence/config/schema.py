@@ -40,6 +40,7 @@ class OptimizerConfig:
     eps: float = 1e-8  # adam-family epsilon
     aux_lr: float | None = None  # lr of the AdamW part of muon (embeddings, head, norms); null = lr
     body_lr_ratio: float = 1.0  # fine-tuning: lr of all but the output head, as a fraction of it
+    fused: bool | None = None  # torch's fused kernel (adam/adamw/sgd/gd); null = where it runs
 
 
 @dataclass
