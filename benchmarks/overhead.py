@@ -13,7 +13,10 @@ the same batches in the same order, the same AdamW parameter groups and the same
                  backward, clip, step, zero_grad; ``loss.item()`` every 10 steps only.
 * ``trainer``  - ``cadence.training.fit(Trainer(cfg, workload))``, the library's own loop.
 * ``bf16``     - the trainer with ``train.precision=bf16``.
-* ``compile``  - the trainer with ``train.compile=true`` (compile time reported separately).
+* ``plain-compile`` - the plain loop with each Transformer block compiled (``block.compile()``,
+                 what ``train.compile`` does), so compiled overhead compares like with like.
+* ``compile``  - the trainer with ``train.compile=true`` (compile time reported separately),
+                 against ``plain-compile`` when that runs too, else against ``trainer``.
 
 Throughput excludes warmup: it is measured between the metrics row logged at step ``warmup``
 and the one at ``warmup + steps`` (the rows' ``time_s`` and ``tokens`` for the trainer; the same
@@ -48,10 +51,11 @@ from cadence import load_config
 from cadence.config.parts import lr_schedule_from, optimizer_from
 from cadence.data import EpochSampler
 from cadence.training import Callback, Trainer, fit
+from cadence.training.compiling import compile_model, uncompile
 from cadence.workloads import Workload, build_workload
 
 LOG_EVERY = 10  # the trainer's default log interval; the plain loop reads the loss as often
-VARIANTS = ("plain", "trainer", "bf16", "compile")
+VARIANTS = ("plain", "trainer", "bf16", "plain-compile", "compile")
 TRAINER_OVERRIDES = {
     "trainer": [],
     "bf16": ["train.precision=bf16"],
@@ -119,6 +123,7 @@ def reset(model: torch.nn.Module, init: dict) -> None:
     """The same starting point for every run: initial weights, and no gradients left over
     (fit() leaves the last step's .grad on the parameters; a loop that zeroes gradients after
     the step would otherwise add them to its first gradient)."""
+    uncompile(model)  # a compiled variant before this one leaves nothing compiled behind
     model.load_state_dict(init)
     model.zero_grad(set_to_none=True)
 
@@ -172,11 +177,19 @@ class Windows:
 
 
 def run_plain(
-    workload: Workload, cfg: Any, init: dict, indices: torch.Tensor, warmup: int, steps: int
+    workload: Workload,
+    cfg: Any,
+    init: dict,
+    indices: torch.Tensor,
+    warmup: int,
+    steps: int,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """The obvious nanoGPT-style loop over the same model, batches, optimizer and LR."""
     model = workload.model
     reset(model, init)
+    if compiled:
+        compile_model(model, model)  # per block, in place
     model.train()
     t = cfg.train
     opt = optimizer_from(cfg, model)  # the same optimizer and parameter groups as the trainer
@@ -206,6 +219,7 @@ def run_plain(
             marks.append((done, time.perf_counter() - t_start, done * batch * seq))
     result = window(marks, warmup, total)
     result["final_loss"] = loss_value
+    uncompile(model)
     return result
 
 
@@ -293,7 +307,9 @@ def median(xs: list[float]) -> float | None:
 
 def summarise(raw: dict[str, list[dict]], flops_per_token: float, peak: float) -> dict[str, Any]:
     """Medians per variant and medians of per-repeat ratios against the reference variant."""
-    refs = {"trainer": "plain", "bf16": "trainer", "compile": "trainer"}
+    refs = {"trainer": "plain", "bf16": "trainer", "plain-compile": "plain", "compile": "trainer"}
+    if "plain-compile" in raw:
+        refs["compile"] = "plain-compile"  # the trainer's overhead when both compile
     out: dict[str, Any] = {}
     for name, runs in raw.items():
         ok = [r for r in runs if "error" not in r]
@@ -323,7 +339,7 @@ def summarise(raw: dict[str, list[dict]], flops_per_token: float, peak: float) -
             best_ref = out[ref]["best_chunk_tokens_per_s"]
             if best_ref:
                 entry["ratio_best_chunk"] = entry["best_chunk_tokens_per_s"] / best_ref
-        if name == "compile" and ok:
+        if name in ("compile", "plain-compile") and ok:
             # The first compiled run pays for compilation inside its warmup steps; later runs
             # reuse dynamo's cache. Excess over the warmup steps at the steady-state rate:
             first = ok[0]
@@ -343,6 +359,7 @@ def print_table(result: dict[str, Any]) -> None:
         "plain": "plain PyTorch loop",
         "trainer": "cadence trainer fp32",
         "bf16": "trainer bf16 autocast",
+        "plain-compile": "plain loop, compiled",
         "compile": "trainer torch.compile",
     }
     print()
@@ -365,7 +382,7 @@ def print_table(result: dict[str, Any]) -> None:
             f"{labels[name]:<24}{e['tokens_per_s']:>10.0f}{e['best_chunk_tokens_per_s']:>14.0f}"
             f"{e['mfu']:>8.1%}   {ratio}"
         )
-        if name == "compile":
+        if name in ("compile", "plain-compile"):
             print(f"{'':<24}compile time ~{e['compile_s']:.1f} s (excluded from tokens/s)")
     m = result["matmul"]
     print(
@@ -453,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if name == "plain":
                     r = run_plain(workload, cfgs[name], init, indices, args.warmup, args.steps)
+                elif name == "plain-compile":
+                    r = run_plain(
+                        workload, cfgs[name], init, indices, args.warmup, args.slow_steps, True
+                    )
                 else:
                     r = run_trainer(workload, cfgs[name], init, args.warmup, steps_of(args, name))
             except Exception as exc:  # e.g. inductor without a working C compiler

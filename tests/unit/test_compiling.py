@@ -81,3 +81,21 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(tmp_path, monke
     cfg = cadence.load_config(None, [*TINY, "train.compile=false"])
     cadence.train(cfg, run_dir=tmp_path / "eager", plots=False)
     assert _losses(tmp_path / "fallback") == _losses(tmp_path / "eager")  # bitwise
+
+
+def test_a_compiled_run_leaves_its_model_eager(tmp_path) -> None:
+    """Blocks are compiled in place; the trainer undoes it when the run ends, so a model
+    trained from Python is not silently compiled for whatever the caller does next."""
+    from cadence.workloads import build_workload
+
+    cfg = cadence.load_config(None, [*TINY, "train.compile=true"])
+    workload = build_workload(cfg)
+    seen = []
+
+    class During(cadence.Callback):
+        def on_step(self, trainer) -> None:
+            seen.append(all(b._compiled_call_impl is not None for b in trainer.model.blocks))
+
+    cadence.train(cfg, run_dir=tmp_path / "run", callbacks=[During()], workload=workload)
+    assert seen and all(seen)
+    assert all(b._compiled_call_impl is None for b in workload.model.blocks)

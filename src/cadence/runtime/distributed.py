@@ -106,6 +106,15 @@ def wrap(model: nn.Module, world: World, precision: str) -> nn.Module:
 
         device_ids = [world.local_rank] if torch.cuda.is_available() else None
         return DistributedDataParallel(model, device_ids=device_ids)
+    return shard_model(model, precision)
+
+
+def shard_model(model: nn.Module, precision: str) -> nn.Module:
+    """FSDP2 over an initialised process group: each Transformer block, then the root.
+
+    Split out of :func:`wrap` so a check can shard on a one-process group (benchmarks/gpu.py
+    runs FSDP2's mixed-precision path on one GPU), which ``wrap`` treats as no distribution.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {}

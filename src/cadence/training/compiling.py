@@ -140,3 +140,11 @@ class Compiler:
             self.module, self.enabled = self.eager, False
             before_retry()
             return step(self.module)
+
+    def close(self) -> None:
+        """Leave the model as the run found it: blocks compiled in place run eager again, so a
+        model trained in Python (or the next run in the same process) is not silently compiled
+        by an earlier run's setting."""
+        if self.enabled:
+            uncompile(self.model)
+            self.module, self.enabled = self.eager, False

@@ -161,9 +161,11 @@ class Trainer(Checkpointable):
         )
 
     def close(self) -> None:
-        """Stop the background reader (fit calls it however the loop ends)."""
+        """Stop the background reader and undo in-place compilation (fit calls it however the
+        loop ends)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+        self.compiler.close()
 
     def read(self, local_loss: Tensor, grad_norm: Tensor) -> StepRead:
         """The step's one host read, with this process's signal and time flags agreed."""

@@ -1,0 +1,37 @@
+"""The benchmarks that only run now and then (a lent GPU, a quiet machine) still run: each is
+started here at tiny sizes on CPU and must finish with its report. Their numbers are not
+checked; speed is measured in benchmarks, never asserted in tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(*args: str, timeout: float) -> str:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, as CI has it
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_check_runs_at_tiny_sizes_on_cpu() -> None:
+    out = _run(str(BENCHMARKS / "gpu.py"), "--tiny", timeout=600)
+    for check in ("bf16 autocast vs fp32", "FSDP2 + bf16 vs fp32", "torch.compile vs eager"):
+        line = next(row for row in out.splitlines() if row.startswith(f"| {check} |"))
+        assert "| ok |" in line, line
+    assert "| host syncs per step | n/a |" in out
+    rows = [r for r in out.splitlines() if r.startswith(("| adamw |", "| muon |"))]
+    assert [r.split("|")[2].strip() for r in rows] == ["eager", "compiled"] * 2, rows
+
+
+def test_time_to_target_runs_with_a_short_budget() -> None:
+    out = _run(str(BENCHMARKS / "time_to_target.py"), "--budget", "3", timeout=600)
+    assert "| plain AdamW, constant LR |" in out and "| cadence default |" in out
+    assert "cadence / plain time to L:" in out or "did not reach L" in out
