@@ -193,6 +193,11 @@ def test_bad_predict_requests(clf_server: Server, inputs: object, needle: str) -
     assert needle in r.json()["error"]
 
 
+def test_a_file_upload_to_a_non_audio_model_is_415(clf_server: Server) -> None:
+    r = httpx.post(f"{clf_server.url}/v1/predict", files={"file": ("x.wav", b"RIFF")})
+    assert r.status_code == 415 and r.json()["error"].startswith("file: the digits model")
+
+
 def test_server_keeps_serving_after_bad_requests(lm_server: Server, clf_server: Server) -> None:
     for _ in range(3):
         httpx.post(f"{lm_server.url}/v1/generate", content=b"{{{")

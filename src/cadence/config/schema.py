@@ -129,6 +129,7 @@ class DataConfig:
     vocab_size: int = 1024  # bpe vocabulary size
     max_bytes: int | None = 4_000_000  # read at most this much text (null = all)
     val_fraction: float | None = None  # held out for validation (null = 0.05 text, 0.2 otherwise)
+    voices: int | None = None  # speech: synthetic training voices (null = all 160; 40 held out)
 
 
 @dataclass
@@ -142,6 +143,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # gpt: share the embedding and output head
     dropout: float = 0.0  # gpt dropout
     hidden: list[int] = field(default_factory=lambda: [128])  # mlp hidden widths
+    channels: list[int] | None = None  # speech: conv channels per block (null = [32, 64, 128])
     l2: float = 1e-3  # logreg: L2 penalty in the objective (keeps the optimum finite)
     hf: str | None = None  # lm: a local Hugging Face causal-LM directory (from_pretrained, offline)
     hf_config: dict[str, Any] | None = None  # lm: a fresh HF model, e.g. {model_type: llama, ...}

@@ -67,6 +67,12 @@ def _check_model(cfg: Config) -> None:
         )
     for i, pattern in enumerate(m.freeze):
         _check(bool(pattern.strip()), f"model.freeze[{i}]: expected a parameter-name pattern")
+    if m.channels is not None:
+        # 40 mel bins halve at most 3 times between 4 blocks
+        _check(
+            1 <= len(m.channels) <= 4 and all(c >= 1 for c in m.channels),
+            f"model.channels: expected 1 to 4 positive widths, e.g. [32, 64, 128], got {m.channels}",
+        )
 
 
 def _check_builders(cfg: Config) -> None:
@@ -142,8 +148,12 @@ def _check_data(cfg: Config) -> None:
             check_val_fraction(d.val_fraction)
         check_max_bytes(d.max_bytes)
         check_tokenizer(d.tokenizer, d.vocab_size)
-        if d.path is not None:
+        if d.path is not None and cfg.workload == "speech":
+            check_text_path(d.path, "a folder of label folders of .wav files (DIR/<label>/*.wav)")
+        elif d.path is not None:
             check_text_path(d.path)
+        if d.voices is not None and not 1 <= d.voices <= 160:
+            raise ValueError(f"data.voices: must be in 1..160 or null, got {d.voices}")
         if d.sampling == "random" and cfg.workload != "lm":
             raise ValueError(
                 f"data.sampling: random windows of a token stream are for the lm workload, "

@@ -24,15 +24,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cadence.data.errors import DataError
 from cadence.data.shards import FORMAT, VERSION, is_prepared
 from cadence.data.sources import Source
 
-__all__ = ["CACHE_ENV", "cache_root", "cached_corpus", "piece_bytes"]
+__all__ = ["CACHE_ENV", "cache_folder", "cache_root", "cached_corpus", "piece_bytes"]
 
 CACHE_ENV = "CADENCE_CACHE"
 # Pieces (the unit of the validation split) of at most 16 KiB: fine enough that a few MB of text
@@ -91,13 +92,7 @@ def cached_corpus(
     out = root / key
     if is_prepared(out):
         return out
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"{CACHE_ENV}: cannot create the data cache {root} ({exc.strerror}); set "
-            f"{CACHE_ENV} to a writable folder"
-        ) from None
+    _cache_dir(root)
     with _locked(root / f"{key}.lock"):
         if is_prepared(out):  # another process prepared it while this one waited
             return out
@@ -114,6 +109,44 @@ def cached_corpus(
                 max_bytes=max_bytes,
                 progress=sys.stderr.isatty(),
             )
+    return out
+
+
+def _cache_dir(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{CACHE_ENV}: cannot create the data cache {root} ({exc.strerror}); set "
+            f"{CACHE_ENV} to a writable folder"
+        ) from None
+
+
+def cache_folder(kind: str, key: str, make: Callable[[Path], None], what: str) -> Path:
+    """``<cache>/<kind>/<key>``, made on first use by ``make(folder)``.
+
+    ``make`` writes into a temporary folder that is renamed into place only when it returns, so
+    a generation killed half-way leaves nothing that a later run would trust; concurrent first
+    uses (compare workers, distributed ranks) make it once, under the same lock as corpora.
+    """
+    root = cache_root() / kind
+    out = root / key
+    if out.is_dir():
+        return out
+    _cache_dir(root)
+    with _locked(root / f"{key}.lock"):
+        if out.is_dir():
+            return out
+        print(f"cadence: {what} once into {out}", file=sys.stderr, flush=True)
+        tmp = root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            make(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.replace(tmp, out)
     return out
 
 

@@ -19,13 +19,12 @@ def check_max_bytes(max_bytes: int | None) -> None:
         raise DataError(f"data.max_bytes: must be a positive integer, got {max_bytes}")
 
 
-def check_text_path(path: str) -> Path:
+def check_text_path(
+    path: str, what: str = "a text file, a .jsonl file or a folder of text files"
+) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(
-            f"data.path: {path} does not exist; point it at a text file, a .jsonl file "
-            "or a folder of text files"
-        )
+        raise DataError(f"data.path: {path} does not exist; point it at {what}")
     return p
 
 

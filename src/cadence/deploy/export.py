@@ -54,6 +54,8 @@ def random_inputs(run: LoadedRun, seed: int = 0) -> list[torch.Tensor]:
         v, t = run.tokenizer.vocab_size, run.seq_len  # type: ignore[union-attr]
         shapes = [(1, 1), (3, max(1, t // 2 + 1)), (2, t)]
         return [torch.randint(0, v, s, generator=g) for s in shapes]
+    if run.config.workload == "speech":  # audio-scale noise, and a second clip length
+        return [0.1 * torch.randn(s, generator=g) for s in ((1, 16_000), (5, 11_000))]
     shape = CLASSIFIER_INPUTS[run.config.workload]
     return [torch.randn((b, *shape), generator=g, dtype=run.dtype) for b in (1, 5)]
 
@@ -83,6 +85,9 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def _copy_metadata(run: LoadedRun, dst: Path) -> list[str]:
     (dst / "config.yaml").write_text(dump_config(run.config))
     files = ["config.yaml"]
+    if run.labels is not None:
+        (dst / "labels.json").write_text(json.dumps(run.labels) + "\n")
+        files.append("labels.json")
     if run.tokenizer is not None:
         run.tokenizer.save(dst)  # type: ignore[attr-defined]
         files.append("tokenizer.json")
@@ -129,6 +134,10 @@ def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
     if run.kind == "lm":
         # The rotary table covers seq_len positions; the graph is valid up to that length.
         dims[1] = Dim("seq", min=1, max=run.seq_len)
+    elif run.config.workload == "speech":
+        # Any clip length: the model pools over time. The STFT's reflect padding needs more
+        # than n_fft / 2 samples; the top is read_wav's 60 s cap.
+        dims[1] = Dim("samples", min=512, max=60 * 16_000)
     input_name = "idx" if run.kind == "lm" else "inputs"
     program = torch.onnx.export(
         _Logits(run.model).eval(),
@@ -173,7 +182,7 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
         blocks = workload.val_blocks(n).cpu()  # windows spread as in evaluation
         x, y = [blocks[:, :-1]], blocks[:, 1:]
     else:
-        x_val = workload.x_val[:n].cpu()
+        x_val = workload.inputs(workload.x_val[:n]).cpu()
         x, y = [x_val.reshape(n, *CLASSIFIER_INPUTS[cfg.workload])], workload.y_val[:n].cpu()
     for label, session in (("fp32", fp32), ("int8", int8)):
         logits = torch.from_numpy(_ort_outputs(session, x)[0])
@@ -188,6 +197,12 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
         report["val_accuracy_change"] = report["val_accuracy_int8"] - report["val_accuracy_fp32"]
     report["val_examples"] = n
     return report
+
+
+def _input_shape(run: LoadedRun) -> list[Any]:
+    if run.config.workload == "speech":
+        return ["samples"]  # raw 16 kHz audio of any length; trained on one-second clips
+    return list(CLASSIFIER_INPUTS[run.config.workload])
 
 
 def export_run(
@@ -255,9 +270,10 @@ def export_run(
                 else {
                     "name": "inputs",
                     "dtype": str(run.dtype).removeprefix("torch."),
-                    "shape": ["batch", *CLASSIFIER_INPUTS[run.config.workload]],
+                    "shape": ["batch", *_input_shape(run)],
                 }
             ),
+            **({"labels": run.labels} if run.labels is not None else {}),
             "output": {"name": "logits"},
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -23,6 +23,7 @@ CLASSIFIER_INPUTS: dict[str, tuple[int, ...]] = {
     "mnist": (1, 28, 28),
     "digits": (64,),
     "logreg": (30,),
+    "speech": (16_000,),  # one second of 16 kHz audio; uploads are cut or padded to it
 }
 
 
@@ -35,6 +36,7 @@ class LoadedRun:
     model: nn.Module
     tokenizer: object | None  # cadence.data.tokenizers.Tokenizer for lm runs
     weights: Path  # the safetensors file, or the checkpoint folder the weights came from
+    labels: list[str] | None = None  # a classifier's class names (labels.json), if it has them
 
     @property
     def kind(self) -> str:
@@ -159,9 +161,15 @@ def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = No
             raise ConfigError(str(exc)) from None
         except Exception as exc:  # a tokenizer.json that `tokenizers` cannot parse
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({exc})") from None
+    labels = _labels(path)
     weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema)
     try:
-        model = build_model(cfg, vocab_size=getattr(tokenizer, "vocab_size", None), run_dir=path)
+        model = build_model(
+            cfg,
+            vocab_size=getattr(tokenizer, "vocab_size", None),
+            run_dir=path,
+            n_classes=len(labels) if labels else None,
+        )
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     try:
@@ -178,4 +186,22 @@ def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = No
             "re-export or retrain the run"
         ) from None
     model.eval()
-    return LoadedRun(path=path, config=cfg, model=model, tokenizer=tokenizer, weights=weights)
+    return LoadedRun(
+        path=path, config=cfg, model=model, tokenizer=tokenizer, weights=weights, labels=labels
+    )
+
+
+def _labels(path: Path) -> list[str] | None:
+    """The class names a speech run trained on: its head's size comes from how many there are."""
+    import json
+
+    file = path / "labels.json"
+    if not file.is_file():
+        return None
+    try:
+        labels = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{file}: cannot be read ({exc}); re-export or retrain the run") from None
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+        raise ConfigError(f"{file}: must be a non-empty JSON list of class names")
+    return labels

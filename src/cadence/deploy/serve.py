@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cadence.deploy.audio_api import AudioError, is_upload, read_upload
 from cadence.deploy.engine import Engine, Job
 from cadence.deploy.generate import SamplingParams
 from cadence.deploy.openai_api import (
@@ -206,7 +207,8 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
         return _validation_response(exc.errors)
 
     @app.exception_handler(HTTPError)
-    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+    @app.exception_handler(AudioError)
+    async def _http_error(request: Request, exc: HTTPError | AudioError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.middleware("http")
@@ -261,27 +263,57 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
 
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
-    @app.post("/v1/predict", openapi_extra=body_doc)
+    predict_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                },
+            },
+        }
+    }
+
+    @app.post("/v1/predict", openapi_extra=predict_doc)
     async def predict(request: Request) -> dict[str, Any]:
-        body: PredictRequest = await _parse_body(request, PredictRequest)
         if run.kind != "classifier":
             raise HTTPError(400, "model: this server holds a language model; use /v1/generate")
-        if len(body.inputs) > settings.max_predict_inputs:
-            raise HTTPError(
-                413,
-                f"inputs: {len(body.inputs)} examples, the limit is {settings.max_predict_inputs}",
-            )
-        x = _predict_tensor(run, body.inputs)
+        if is_upload(request):
+            if run.config.workload != "speech":
+                raise HTTPError(
+                    415, f"file: the {run.config.workload} model takes JSON inputs, not a file"
+                )
+            from cadence.data.speech import fit_clip
+
+            x = torch.from_numpy(fit_clip(await read_upload(request)))[None].to(run.dtype)
+        else:
+            body: PredictRequest = await _parse_body(request, PredictRequest)
+            if len(body.inputs) > settings.max_predict_inputs:
+                raise HTTPError(
+                    413,
+                    f"inputs: {len(body.inputs)} examples, the limit is "
+                    f"{settings.max_predict_inputs}",
+                )
+            x = _predict_tensor(run, body.inputs)
         _, events = _run_job({"kind": "predict", "inputs": x})
         kind, value = await events.get()
         if kind == "error":
             raise HTTPError(500, f"model: {value}")
         classes = 2 if run.config.workload == "logreg" else len(value[0])
-        return {
+        labels = [int(np.argmax(p)) for p in value]
+        out: dict[str, Any] = {
             "probabilities": value,
-            "labels": [int(np.argmax(p)) for p in value],
+            "labels": labels,
             "classes": list(range(classes)),
         }
+        if run.labels is not None:  # the names the indices stand for (speech: "yes", "two"...)
+            out["names"] = [run.labels[i] for i in labels]
+            out["class_names"] = run.labels
+        return out
 
     @app.post("/v1/generate", response_model=None, openapi_extra=body_doc)
     async def generate_endpoint(request: Request) -> dict[str, Any] | StreamingResponse:

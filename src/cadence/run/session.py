@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,9 @@ def train(
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
                 tokenizer.save(run_dir)
+            labels = holder["w"].extras.get("labels")
+            if labels is not None:  # a classifier's class names, for export and serving
+                atomic_write_text(run_dir / "labels.json", json.dumps(labels) + "\n")
             save_config = getattr(holder["w"].model, "save_config", None)
             if callable(save_config):  # a Hugging Face model's shape, to rebuild it offline
                 save_config(run_dir)

@@ -90,13 +90,17 @@ def val_fraction(cfg: Config) -> float:
 
 
 def build_model(
-    cfg: Config, vocab_size: int | None = None, run_dir: Path | None = None
+    cfg: Config,
+    vocab_size: int | None = None,
+    run_dir: Path | None = None,
+    n_classes: int | None = None,
 ) -> nn.Module:
     """The workload's model from the config alone (no data), e.g. to load saved weights.
 
     `vocab_size` is the tokenizer's, for `lm` (a BPE vocabulary can come out smaller than asked).
     `run_dir` is the run whose saved shape a Hugging Face model takes (its weights come after);
     without it an HF model comes from `model.hf` (pretrained) or `model.hf_config` (fresh).
+    `n_classes` is the number of labels of a speech data set (22 for the synthetic one).
     """
     from cadence.models import GPT, LogisticRegression, SmallCNN
 
@@ -112,6 +116,13 @@ def build_model(
         return build_hf_model(cfg, vocab_size or 256, run_dir)
     if cfg.workload == "lm":
         return GPT(gpt_config(cfg, vocab_size or 256))
+    if cfg.workload == "speech":
+        from cadence.data.speech import LABELS
+        from cadence.models.audio import SpeechCNN
+
+        return SpeechCNN(
+            n_classes or len(LABELS), channels=tuple(cfg.model.channels or (32, 64, 128))
+        )
     if cfg.workload == "logreg":
         return LogisticRegression(IN_FEATURES["logreg"]).double()
     if model_arch(cfg) == "cnn":
@@ -246,6 +257,12 @@ def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None)
     )
 
 
+def _build_speech(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
+    from cadence.workloads.speech import build_speech
+
+    return build_speech(cfg, device, tokenizer_dir)
+
+
 def _load_mnist():
     from cadence.data import load_mnist
 
@@ -286,6 +303,17 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             True,
             ("mlp",),
             _build_images(_load_digits),
+        ),
+        WorkloadSpec(
+            "speech",
+            "spoken commands and digits (22 classes) by synthetic voices (eSpeak NG), held-out "
+            "speakers for validation, or your recordings (data.path); log-mel CNN; "
+            "metric val_accuracy",
+            "val_accuracy",
+            True,
+            ("cnn",),
+            _build_speech,
+            val_fraction=0.1,
         ),
         WorkloadSpec(
             "logreg",

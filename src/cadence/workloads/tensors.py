@@ -45,15 +45,21 @@ class TensorWorkload(Workload):
     def val_size(self) -> int:
         return len(self.x_val)
 
+    def inputs(self, x: Tensor) -> Tensor:
+        """Stored examples -> what the model takes; a subclass that stores a compact form
+        (int16 audio) widens here, so training, evaluation and export all feed the same thing."""
+        return x
+
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """The micro-batch for the given training-set indices."""
         idx = indices.to(self.x_train.device)
-        return self.x_train[idx], self.y_train[idx]
+        return self.inputs(self.x_train[idx]), self.y_train[idx]
 
     def _val_batches(self, size: int = 256, world: World | None = None):
         """This process's share of the validation set, in batches (see `val_ranges`)."""
         for a, b in val_ranges(self.n_val, size, world):
-            yield self.x_val[a:b], (self.y_val[a:b] if self.y_val is not None else None)
+            y = self.y_val[a:b] if self.y_val is not None else None
+            yield self.inputs(self.x_val[a:b]), y
 
 
 class ClassificationWorkload(TensorWorkload):
