@@ -58,7 +58,7 @@ from cadence.training.step import autocast_context, train_step
 from cadence.workloads import build_workload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import hardware, loadavg, sync  # noqa: E402
+from overhead import hardware, loadavg, matmul_rate  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BF16_RTOL = 0.03
@@ -90,22 +90,6 @@ def sizes(tiny: bool) -> dict[str, Any]:
         "matmul": 8192,
         "sync_window": 20,
     }
-
-
-def matmul_rate(n: int, device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of an n x n matmul in `dtype` (2 n^3 per product), the best of five timings."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2.0 * n**3 / best
 
 
 # ---------------------------------------------------------------- correctness through cadence.train
@@ -365,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
-    peak = matmul_rate(size["matmul"], device, torch.bfloat16)
+    peak = matmul_rate(size["matmul"], 20, device, torch.bfloat16)
     runs = []
     for optimizer in ("adamw", "muon"):
         for compiled in (False, True):

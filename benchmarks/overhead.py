@@ -102,10 +102,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(n: int, iters: int, device: torch.device) -> float:
-    """FLOP/s of a float32 n x n matmul: 2 n^3 per product, timed over `iters` products."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_rate(
+    n: int, iters: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> float:
+    """FLOP/s of an n x n matmul in `dtype`: 2 n^3 per product, timed over `iters` products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync(device)

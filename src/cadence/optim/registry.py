@@ -142,7 +142,7 @@ def _build_sgd(
     )
 
 
-def _adam_family(cls: type[Optimizer], *, fused: bool = False) -> Callable[..., AnyOptimizer]:
+def _adam_family(cls: type[Optimizer]) -> Callable[..., AnyOptimizer]:
     def build(
         model: nn.Module,
         *,
@@ -153,7 +153,8 @@ def _adam_family(cls: type[Optimizer], *, fused: bool = False) -> Callable[..., 
         **kwargs: Any,
     ) -> AnyOptimizer:
         groups = _groups(model, lr, weight_decay)
-        impl = _implementation(groups, kwargs["fused"]) if fused else {}
+        # build_optimizer passes fused=False to a family member without a kernel (spec.fused)
+        impl = _implementation(groups, kwargs["fused"])
         return cls(groups, lr=lr, betas=betas, eps=eps, **impl)
 
     return build
@@ -259,13 +260,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "adam",
             "Adam (torch); weight decay is L2 in the gradient.",
-            _adam_family(torch.optim.Adam, fused=True),
+            _adam_family(torch.optim.Adam),
             fused=True,
         ),
         OptimizerSpec(
             "adamw",
             "AdamW (torch); decoupled weight decay.",
-            _adam_family(torch.optim.AdamW, fused=True),
+            _adam_family(torch.optim.AdamW),
             fused=True,
         ),
         OptimizerSpec(
@@ -402,7 +403,7 @@ def build_optimizer(
         betas=tuple(betas),
         eps=eps,
         aux_lr=lr if aux_lr is None else aux_lr,
-        fused=fused,
+        fused=fused if spec.fused else False,  # one statement of which optimizers have a kernel
     )
     if body_lr_ratio != 1.0:
         _scale_body(optimizer, model, body_lr_ratio)
