@@ -7,14 +7,13 @@ from the configuration (sample rate, hop, mel edges), never pasted in.
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from cadence.models.audio import LogMel, SpecAugment, SpeechCNN, mel_filterbank
+from onnx_helpers import onnx_export
 
 SR, N_FFT, WIN, HOP, N_MELS, F_MIN = 16000, 512, 400, 160, 40, 20.0
 
@@ -167,17 +166,6 @@ def test_logmel_stays_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(out, m(audio))
 
 
-def _onnx_export(model: torch.nn.Module, example: torch.Tensor, path, **kwargs) -> None:
-    """torch.onnx.export(dynamo=True), without its warnings about absent torchvision ops."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, **kwargs)
-        finally:
-            logging.disable(logging.NOTSET)
-
-
 def test_logmel_onnx_export_with_dynamic_batch_and_length(tmp_path) -> None:
     """torch.stft lowers to ONNX STFT; the graph must hold at lengths it was not traced at."""
     import onnxruntime as ort
@@ -186,7 +174,7 @@ def test_logmel_onnx_export_with_dynamic_batch_and_length(tmp_path) -> None:
     m = LogMel().eval()
     path = tmp_path / "logmel.onnx"
     dims = {0: Dim("batch", min=1, max=64), 1: Dim("time", min=SR, max=10 * SR)}
-    _onnx_export(m, torch.randn(2, SR), path, dynamic_shapes=(dims,))
+    onnx_export(m, torch.randn(2, SR), path, dynamic_shapes=(dims,))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(3)
     for batch, num_samples in [(1, SR), (3, SR + 4321), (2, 3 * SR)]:
@@ -314,7 +302,7 @@ def test_speechcnn_onnx_export_matches_torch(tmp_path) -> None:
             bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, SR)
     path = tmp_path / "speech.onnx"
-    _onnx_export(model, x, path)
+    onnx_export(model, x, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     probe = torch.randn(2, SR, generator=torch.Generator().manual_seed(7))  # not the trace input
     got = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
@@ -364,3 +352,14 @@ def test_speechcnn_overfits_class_dependent_sines() -> None:
             if accuracy == 1.0:
                 break
     assert accuracy == 1.0, f"train accuracy {accuracy:.2f} after {step} steps"
+
+
+def test_an_empty_batch_passes_through_with_zero_gradients() -> None:
+    """Under DDP a rank with the smaller share runs an empty micro-batch; it must not fail."""
+    from cadence.models.asr import SpeechCTC
+
+    for model in (SpeechCNN(5, channels=(4, 8)), SpeechCTC(dim=16, layers=1)):
+        out = model(torch.zeros(0, 16000))
+        assert out.shape[0] == 0
+        out.sum().backward()
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())

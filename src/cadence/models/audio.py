@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LogMel", "SpecAugment", "SpeechCNN", "hz_to_mel", "mel_filterbank", "mel_to_hz"]
+__all__ = [
+    "LogMel",
+    "SpecAugment",
+    "SpeechCNN",
+    "hz_to_mel",
+    "mel_filterbank",
+    "mel_to_hz",
+    "normalise_utterance",
+]
 
 
 def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
@@ -55,6 +63,18 @@ def mel_filterbank(
     return (tri * (2.0 / (hi - lo))).to(torch.float32)
 
 
+def normalise_utterance(mel: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance over (mel, time) per utterance: removes the recording's gain.
+
+    Over all bins together, not per bin: per-bin statistics would erase the stationary
+    spectral shape a vowel (or a tone, or the colour of the noise) is recognised by.
+    sqrt(var + eps) rather than std + eps keeps a constant input finite and smooth.
+    """
+    mean = mel.mean(dim=(-2, -1), keepdim=True)
+    var = (mel - mean).pow(2).mean(dim=(-2, -1), keepdim=True)
+    return (mel - mean) / torch.sqrt(var + eps)
+
+
 class LogMel(nn.Module):
     """Raw audio (B, T) -> log-mel (B, n_mels, 1 + T // hop_length).
 
@@ -92,6 +112,9 @@ class LogMel(nn.Module):
         """|STFT|^2 (B, n_fft // 2 + 1, frames), public so it can be checked against a reference."""
         if audio.dim() != 2:
             raise ValueError(f"LogMel: expected audio of shape (B, T), got {tuple(audio.shape)}")
+        if audio.shape[0] == 0:  # an empty distributed share; torch.stft's padding refuses it
+            frames = 1 + audio.shape[1] // self.hop_length
+            return audio.new_zeros((0, self.n_fft // 2 + 1, frames), dtype=torch.float32)
         spec = torch.stft(
             audio.float(),
             n_fft=self.n_fft,
@@ -182,6 +205,7 @@ class SpeechCNN(nn.Module):
         n_mels: int = 40,
         channels: tuple[int, ...] = (32, 64, 128),
         dropout: float = 0.1,
+        augment: bool = True,
     ) -> None:
         super().__init__()
         if n_classes < 1 or not channels or min(channels) < 1:
@@ -195,7 +219,7 @@ class SpeechCNN(nn.Module):
                 f"use n_mels >= {2 ** (len(channels) - 1)} or fewer blocks"
             )
         self.features = LogMel(n_mels=n_mels)
-        self.augment = SpecAugment()
+        self.augment = SpecAugment() if augment else nn.Identity()
         self.norm_eps = 1e-5
         layers: list[nn.Module] = []
         in_ch = 1
@@ -213,10 +237,7 @@ class SpeechCNN(nn.Module):
         self.head = nn.Linear(in_ch * (n_mels // 2 ** (len(channels) - 1)), n_classes)
 
     def normalise(self, mel: torch.Tensor) -> torch.Tensor:
-        """sqrt(var + eps) rather than std + eps keeps a constant input finite and smooth."""
-        mean = mel.mean(dim=(-2, -1), keepdim=True)
-        var = (mel - mean).pow(2).mean(dim=(-2, -1), keepdim=True)
-        return (mel - mean) / torch.sqrt(var + self.norm_eps)
+        return normalise_utterance(mel, self.norm_eps)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = self.augment(self.normalise(self.features(audio)))
