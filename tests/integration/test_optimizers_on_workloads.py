@@ -20,9 +20,9 @@ MEASURE_SAMPLES = 256  # the fixed slice of training samples the objective is me
 # A clear margin: the run must remove at least this fraction of the initial objective.
 MIN_RELATIVE_DECREASE = 0.05
 
-WORKLOADS = ("logreg", "digits", "mnist", "lm", "speech")
+WORKLOADS = ("logreg", "digits", "mnist", "lm", "speech", "asr")
 FAMILY = {"logreg": "convex", "digits": "vision", "mnist": "vision", "mnist-cnn": "vision"}
-FAMILY["speech"] = "audio"
+FAMILY["speech"] = FAMILY["asr"] = "audio"
 FAMILY["lm"] = "lm"
 
 # Standard learning rates per optimizer and workload family (textbook / library defaults, not
@@ -74,7 +74,8 @@ def test_short_run_reduces_training_objective(make_config, optimizer: str, workl
         f"train.max_steps={STEPS}",
         f"train.eval_every={STEPS}",
         f"train.log_every={STEPS}",
-        "batch.size=" + ("full" if full_batch else ("8" if workload in ("lm", "speech") else "32")),
+        "batch.size="
+        + ("full" if full_batch else ("8" if workload in ("lm", "speech", "asr") else "32")),
     ]
     if full_batch and workload == "lm":
         overrides.append("data.max_bytes=2000")  # keep the full batch small

@@ -117,9 +117,14 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     if q:
         line = (
             f"  int8: {q['bytes_int8'] / 1e6:.2f} MB (fp32 {q['bytes_fp32'] / 1e6:.2f} MB), "
-            f"max abs diff {q['max_abs_diff_logits']:.3g}, val loss "
-            f"{q['val_loss_fp32']:.4f} -> {q['val_loss_int8']:.4f} ({q['val_loss_change']:+.4f})"
+            f"max abs diff {q['max_abs_diff_logits']:.3g}"
         )
+        for key, name in (("val_loss", "val loss"), ("val_cer", "CER")):
+            if f"{key}_change" in q:
+                line += (
+                    f", {name} {q[f'{key}_fp32']:.4f} -> {q[f'{key}_int8']:.4f} "
+                    f"({q[f'{key}_change']:+.4f})"
+                )
         if "val_accuracy_change" in q:
             line += (
                 f", accuracy {q['val_accuracy_fp32']:.4f} -> {q['val_accuracy_int8']:.4f} "
@@ -144,8 +149,8 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
     if run.kind != "lm":
         raise ConfigError(
-            f"{args.run_dir}: a {run.config.workload} classifier cannot generate text; "
-            "use `cadence serve` and /v1/predict"
+            f"{args.run_dir}: {run.what} cannot generate text; "
+            f"use `cadence serve` and {run.endpoint}"
         )
     prompt = [int(t) for t in run.tokenizer.encode(args.prompt)]  # type: ignore[union-attr]
     if not prompt:

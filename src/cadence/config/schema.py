@@ -141,9 +141,10 @@ class ModelConfig:
     seq_len: int = 128  # gpt context length
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # gpt normalisation
     tie_embeddings: bool = True  # gpt: share the embedding and output head
-    dropout: float = 0.0  # gpt dropout
+    dropout: float = 0.0  # gpt, speech and asr dropout
     hidden: list[int] = field(default_factory=lambda: [128])  # mlp hidden widths
     channels: list[int] | None = None  # speech: conv channels per block (null = [32, 64, 128])
+    augment: bool = True  # speech, asr: SpecAugment time/frequency masking while training
     l2: float = 1e-3  # logreg: L2 penalty in the objective (keeps the optimum finite)
     hf: str | None = None  # lm: a local Hugging Face causal-LM directory (from_pretrained, offline)
     hf_config: dict[str, Any] | None = None  # lm: a fresh HF model, e.g. {model_type: llama, ...}

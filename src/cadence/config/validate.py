@@ -148,6 +148,11 @@ def _check_data(cfg: Config) -> None:
             check_val_fraction(d.val_fraction)
         check_max_bytes(d.max_bytes)
         check_tokenizer(d.tokenizer, d.vocab_size)
+        if d.path is not None and cfg.workload == "asr":
+            raise ValueError(
+                "data.path: workload asr trains on synthetic digit strings only; drop data.path "
+                "(workload speech takes a folder of recordings)"
+            )
         if d.path is not None and cfg.workload == "speech":
             check_text_path(d.path, "a folder of label folders of .wav files (DIR/<label>/*.wav)")
         elif d.path is not None:

@@ -45,7 +45,7 @@ __all__ = ["Engine", "Job"]
 class Job:
     """One request's work; ``emit`` is called from the engine thread."""
 
-    kind: str  # "generate" | "predict"
+    kind: str  # "generate" | "predict" | "transcribe"
     emit: Callable[[str, Any], None]
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams | None = None
@@ -83,6 +83,14 @@ class Engine:
         assert job.params is not None
         return len(job.prompt) + job.params.max_new_tokens <= self.run.seq_len
 
+    def _compatible(self, first: Job, job: Job) -> bool:
+        """Whether ``job`` can share ``first``'s forward pass (same kind already checked)."""
+        if job.kind == "generate":
+            return self._fits(job)
+        if job.kind == "transcribe":  # clips are concatenated: the same length only
+            return job.inputs.shape[1:] == first.inputs.shape[1:]  # type: ignore[union-attr]
+        return True
+
     def _gather(self, first: Job) -> tuple[list[Job], list[Job]]:
         """``first`` plus compatible jobs arriving within the wait; the rest is deferred."""
         batch, later = [first], []
@@ -100,7 +108,7 @@ class Engine:
             if job is None:
                 later.append(job)  # type: ignore[arg-type]
                 break
-            ok = job.kind == first.kind and (job.kind == "predict" or self._fits(job))
+            ok = job.kind == first.kind and self._compatible(first, job)
             (batch if ok else later).append(job)
         return batch, later
 
@@ -129,6 +137,8 @@ class Engine:
             try:
                 if job.kind == "predict":
                     self._predict(batch)
+                elif job.kind == "transcribe":
+                    self._transcribe(batch)
                 elif len(batch) == 1:
                     self._generate_one(batch[0])
                 else:
@@ -149,6 +159,19 @@ class Engine:
         for j in batch:
             n = j.inputs.shape[0]  # type: ignore[union-attr]
             j.emit("result", probs[start : start + n].tolist())
+            start += n
+
+    def _transcribe(self, batch: list[Job]) -> None:
+        from cadence.models.asr import decode_ids, greedy_decode
+
+        x = torch.cat([j.inputs for j in batch])  # type: ignore[misc]
+        log_probs = self.run.model(x)
+        frames = torch.full((x.shape[0],), log_probs.shape[1], dtype=torch.int64)
+        texts = [decode_ids(ids) for ids in greedy_decode(log_probs, frames)]
+        start = 0
+        for j in batch:
+            n = j.inputs.shape[0]  # type: ignore[union-attr]
+            j.emit("result", texts[start : start + n])
             start += n
 
     def _generate_one(self, job: Job) -> None:

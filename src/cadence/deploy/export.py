@@ -27,6 +27,7 @@ from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
 __all__ = ["FORMATS", "ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
 
 FORMATS = ("safetensors", "onnx", "hf")
+AUDIO = ("speech", "asr")  # models that take raw 16 kHz audio of any length
 
 # Max |onnxruntime - PyTorch| allowed on the exported outputs (logits). fp32 kernels differ in
 # summation order only, which on these models stays around 1e-6; 1e-4 leaves headroom for
@@ -54,8 +55,11 @@ def random_inputs(run: LoadedRun, seed: int = 0) -> list[torch.Tensor]:
         v, t = run.tokenizer.vocab_size, run.seq_len  # type: ignore[union-attr]
         shapes = [(1, 1), (3, max(1, t // 2 + 1)), (2, t)]
         return [torch.randint(0, v, s, generator=g) for s in shapes]
-    if run.config.workload == "speech":  # audio-scale noise, and a second clip length
-        return [0.1 * torch.randn(s, generator=g) for s in ((1, 16_000), (5, 11_000))]
+    if run.config.workload in AUDIO:  # audio-scale noise, at two clip lengths
+        shapes = (
+            ((1, 16_000), (5, 11_000)) if run.kind == "classifier" else ((1, 32_000), (3, 20_000))
+        )
+        return [0.1 * torch.randn(s, generator=g) for s in shapes]
     shape = CLASSIFIER_INPUTS[run.config.workload]
     return [torch.randn((b, *shape), generator=g, dtype=run.dtype) for b in (1, 5)]
 
@@ -134,7 +138,7 @@ def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
     if run.kind == "lm":
         # The rotary table covers seq_len positions; the graph is valid up to that length.
         dims[1] = Dim("seq", min=1, max=run.seq_len)
-    elif run.config.workload == "speech":
+    elif run.config.workload in AUDIO:
         # Any clip length: the model pools over time. The STFT's reflect padding needs more
         # than n_fft / 2 samples; the top is read_wav's 60 s cap.
         dims[1] = Dim("samples", min=512, max=60 * 16_000)
@@ -145,7 +149,7 @@ def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
         dynamo=True,
         dynamic_shapes=(dims,),
         input_names=[input_name],
-        output_names=["logits"],
+        output_names=[_output_name(run)],
         verbose=False,
     )
     program.save(str(tmp / "model.onnx"))
@@ -154,6 +158,24 @@ def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
         _torch_outputs(run.model, inputs), _ort_outputs(_ort_session(tmp / "model.onnx"), inputs)
     )
     return ["model.onnx", *_copy_metadata(run, tmp)], diff
+
+
+def _quantized_cer(workload: Any, n: int, fp32: Any, int8: Any) -> dict[str, float]:
+    """The character error rate of both graphs on the first ``n`` validation clips."""
+    from cadence.models.asr import cer, decode_ids, greedy_decode
+
+    x = workload.inputs(workload.x_val[:n]).cpu()
+    refs = [decode_ids([c for c in row if c > 0]) for row in workload.y_val[:n].tolist()]
+    out: dict[str, float] = {}
+    for label, session in (("fp32", fp32), ("int8", int8)):
+        log_probs = torch.cat(
+            [torch.from_numpy(_ort_outputs(session, [x[i : i + 64]])[0]) for i in range(0, n, 64)]
+        )
+        frames = torch.full((n,), log_probs.shape[1], dtype=torch.int64)
+        hyps = [decode_ids(ids) for ids in greedy_decode(log_probs, frames)]
+        out[f"val_cer_{label}"] = cer(hyps, refs)
+    out["val_cer_change"] = out["val_cer_int8"] - out["val_cer_fp32"]
+    return out
 
 
 @torch.no_grad()
@@ -178,6 +200,10 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
     cfg.train.device = "cpu"
     workload = build_workload(cfg)
     n = min(workload.val_size, 64 if run.kind == "lm" else 2048)
+    if run.kind == "asr":
+        report.update(_quantized_cer(workload, n, fp32, int8))
+        report["val_examples"] = n
+        return report
     if run.kind == "lm":
         blocks = workload.val_blocks(n).cpu()  # windows spread as in evaluation
         x, y = [blocks[:, :-1]], blocks[:, 1:]
@@ -199,8 +225,12 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
     return report
 
 
+def _output_name(run: LoadedRun) -> str:
+    return "log_probs" if run.kind == "asr" else "logits"  # asr: CTC log-probabilities
+
+
 def _input_shape(run: LoadedRun) -> list[Any]:
-    if run.config.workload == "speech":
+    if run.config.workload in AUDIO:
         return ["samples"]  # raw 16 kHz audio of any length; trained on one-second clips
     return list(CLASSIFIER_INPUTS[run.config.workload])
 
@@ -274,7 +304,7 @@ def export_run(
                 }
             ),
             **({"labels": run.labels} if run.labels is not None else {}),
-            "output": {"name": "logits"},
+            "output": {"name": _output_name(run)},
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
         result.files.append("export.json")

@@ -159,7 +159,7 @@ def export_hf(run: LoadedRun, tmp: Path, inputs: list[torch.Tensor]) -> tuple[li
 
     if run.kind != "lm":
         raise ConfigError(
-            f"--format hf: the {run.config.workload} classifier has no Hugging Face causal-LM "
+            f"--format hf: {run.what} has no Hugging Face causal-LM "
             "form; use --format safetensors or onnx"
         )
     hf = run.model.hf if isinstance(run.model, HFCausalLM) else _gpt_as_neox(run)

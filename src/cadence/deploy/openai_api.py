@@ -361,7 +361,7 @@ def add_completions(
         if run.kind != "lm":
             raise OpenAIError(
                 400,
-                f"model: this server holds a {run.config.workload} classifier; use /v1/predict",
+                f"model: this server holds {run.what}; use {run.endpoint}",
                 param="model",
             )
         max_tokens = 16 if body.max_tokens is None else body.max_tokens

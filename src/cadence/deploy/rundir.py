@@ -40,8 +40,20 @@ class LoadedRun:
 
     @property
     def kind(self) -> str:
-        """``lm`` (text generation) or ``classifier`` (class probabilities)."""
-        return "lm" if self.config.workload == "lm" else "classifier"
+        """``lm`` (text generation), ``asr`` (speech to text) or ``classifier`` (class
+        probabilities)."""
+        return self.config.workload if self.config.workload in ("lm", "asr") else "classifier"
+
+    @property
+    def what(self) -> str:
+        """How errors name the model: "the lm language model", "the mnist classifier"."""
+        noun = {"lm": "language model", "asr": "speech recogniser"}.get(self.kind, "classifier")
+        return f"the {self.config.workload} {noun}"
+
+    @property
+    def endpoint(self) -> str:
+        """The HTTP endpoint that serves this kind of model."""
+        return {"lm": "/v1/generate", "asr": "/v1/transcribe"}.get(self.kind, "/v1/predict")
 
     @property
     def seq_len(self) -> int:

@@ -231,7 +231,8 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
                 metrics.observe(path, 401, time.perf_counter() - start)
                 return response
         response = await call_next(request)
-        known = {"/v1/generate", COMPLETIONS_PATH, "/v1/predict", "/health", "/metrics"}
+        known = {"/v1/generate", COMPLETIONS_PATH, "/v1/predict", "/v1/transcribe"}
+        known |= {"/health", "/metrics"}
         metrics.observe(
             path if path in known else "other", response.status_code, time.perf_counter() - start
         )
@@ -281,7 +282,7 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
     @app.post("/v1/predict", openapi_extra=predict_doc)
     async def predict(request: Request) -> dict[str, Any]:
         if run.kind != "classifier":
-            raise HTTPError(400, "model: this server holds a language model; use /v1/generate")
+            raise HTTPError(400, f"model: this server holds {run.what}; use {run.endpoint}")
         if is_upload(request):
             if run.config.workload != "speech":
                 raise HTTPError(
@@ -315,13 +316,37 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
             out["class_names"] = run.labels
         return out
 
+    upload_doc = {
+        "requestBody": predict_doc["requestBody"]
+        | {
+            "content": {
+                "multipart/form-data": predict_doc["requestBody"]["content"]["multipart/form-data"]
+            }
+        }
+    }
+
+    @app.post("/v1/transcribe", openapi_extra=upload_doc)
+    async def transcribe(request: Request) -> dict[str, Any]:
+        if run.kind != "asr":
+            raise HTTPError(400, f"model: this server holds {run.what}; use {run.endpoint}")
+        if not is_upload(request):
+            raise HTTPError(
+                415, "file: send the audio as multipart/form-data field `file` (a WAV file)"
+            )
+        from cadence.data.digit_strings import pad_to_clip
+
+        x = torch.from_numpy(pad_to_clip(await read_upload(request)))[None].to(run.dtype)
+        _, events = _run_job({"kind": "transcribe", "inputs": x})
+        kind, value = await events.get()
+        if kind == "error":
+            raise HTTPError(500, f"model: {value}")
+        return {"text": value[0], "seconds": round(x.shape[1] / 16_000, 3)}
+
     @app.post("/v1/generate", response_model=None, openapi_extra=body_doc)
     async def generate_endpoint(request: Request) -> dict[str, Any] | StreamingResponse:
         body: GenerateRequest = await _parse_body(request, GenerateRequest)
         if run.kind != "lm":
-            raise HTTPError(
-                400, f"model: this server holds a {run.config.workload} classifier; use /v1/predict"
-            )
+            raise HTTPError(400, f"model: this server holds {run.what}; use {run.endpoint}")
         if body.max_new_tokens > settings.max_new_tokens_limit:
             raise HTTPError(
                 400,

@@ -78,6 +78,11 @@ def _check_model(cfg: Config, arch: str) -> None:
         gpt_config(cfg, vocab_size=256).validate()
     elif arch == "mlp":
         MLP.check_sizes(IN_FEATURES[cfg.workload], m.hidden, 10)
+    elif arch == "conv" and min(m.d_model, m.n_layer) < 1:
+        raise ValueError(
+            f"model.d_model / model.n_layer: the asr encoder needs a positive width and block "
+            f"count, got {m.d_model} and {m.n_layer}"
+        )
     elif arch == "linear" and m.l2 < 0:
         raise ValueError(f"model.l2: must be >= 0, got {m.l2}")
 
@@ -120,9 +125,18 @@ def build_model(
         from cadence.data.speech import LABELS
         from cadence.models.audio import SpeechCNN
 
+        m = cfg.model
         return SpeechCNN(
-            n_classes or len(LABELS), channels=tuple(cfg.model.channels or (32, 64, 128))
+            n_classes or len(LABELS),
+            channels=tuple(m.channels or (32, 64, 128)),
+            dropout=m.dropout,
+            augment=m.augment,
         )
+    if cfg.workload == "asr":
+        from cadence.models.asr import SpeechCTC
+
+        m = cfg.model
+        return SpeechCTC(dim=m.d_model, layers=m.n_layer, dropout=m.dropout, augment=m.augment)
     if cfg.workload == "logreg":
         return LogisticRegression(IN_FEATURES["logreg"]).double()
     if model_arch(cfg) == "cnn":
@@ -263,6 +277,12 @@ def _build_speech(cfg: Config, device: torch.device, tokenizer_dir: Path | None)
     return build_speech(cfg, device, tokenizer_dir)
 
 
+def _build_asr(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
+    from cadence.workloads.asr import build_asr
+
+    return build_asr(cfg, device, tokenizer_dir)
+
+
 def _load_mnist():
     from cadence.data import load_mnist
 
@@ -314,6 +334,16 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             ("cnn",),
             _build_speech,
             val_fraction=0.1,
+        ),
+        WorkloadSpec(
+            "asr",
+            "spoken digit strings (2-5 digits) by synthetic voices, held-out speakers for "
+            "validation; log-mel conv encoder trained with CTC, greedy decoding (model.d_model, "
+            "model.n_layer); metric val_cer (character error rate)",
+            "val_cer",
+            False,
+            ("conv",),
+            _build_asr,
         ),
         WorkloadSpec(
             "logreg",
