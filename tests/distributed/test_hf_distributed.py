@@ -55,7 +55,7 @@ def test_two_processes_match_one(tmp_path, case: str) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     run_in_process("train", *as_sets(cfg), "--run-dir", str(one))
     run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
-    # Muon: gradient norms 3.9e-4 (AMD) and 8.7e-4 (Intel CI) apart by step 6 at lr 0.02,
+    # Muon: gradient norms 3.9e-4 (here, AMD) and 8.7e-4 (the CI machine) apart by step 6 at lr 0.02,
     # hence 2e-3 for Muon only.
     assert_same_rows(rows(two), rows(one), rtol=2e-3 if opt == "muon" else 1e-4)
     # Float noise in the gradient reduction is amplified by the update rule, and only there:

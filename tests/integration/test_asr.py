@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -89,8 +91,18 @@ def test_serve_transcribes_a_wav_upload(asr_run: Path) -> None:
             f"{server.url}/v1/transcribe", files={"file": ("b.wav", _wav(clip[8000:20000]))}
         )
         assert r.status_code == 200 and r.json()["seconds"] == 2.0
+        # base64 16-bit PCM in JSON, the clip's own int16 bytes: the same transcript
+        pcm = base64.b64encode(clip.astype("<i2").tobytes()).decode()
+        r = httpx.post(f"{server.url}/v1/transcribe", json={"audio": pcm, "sample_rate": 16000})
+        assert r.status_code == 200 and r.json()["text"] == want, r.text
+        post = partial(httpx.post, f"{server.url}/v1/transcribe")
         errors = [
-            (httpx.post(f"{server.url}/v1/transcribe", json={"inputs": [[0.0]]}), 415, "file:"),
+            (post(json={"inputs": [[0.0]]}), 422, "audio: missing"),
+            (post(json={"audio": "not base64!"}), 422, "audio: not valid base64"),
+            (post(json={"audio": base64.b64encode(b"abc").decode()}), 422, "two bytes per"),
+            (post(json={"audio": ""}), 422, "audio: no samples"),
+            (post(json={"audio": pcm, "channels": 2}), 422, "channels: 2"),
+            (post(json={"audio": pcm, "sample_rate": "fast"}), 422, "sample_rate"),
             (httpx.post(f"{server.url}/v1/predict", json={"inputs": [[0.0]]}), 400, "transcribe"),
             (
                 httpx.post(f"{server.url}/v1/transcribe", files={"file": ("x.wav", b"nope")}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -121,6 +122,12 @@ def test_serve_takes_a_wav_upload(tones_run: Path, tmp_path: Path) -> None:
         # raw samples as JSON: exactly one second of them
         r = httpx.post(f"{server.url}/v1/predict", json={"inputs": [x[0].tolist()]})
         assert r.status_code == 200 and r.json()["names"] == ["high"]
+        # base64 16-bit PCM in JSON at 44.1 kHz: resampled like the upload, the same answer
+        audio, rate = sf.read(wav, dtype="int16")
+        pcm = base64.b64encode(audio.astype("<i2").tobytes()).decode()
+        r = httpx.post(f"{server.url}/v1/predict", json={"audio": pcm, "sample_rate": rate})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["probabilities"][0], want, atol=1e-4)
 
         bad = [
             ({"file": ("notes.txt", b"hello, not audio")}, 422, "file notes.txt: not a readable"),

@@ -27,7 +27,7 @@ TINY = [
     "train.log_every=1",
     "train.progress=false",
     # AdamW, not the default Muon: Muon's bf16 Newton-Schulz turns the ulp-level differences
-    # of compiled kernels into 4e-4 weight differences (seen on an Intel CI machine), which
+    # of compiled kernels into 4e-4 weight differences (seen on the CI machine, 2026-12-02), which
     # says nothing about whether compiling changed the math.
     "optimizer.name=adamw",
 ]

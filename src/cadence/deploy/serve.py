@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cadence.deploy.audio_api import AudioError, is_upload, read_upload
+from cadence.deploy.audio_api import AudioError, is_upload, read_audio, wants_pcm
 from cadence.deploy.engine import Engine, Job
 from cadence.deploy.generate import SamplingParams
 from cadence.deploy.openai_api import (
@@ -283,14 +283,14 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
     async def predict(request: Request) -> dict[str, Any]:
         if run.kind != "classifier":
             raise HTTPError(400, f"model: this server holds {run.what}; use {run.endpoint}")
-        if is_upload(request):
+        if is_upload(request) or await wants_pcm(request):
             if run.config.workload != "speech":
                 raise HTTPError(
-                    415, f"file: the {run.config.workload} model takes JSON inputs, not a file"
+                    415, f"file: the {run.config.workload} model takes JSON inputs, not audio"
                 )
             from cadence.data.speech import fit_clip
 
-            x = torch.from_numpy(fit_clip(await read_upload(request)))[None].to(run.dtype)
+            x = torch.from_numpy(fit_clip(await read_audio(request)))[None].to(run.dtype)
         else:
             body: PredictRequest = await _parse_body(request, PredictRequest)
             if len(body.inputs) > settings.max_predict_inputs:
@@ -329,13 +329,9 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
     async def transcribe(request: Request) -> dict[str, Any]:
         if run.kind != "asr":
             raise HTTPError(400, f"model: this server holds {run.what}; use {run.endpoint}")
-        if not is_upload(request):
-            raise HTTPError(
-                415, "file: send the audio as multipart/form-data field `file` (a WAV file)"
-            )
         from cadence.data.digit_strings import pad_to_clip
 
-        x = torch.from_numpy(pad_to_clip(await read_upload(request)))[None].to(run.dtype)
+        x = torch.from_numpy(pad_to_clip(await read_audio(request)))[None].to(run.dtype)
         _, events = _run_job({"kind": "transcribe", "inputs": x})
         kind, value = await events.get()
         if kind == "error":
