@@ -21,7 +21,7 @@ from cadence.runtime.events import Callback
 from cli_helpers import cadence_cmd, cli_env
 
 # Fields that depend on the clock, not on the computation.
-WALL_FIELDS = frozenset({"time_s", "train_time_s", "samples_per_s", "tokens_per_s"})
+WALL_FIELDS = frozenset({"time_s", "train_time_s", "train_cpu_s", "samples_per_s", "tokens_per_s"})
 
 # A GPT small enough that a step takes milliseconds on one core.
 TINY_LM = [

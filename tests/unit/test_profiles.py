@@ -32,7 +32,11 @@ ROWS = [
 
 def test_time_to_target_reads_the_target_row() -> None:
     got = time_to_target(ROWS, target_step=40)
-    assert got == {"steps": 40.0, "samples": 1280.0, "tokens": INF, "time": 2.1}
+    # rows from before train_cpu_s existed: CPU time falls back to the wall time
+    assert got == {"steps": 40.0, "samples": 1280.0, "tokens": INF, "time": 2.1, "cpu": 2.1}
+    rows = [{**r, "train_time_s": r["time_s"] - 0.1, "train_cpu_s": r["time_s"] / 2} for r in ROWS]
+    got = time_to_target(rows, target_step=40)
+    assert (got["time"], got["cpu"]) == (2.0, 1.05)
 
 
 def test_time_to_target_tokens_for_text() -> None:
@@ -131,6 +135,7 @@ def _rec(strategy: str, workload: str, seed: int, steps: float, time: float) -> 
         "samples_to_target": steps * 32,
         "tokens_to_target": INF,
         "time_to_target": time,
+        "cpu_to_target": time,
         "final_metric": 0.9 if reached else 0.5,
         "best_metric": 0.9 if reached else 0.5,
     }

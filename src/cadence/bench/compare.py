@@ -31,7 +31,18 @@ from cadence.bench.profiles import (
     profile_score,
     time_to_target,
 )
-from cadence.bench.spec import PROFILE_MEASURES, RunPlan, Spec, grid, plan_runs, trial_label
+from cadence.bench.rulesets import study_bests, trial_key
+from cadence.bench.significance import mean_ci, paired_test
+from cadence.bench.spec import (
+    PROFILE_MEASURES,
+    RunPlan,
+    Spec,
+    build_config,
+    grid,
+    plan_runs,
+    study_points,
+    trial_label,
+)
 from cadence.config import Config, config_from_dict
 from cadence.run import train
 from cadence.training.stopping import StopReason
@@ -176,7 +187,7 @@ def run_record(plan: RunPlan) -> dict[str, Any]:
         rec.update(
             reached=False,
             error=error.read_text().strip() if error.is_file() else "no summary.json",
-            **{f"{k}_to_target": INF for k in ("steps", "samples", "tokens", "time")},
+            **{f"{k}_to_target": INF for k in ("steps", "samples", "tokens", "time", "cpu")},
             final_metric=None,
             best_metric=None,
             steps=0,
@@ -202,6 +213,7 @@ def run_record(plan: RunPlan) -> dict[str, Any]:
         samples=summary["samples"],
         tokens=summary["tokens"],
         wall_time_s=summary["wall_time_s"],
+        cpu_time_s=summary.get("cpu_time_s"),
         stop_reason=summary.get("stop_reason"),
     )
     return rec
@@ -223,9 +235,16 @@ def _choose(records: Sequence[dict[str, Any]], by: str, higher: bool) -> dict[st
     return min(records, key=key)
 
 
+MEASURES = ("steps", "samples", "tokens", "time", "cpu")
+
+
 def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per strategy x workload: time-to-target on each measure (median + bootstrap interval
-    over seeds), reach rate, final and best metric; then profiles and scores per measure."""
+    over seeds, i.e. studies), reach rate, final and best metric, the winning hyper-parameters;
+    then profiles and scores per measure, and a paired test of the two best on each workload.
+
+    ``records`` hold one result per (strategy, workload, seed): under the external ruleset, the
+    fastest trial of each study (`rulesets.study_bests`)."""
     table: list[dict[str, Any]] = []
     medians: dict[str, dict[str, dict[str, float]]] = {m: {} for m in PROFILE_MEASURES}
     medians["tokens"] = {}
@@ -237,20 +256,25 @@ def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if not rs:
                 continue
             metric, higher = workload_metric(spec, w, rs)
+            best = min(rs, key=lambda r: trial_key(r, spec.profile_by, higher))
             row: dict[str, Any] = {
                 "strategy": s.name,
                 "workload": w,
                 "metric": metric,
                 "higher_is_better": higher,
                 "target": entry.target,
-                "trial": rs[0]["trial"],
-                "params": rs[0]["params"],
+                "trial": best["trial"],
+                "params": best["params"],  # the fastest study's winner
+                "study_params": [r["params"] for r in rs],
+                "trials_per_study": max(r.get("study_trials", 1) for r in rs),
                 "seeds": [r["seed"] for r in rs],
                 "reached": sum(bool(r["reached"]) for r in rs),
                 "runs": len(rs),
                 "errors": [r["error"] for r in rs if r.get("error")],
             }
-            for m in ("steps", "samples", "tokens", "time"):
+            steps_ci = mean_ci([r["steps_to_target"] for r in rs])
+            row["steps_mean_ci"] = list(steps_ci) if steps_ci else None
+            for m in MEASURES:
                 stats = _spread([r[f"{m}_to_target"] for r in rs])
                 row[f"{m}_to_target"] = stats
                 medians[m][s.name][w] = stats["median"]
@@ -271,6 +295,7 @@ def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "rho": {s: performance_profile(r, taus) for s, r in ratios.items()},
         }
     winners = {}
+    tests = {}
     for w in workloads:
         ts = {s: medians[spec.profile_by][s].get(w, INF) for s in spec.strategies}
         ranked = sorted((t, s) for s, t in ts.items() if not math.isinf(t))
@@ -280,7 +305,30 @@ def aggregate(spec: Spec, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "runner_up": ranked[1][1] if len(ranked) > 1 else None,
             "factor": ranked[1][0] / ranked[0][0] if len(ranked) > 1 and ranked[0][0] > 0 else None,
         }
-    return {"table": table, "profiles": profiles, "winners": winners}
+        if len(ranked) > 1:
+            tests[w] = _paired(spec, records, w, ranked[0][1], ranked[1][1])
+    return {"table": table, "profiles": profiles, "winners": winners, "significance": tests}
+
+
+def _paired(
+    spec: Spec, records: Sequence[dict[str, Any]], workload: str, a: str, b: str
+) -> dict[str, Any]:
+    """The two best strategies on a workload, paired by seed (study), on steps and on the
+    profile's measure."""
+
+    def by_seed(strategy: str) -> dict[int, dict[str, Any]]:
+        return {
+            r["seed"]: r for r in records if r["strategy"] == strategy and r["workload"] == workload
+        }
+
+    ra, rb = by_seed(a), by_seed(b)
+    seeds = sorted(set(ra) & set(rb))
+    out: dict[str, Any] = {"a": a, "b": b, "seeds": seeds}
+    for m in dict.fromkeys(("steps", spec.profile_by)):
+        out[m] = paired_test(
+            [ra[k][f"{m}_to_target"] for k in seeds], [rb[k][f"{m}_to_target"] for k in seeds]
+        )
+    return out
 
 
 # ---------------------------------------------------------------- the whole comparison
@@ -358,24 +406,35 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.source, sort_keys=False))
     started = time.perf_counter()
-    phase1 = plan_runs(spec, out, "tune")
     pool = WorkerPool(jobs)
-    try:
-        counts = execute(phase1, out, pool, log)
-        records1, chosen, tuning = _tuning(spec, phase1)
-        phase2 = plan_runs(spec, out, "seeds", chosen)
-        c2 = execute(phase2, out, pool, log)
-    finally:
-        pool.close()
-    for k in counts:
-        counts[k] += c2[k]
-
-    records = [
-        r
-        for r in records1
-        if not spec.strategies[r["strategy"]].tune
-        or r["params"] == chosen[(r["strategy"], r["workload"])]
-    ] + [run_record(p) for p in phase2]
+    tuning: dict[str, Any] = {}
+    if spec.ruleset == "grid":
+        phase1 = plan_runs(spec, out, "tune")
+        try:
+            counts = execute(phase1, out, pool, log)
+            records1, chosen, tuning = _tuning(spec, phase1)
+            phase2 = plan_runs(spec, out, "seeds", chosen)
+            c2 = execute(phase2, out, pool, log)
+        finally:
+            pool.close()
+        for k in counts:
+            counts[k] += c2[k]
+        records = [
+            r
+            for r in records1
+            if not spec.strategies[r["strategy"]].tune
+            or r["params"] == chosen[(r["strategy"], r["workload"])]
+        ] + [run_record(p) for p in phase2]
+        trials = records1 + [run_record(p) for p in phase2]
+    else:
+        phase1 = plan_runs(spec, out, "studies")
+        try:
+            counts = execute(phase1, out, pool, log)
+        finally:
+            pool.close()
+        trials = [run_record(p) for p in phase1]
+        higher = {w: workload_metric(spec, w, trials)[1] for w in spec.workloads}
+        records = study_bests(trials, spec.profile_by, higher)
     results: dict[str, Any] = {
         "spec": spec.name,
         "description": spec.description,
@@ -383,6 +442,8 @@ def compare(
         "hardware": _hardware(),
         "jobs": jobs,
         "seeds": spec.seeds,
+        "ruleset": spec.ruleset,
+        "trials_per_study": spec.trials,
         "profile_by": spec.profile_by,
         "tau_max": spec.tau_max,
         "counts": counts,
@@ -399,13 +460,15 @@ def compare(
         "strategies": {
             s.name: {
                 "description": s.description,
-                "trials": [trial_label(p) for p in grid(s)],
-                "config": _strategy_summary(phase1, s.name),
+                "trials": _trial_labels(spec, s),
+                "search": [_param_text(p) for p in s.search] if spec.ruleset == "external" else [],
+                "config": _strategy_summary(phase1, s.name, spec),
             }
             for s in spec.strategies.values()
         },
         "tuning": tuning,
-        "runs": records,
+        "runs": records,  # one per strategy x workload x seed: what the statistics are of
+        "trials": trials,  # every run trained, tuning trials included
         **aggregate(spec, records),
     }
     _write_json(out / "results.json", results)
@@ -416,12 +479,29 @@ def compare(
     return results
 
 
-def _strategy_summary(plans: Sequence[RunPlan], strategy: str) -> str:
-    """One line naming the optimizer, schedule and batch a strategy resolves to."""
+def _trial_labels(spec: Spec, strategy: Any) -> list[str]:
+    if spec.ruleset == "grid":
+        return [trial_label(p) for p in grid(strategy)]
+    return [f"trial{j}" for j in range(len(study_points(spec, strategy, spec.seeds[0])))]
+
+
+def _param_text(p: Any) -> str:
+    """One searched key as text: `optimizer.lr in [0.001, 1] (log)`."""
+    if p.kind == "categorical":
+        return f"{p.key} in {list(p.choices)}"
+    return f"{p.key} in [{p.low:g}, {p.high:g}]" + (" (log)" if p.log else "")
+
+
+def _strategy_summary(plans: Sequence[RunPlan], strategy: str, spec: Spec) -> str:
+    """One line naming the optimizer, schedule and batch a strategy resolves to (its own
+    settings: the searched keys are listed next to it)."""
     p = next((p for p in plans if p.strategy == strategy), None)
     if p is None:
         return ""
     c: Config = p.config
+    if p.params:
+        s = spec.strategies[strategy]
+        c = build_config(spec, s, spec.workloads[p.workload], p.seed, {})
     bits = [f"{c.optimizer.name} lr={c.optimizer.lr:g}"]
     if c.optimizer.momentum:
         bits.append(f"momentum={c.optimizer.momentum:g}")

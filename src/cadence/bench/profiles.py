@@ -31,27 +31,30 @@ __all__ = [
 
 
 def time_to_target(rows: Sequence[Mapping[str, Any]], target_step: int | None) -> dict[str, float]:
-    """Steps, samples, tokens and training time at the step the target was first reached.
+    """Steps, samples, tokens, training time and CPU time at the step the target was reached.
 
     ``rows`` are a run's metrics.jsonl rows; the trainer records ``target_step`` at the
     evaluation that reached the target, and evaluation steps are always logged, so the counters
     are read from that row. Time is ``train_time_s``: wall time less the time spent evaluating
     and checkpointing, which depend on the benchmark's cadence, not on the strategy (rows
-    written before that field existed fall back to ``time_s``). A miss (``target_step`` None)
-    is infinite on every measure.
+    written before that field existed fall back to ``time_s``); ``cpu`` is the same on the
+    process's CPU clock (``train_cpu_s``; wall time for rows from before it existed). A miss
+    (``target_step`` None) is infinite on every measure.
     """
     if target_step is None:
-        return {"steps": INF, "samples": INF, "tokens": INF, "time": INF}
+        return {"steps": INF, "samples": INF, "tokens": INF, "time": INF, "cpu": INF}
     row = next((r for r in rows if r.get("step") == target_step), None)
     if row is None:  # not logged (should not happen): the nearest later row bounds it
         later = [r for r in rows if r.get("step", -1) >= target_step]
         row = min(later, key=lambda r: r["step"]) if later else {}
     tokens = row.get("tokens")
+    wall = float(row.get("train_time_s", row.get("time_s", INF)))
     return {
         "steps": float(target_step),
         "samples": float(row.get("samples", INF)),
         "tokens": float(tokens) if tokens else INF,
-        "time": float(row.get("train_time_s", row.get("time_s", INF))),
+        "time": wall,
+        "cpu": float(row.get("train_cpu_s", wall)),
     }
 
 

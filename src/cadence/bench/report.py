@@ -30,7 +30,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
     if math.isinf(value):
         return "∞"
     if unit == "s":
-        return f"{value:.1f}s"
+        return f"{value:.1f}s" if abs(value) >= 10 else f"{value:.3g}s"
     if float(value).is_integer() and abs(value) >= 1:
         return f"{int(value):,}"
     return f"{value:.4g}"
@@ -50,6 +50,24 @@ def _unit_key(results: dict[str, Any], workload: str) -> str:
     return "tokens" if results["workloads"][workload]["workload"] == "lm" else "samples"
 
 
+def _params_text(params: dict[str, Any]) -> str:
+    if not params:
+        return "-"
+    return ", ".join(
+        f"{k.split('.')[-1]}={_fmt(v) if isinstance(v, float) else v}" for k, v in params.items()
+    )
+
+
+def _params_range(studies: list[dict[str, Any]]) -> str:
+    """The span of each numeric hyper-parameter over the study winners: how sharp the optimum."""
+    spans = []
+    for k in dict.fromkeys(k for p in studies for k in p):
+        vals = [p[k] for p in studies if isinstance(p.get(k), (int, float))]
+        if len(vals) > 1 and min(vals) != max(vals):
+            spans.append(f"{k.split('.')[-1]} {_fmt(min(vals))}–{_fmt(max(vals))}")
+    return f" (studies: {', '.join(spans)})" if spans else ""
+
+
 def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = [
         "workload",
@@ -57,25 +75,31 @@ def _table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "reached",
         "steps to target",
         "samples/tokens to target",
-        "time to target",
+        "CPU time to target",
+        "wall time to target",
         "final metric",
         "best metric",
     ]
+    external = results.get("ruleset") == "external"
+    if external:
+        header.append("winner of the fastest study")
     rows = []
     for r in results["table"]:
         unit = _unit_key(results, r["workload"])
-        rows.append(
-            [
-                r["workload"],
-                r["strategy"],
-                f"{r['reached']}/{r['runs']}",
-                _stat(r["steps_to_target"]),
-                _stat(r[f"{unit}_to_target"]) + (" tok" if unit == "tokens" else ""),
-                _stat(r["time_to_target"], "s"),
-                _stat(r["final_metric"]),
-                _stat(r["best_metric"]),
-            ]
-        )
+        row = [
+            r["workload"],
+            r["strategy"],
+            f"{r['reached']}/{r['runs']}",
+            _stat(r["steps_to_target"]),
+            _stat(r[f"{unit}_to_target"]) + (" tok" if unit == "tokens" else ""),
+            _stat(r.get("cpu_to_target"), "s"),
+            _stat(r["time_to_target"], "s"),
+            _stat(r["final_metric"]),
+            _stat(r["best_metric"]),
+        ]
+        if external:
+            row.append(_params_text(r["params"]) + _params_range(r.get("study_params") or []))
+        rows.append(row)
     return header, rows
 
 
@@ -88,9 +112,38 @@ def _score_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _significance_lines(results: dict[str, Any]) -> list[str]:
+    """One line per workload: is the winner's lead over the runner-up more than noise?"""
+    lines = []
+    for w, t in (results.get("significance") or {}).items():
+        parts = []
+        for m, res in t.items():
+            if m in ("a", "b", "seeds"):
+                continue
+            unit = "s" if m in ("cpu", "time") else ""
+            if res["test"] == "too few studies":
+                parts.append(f"{m}: one study, no test")
+                continue
+            text = f"{m}: {res['test']}"
+            if res["mean_diff"] is not None:
+                lo, hi = res["ci"]
+                text += (
+                    f", mean difference {_fmt(res['mean_diff'], unit)}"
+                    f" [{_fmt(lo, unit)}, {_fmt(hi, unit)}]"
+                )
+            else:
+                text += f", first in {res['wins_a']} of {res['n']} pairs ({res['wins_b']} lost)"
+            verdict = "significant" if res["significant"] else "not significant: noise"
+            text += f", p = {res['p']:.3g} ({verdict})"
+            parts.append(text)
+        n = len(t["seeds"])
+        lines.append(f"{w}: {t['a']} vs {t['b']} over {n} paired studies; " + "; ".join(parts))
+    return lines
+
+
 def _winner_lines(results: dict[str, Any]) -> list[str]:
     by = results["profile_by"]
-    unit = {"time": "s", "steps": "", "samples": ""}[by]
+    unit = {"cpu": "s", "time": "s", "steps": "", "samples": ""}[by]
     lines = []
     for w, info in results["winners"].items():
         target = results["workloads"][w]["target"]
@@ -235,10 +288,38 @@ def _intro(results: dict[str, Any]) -> list[str]:
         f"{len(results['seeds'])} seeds; {c['ran']} runs trained now, {c['skipped']} reused, "
         f"{c['failed']} failed; {results['elapsed_s']:.0f}s with --jobs {results['jobs']} on "
         f"{hw['cpu']} ({hw['cores']} cores), torch {hw['torch']}.",
-        "Times to target are medians over seeds with a 95% bootstrap interval in brackets; a run "
-        "that misses its target counts as ∞ (AlgoPerf). Time is training time: wall time less "
-        "evaluations and checkpoints, still shared with the other parallel runs.",
+        _ruleset_text(results),
+        "Times to target are medians over studies (seeds) with a 95% bootstrap interval in "
+        "brackets; a run that misses its target counts as ∞ (AlgoPerf). Both times count "
+        "training only (evaluations and checkpoints are left out).",
+        "Why CPU time is the primary time: wall time on a shared machine measures the "
+        "neighbours (two runs that reached a target at the same step once took 28.9 s and "
+        "14.1 s). Every run trains with one thread, and the process's CPU clock does not run "
+        "while it waits for a core, so its CPU time to target stays put when parallel runs or "
+        "other processes load the machine. A per-step cost calibrated in isolation was the "
+        "alternative; it needs a calibration run per strategy and workload and misses "
+        "strategies whose steps change cost (batch ramps, plateau evaluations), while CPU "
+        "time is measured on the run itself. Wall time stays as a secondary column.",
     ]
+
+
+def _ruleset_text(results: dict[str, Any]) -> str:
+    ruleset = results.get("ruleset", "grid")
+    n = len(results["seeds"])
+    if ruleset == "external":
+        return (
+            f"Ruleset external (AlgoPerf external tuning): every strategy with a search space "
+            f"gets {results['trials_per_study']} quasi-random trials per study from it, in {n} "
+            "independent studies (study i trains with seed i and draws its own points); a "
+            "study's result is its fastest trial, a strategy's the median over studies. A "
+            "strategy without a space runs once per study (self-tuned)."
+        )
+    if ruleset == "self":
+        return (
+            f"Ruleset self: no tuning; every strategy runs at its own settings in {n} studies "
+            "(seeds)."
+        )
+    return "Ruleset grid: each tune grid is run on the first seed, the fastest point on all."
 
 
 def _workload_lines(results: dict[str, Any]) -> list[str]:
@@ -255,6 +336,8 @@ def _strategy_lines(results: dict[str, Any]) -> list[str]:
         line = f"{s}: {info['config']}"
         if info["description"]:
             line += f" — {info['description']}"
+        if info.get("search"):
+            line += f" (searched: {'; '.join(info['search'])})"
         tuned = results["tuning"].get(s)
         if tuned:
             picks = "; ".join(f"{w}: {v['chosen']}" for w, v in tuned.items())
@@ -283,7 +366,9 @@ def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
     md += ["## Workloads", "", *(f"- {line}" for line in _workload_lines(results)), ""]
     md += ["## Strategies", "", *(f"- {line}" for line in _strategy_lines(results)), ""]
     md += ["## Who reaches the target first", "", *(f"- {line}" for line in winners), ""]
+    significance = _significance_lines(results)
     md += ["## Time to target", "", _md_table(*table), ""]
+    md += ["## Is the lead more than noise?", "", *(f"- {line}" for line in significance), ""]
     md += [
         f"## Performance profiles (primary measure: {results['profile_by']})",
         "",
@@ -320,6 +405,8 @@ def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
         + li(winners)
         + "<h2>Time to target</h2>"
         + _html_table(*table)
+        + "<h2>Is the lead more than noise?</h2>"
+        + li(significance)
         + f"<h2>Performance profiles (primary measure: {html.escape(results['profile_by'])})</h2>"
         + _html_table(*scores)
         + figs

@@ -4,6 +4,10 @@ A spec is data, not code, so a comparison can be re-run, shared and resumed. Eve
 is a plain `cadence.train` config built from dotted ``KEY: VALUE`` overrides (the same keys as
 ``--set``), so a comparison measures exactly what `cadence train` would do.
 
+How much each strategy is tuned is the spec's ``tuning.ruleset`` (see `cadence.bench.rulesets`):
+``external`` draws ``tuning.trials`` points per study from each strategy's ``search`` space,
+``self`` runs every strategy at its own settings, ``grid`` is the older per-strategy ``tune`` grid.
+
 Layering, later wins: ``defaults`` -> the workload's ``set`` -> the strategy's ``base`` (a recipe
 or YAML file) -> the strategy's ``set`` -> its ``per_workload`` entry -> the tuning point ->
 the run control the comparison owns (workload, target, budgets, seed, one thread, no progress).
@@ -21,7 +25,9 @@ from typing import Any
 
 import yaml
 
+from cadence.bench.rulesets import RULESETS, sample_points
 from cadence.config import Config, ConfigError, config_from_dict
+from cadence.tune.space import Param, parse_space
 from cadence.workloads import check_config
 
 __all__ = [
@@ -31,7 +37,9 @@ __all__ = [
     "WorkloadEntry",
     "build_config",
     "load_spec",
+    "only_workloads",
     "suite_names",
+    "with_ruleset",
 ]
 
 
@@ -59,6 +67,9 @@ class StrategySpec:
     # key -> values (or {scale: [factors]} of the value the key would have), a grid
     tune: dict[str, list[Any]] = field(default_factory=dict)
     description: str = ""
+    # key -> range, as in `cadence tune` (e.g. optimizer.lr: {low: 1e-3, high: 1, log: true}):
+    # the space the external ruleset draws this strategy's trials from
+    search: list[Param] = field(default_factory=list)
 
 
 @dataclass
@@ -68,10 +79,16 @@ class Spec:
     strategies: dict[str, StrategySpec]
     seeds: list[int]
     defaults: dict[str, Any] = field(default_factory=dict)
-    profile_by: str = "time"  # time | steps | samples: the measure of the performance profile
+    profile_by: str = "cpu"  # cpu | time | steps | samples: the measure of the profile
     tau_max: float = 4.0  # upper end of the profile integral (AlgoPerf: 4)
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)  # the YAML as read, for results.json
+    ruleset: str = "grid"  # external | self | grid (see cadence.bench.rulesets)
+    trials: int = 1  # points per study per strategy under the external ruleset
+
+    def trials_of(self, strategy: StrategySpec) -> int:
+        """Trials per study a strategy gets: the budget if it has a space to search, else 1."""
+        return self.trials if self.ruleset == "external" and strategy.search else 1
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,7 @@ class RunPlan:
     run_dir: Path
 
 
-PROFILE_MEASURES = ("time", "steps", "samples")
+PROFILE_MEASURES = ("cpu", "time", "steps", "samples")
 
 
 def suite_names() -> list[str]:
@@ -143,10 +160,28 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     data, name = _read(spec_or_suite, suite)
     _only(
         data,
-        {"name", "description", "seeds", "defaults", "workloads", "strategies", "profile"},
+        {
+            "name",
+            "description",
+            "seeds",
+            "defaults",
+            "workloads",
+            "strategies",
+            "profile",
+            "tuning",
+        },
         "spec",
     )
+    tuning = _mapping(data.get("tuning"), "tuning")
+    _only(tuning, {"ruleset", "trials", "studies"}, "tuning")
     seeds = data.get("seeds", [0])
+    if "studies" in tuning:  # a study is a seed: `studies: K` is `seeds: K`
+        studies = tuning["studies"]
+        if not isinstance(studies, int) or isinstance(studies, bool) or studies < 1:
+            raise ConfigError(f"tuning.studies: expected a positive integer, got {studies!r}")
+        if "seeds" in data:
+            raise ConfigError("tuning.studies: a study is a seed; give seeds or studies, not both")
+        seeds = studies
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(seeds))
     if (
@@ -192,7 +227,11 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     for key, entry in raw_s.items():
         where = f"strategies.{key}"
         entry = _mapping(entry, where)
-        _only(entry, {"base", "set", "per_workload", "workloads", "tune", "description"}, where)
+        _only(
+            entry,
+            {"base", "set", "per_workload", "workloads", "tune", "search", "description"},
+            where,
+        )
         only = entry.get("workloads")
         if only is not None and (
             not isinstance(only, list) or not all(w in workloads for w in only)
@@ -221,6 +260,14 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
                 raise ConfigError(
                     f"{where}.tune.{k}: expected a non-empty list of values or {{scale: [...]}}"
                 )
+        search: list[Param] = []
+        if entry.get("search") is not None:
+            try:
+                search = parse_space(entry["search"])
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{exc}") from None
+            if tune:
+                raise ConfigError(f"{where}: give a search space or a tune grid, not both")
         strategies[str(key)] = StrategySpec(
             name=str(key),
             base=entry.get("base"),
@@ -229,11 +276,12 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
             workloads=only,
             tune=tune,
             description=str(entry.get("description", "")),
+            search=search,
         )
 
     profile = _mapping(data.get("profile"), "profile")
     _only(profile, {"by", "tau_max"}, "profile")
-    by = profile.get("by", "time")
+    by = profile.get("by", "cpu")
     if by not in PROFILE_MEASURES:
         raise ConfigError(f"profile.by: expected one of {', '.join(PROFILE_MEASURES)}, got {by!r}")
     tau_max = profile.get("tau_max", 4.0)
@@ -251,11 +299,88 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
         description=str(data.get("description", "")),
         source=data,
     )
+    searched = any(s.search for s in strategies.values())
+    ruleset = tuning.get("ruleset", "external" if searched else "grid")
+    trials = tuning.get("trials", 1)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"tuning.trials: expected a positive integer, got {trials!r}")
+    return with_ruleset(spec, ruleset, trials, where="tuning.ruleset")
+
+
+def with_ruleset(
+    spec: Spec, ruleset: str, trials: int | None = None, where: str = "--ruleset"
+) -> Spec:
+    """The spec under another ruleset (``--ruleset`` overrides the spec's), with every run's
+    config validated, so a bad spec fails before any run starts or any file is written."""
+    if ruleset not in RULESETS:
+        raise ConfigError(f"{where}: expected one of {', '.join(RULESETS)}, got {ruleset!r}")
+    if ruleset == "external" and not any(s.search for s in spec.strategies.values()):
+        raise ConfigError(
+            f"{where}: external tuning needs a search space; give strategies.NAME.search, "
+            "e.g. optimizer.lr: {low: 1.0e-3, high: 1.0, log: true}"
+        )
+    if ruleset == "grid" and any(s.search for s in spec.strategies.values()):
+        raise ConfigError(f"{where}: grid runs tune grids; use external or self with search")
+    spec.ruleset = ruleset
+    if trials is not None:
+        spec.trials = trials
+    source_tuning = dict(spec.source.get("tuning") or {})
+    source_tuning.update(ruleset=ruleset, trials=spec.trials)
+    spec.source = {**spec.source, "tuning": source_tuning}
     for s in spec.strategies.values():  # validate every config up front
         for w in applicable(spec, s):
-            for params in grid(s):
+            for params in points_to_check(spec, s):
                 build_config(spec, s, spec.workloads[w], spec.seeds[0], params)
     return spec
+
+
+def only_workloads(spec: Spec, names: list[str]) -> Spec:
+    """The spec restricted to some of its workload entries (``--workloads``)."""
+    unknown = [n for n in names if n not in spec.workloads]
+    if unknown or not names:
+        raise ConfigError(
+            f"--workloads: {unknown[0] if unknown else '(empty)'} is not a workload of spec "
+            f"{spec.name}; choose from: {', '.join(spec.workloads)}"
+        )
+    spec.workloads = {n: spec.workloads[n] for n in spec.workloads if n in names}
+    src = dict(spec.source)
+    src["workloads"] = {n: v for n, v in (src.get("workloads") or {}).items() if n in names}
+    src["strategies"] = {}
+    for s in list(spec.strategies.values()):
+        if s.workloads is not None:
+            s.workloads = [w for w in s.workloads if w in names]
+            if not s.workloads:
+                del spec.strategies[s.name]
+                continue
+        entry = dict(spec.source["strategies"][s.name] or {})
+        if s.workloads is not None:
+            entry["workloads"] = s.workloads
+        entry["per_workload"] = {k: v for k, v in s.per_workload.items() if k in names}
+        src["strategies"][s.name] = entry
+    spec.source = src
+    return spec
+
+
+def points_to_check(spec: Spec, strategy: StrategySpec) -> list[dict[str, Any]]:
+    """Tuning points whose configs must all be valid: a grid, or a search space's corners."""
+    if spec.ruleset == "grid":
+        return grid(strategy)
+    if spec.ruleset == "self" or not strategy.search:
+        return [{}]
+    return [{p.key: v} for p in strategy.search for v in _edges(p)]
+
+
+def _edges(p: Param) -> list[Any]:
+    from cadence.tune.space import thaw
+
+    return [thaw(v) for v in p.samples()]
+
+
+def study_points(spec: Spec, strategy: StrategySpec, seed: int) -> list[dict[str, Any]]:
+    """The trials of one study (seed) for a strategy under the spec's ruleset."""
+    if spec.ruleset == "external" and strategy.search:
+        return sample_points(strategy.search, spec.trials, seed)
+    return [{}]
 
 
 def applicable(spec: Spec, strategy: StrategySpec) -> list[str]:
@@ -384,15 +509,34 @@ def plan_runs(
 ) -> list[RunPlan]:
     """Runs of one phase.
 
+    ``studies`` (the external and self rulesets): every trial of every study, in one phase.
     ``tune``: every tuning point of tuned strategies on the first seed, plus every seed of
     untuned strategies. ``seeds``: the remaining seeds of tuned strategies at the chosen point
     (``chosen[(strategy, workload)]``). Run directories are ``out/runs/WORKLOAD/STRATEGY/TRIAL/
     seedN``, so a resumed comparison finds the runs it already has.
     """
     plans: list[RunPlan] = []
+
+    def add(s: StrategySpec, w: str, seed: int, label: str, params: dict[str, Any]) -> None:
+        plans.append(
+            RunPlan(
+                strategy=s.name,
+                workload=w,
+                seed=seed,
+                trial=label,
+                params=params,
+                config=build_config(spec, s, spec.workloads[w], seed, params),
+                run_dir=out / "runs" / w / s.name / label / f"seed{seed}",
+            )
+        )
+
     for s in spec.strategies.values():
         for w in applicable(spec, s):
-            entry = spec.workloads[w]
+            if phase == "studies":
+                for seed in spec.seeds:
+                    for j, params in enumerate(study_points(spec, s, seed)):
+                        add(s, w, seed, f"trial{j}" if params else "default", params)
+                continue
             if phase == "tune":
                 points = grid(s)
                 seeds = spec.seeds if not s.tune else spec.seeds[:1]
@@ -402,17 +546,6 @@ def plan_runs(
                 points = [(chosen or {})[(s.name, w)]]
                 seeds = spec.seeds[1:]
             for params in points:
-                label = trial_label(params)
                 for seed in seeds:
-                    plans.append(
-                        RunPlan(
-                            strategy=s.name,
-                            workload=w,
-                            seed=seed,
-                            trial=label,
-                            params=params,
-                            config=build_config(spec, s, entry, seed, params),
-                            run_dir=out / "runs" / w / s.name / label / f"seed{seed}",
-                        )
-                    )
+                    add(s, w, seed, trial_label(params), params)
     return plans

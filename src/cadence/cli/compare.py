@@ -34,19 +34,40 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained in parallel, one thread each (default 1)"
     )
+    p.add_argument(
+        "--ruleset",
+        choices=("external", "self"),
+        default=None,
+        help="override the spec's tuning: external = each strategy's search space sampled "
+        "--trials times per study, the study's fastest trial counts; self = no tuning",
+    )
+    p.add_argument(
+        "--trials", type=int, default=None, help="trials per study under external (spec's)"
+    )
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated workload entries of the spec to run (default: all)",
+    )
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from cadence.bench.compare import compare
     from cadence.bench.report import _fmt
-    from cadence.bench.spec import load_spec
+    from cadence.bench.spec import load_spec, only_workloads, with_ruleset
 
     if (args.spec is None) == (args.suite is None):
         raise ConfigError("compare: give a SPEC file or --suite NAME (one of them)")
     if args.jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.trials is not None and args.trials < 1:
+        raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
     spec = load_spec(args.suite, suite=True) if args.suite else load_spec(args.spec)
+    if args.workloads:
+        spec = only_workloads(spec, [w.strip() for w in args.workloads.split(",") if w.strip()])
+    if args.ruleset or args.trials:
+        spec = with_ruleset(spec, args.ruleset or spec.ruleset, args.trials)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{spec.name}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -54,7 +75,11 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    console.print(f"compare {spec.name}: output in {out} (re-run the command to resume)")
+    console.print(
+        f"compare {spec.name} (ruleset {spec.ruleset}"
+        + (f", {spec.trials} trials per study" if spec.ruleset == "external" else "")
+        + f", {len(spec.seeds)} studies): output in {out} (re-run the command to resume)"
+    )
     results = compare(spec, out, jobs=args.jobs, log=lambda line: console.print(line))
 
     by = results["profile_by"]

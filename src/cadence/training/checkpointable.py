@@ -7,7 +7,6 @@ internals; a rollback after a non-finite step goes through the same path as a re
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +26,9 @@ class Checkpointable:
     def save_checkpoint(self: Trainer) -> Path | None:
         if self.run_dir is None:
             return None
-        t0 = time.perf_counter()
         keep = self.cfg.train.keep_checkpoints
-        path = checkpoint.save_checkpoint(self, self.run_dir / "checkpoints", keep_last=keep)
-        self.clock.spent(checkpoint_s=time.perf_counter() - t0)
+        with self.clock.excluded("checkpoint"):
+            path = checkpoint.save_checkpoint(self, self.run_dir / "checkpoints", keep_last=keep)
         if self.world.is_main:
             self.emit("on_checkpoint", str(path))
         return path

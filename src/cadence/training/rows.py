@@ -57,6 +57,7 @@ class RowLogger:
             "grad_norm": grad_norm,
             "time_s": st.elapsed_s,
             "train_time_s": st.train_time_s,
+            "train_cpu_s": st.train_cpu_s,
             "samples_per_s": (st.samples - s0) / dt,
         }
         if self.tokens_per_sample:
@@ -104,6 +105,8 @@ def run_summary(
         "train_time_s": st.train_time_s,
         "eval_time_s": st.eval_time_s,
         "checkpoint_time_s": st.checkpoint_time_s,
+        "cpu_time_s": st.cpu_s,
+        "train_cpu_s": st.train_cpu_s,
         "samples_per_s": st.samples / train,  # per second of training (no eval/checkpoints)
         "tokens_per_s": st.tokens / train,
         "params": sum(p.numel() for p in params),

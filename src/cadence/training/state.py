@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,6 +22,12 @@ class TrainState:
     eval_time_s: float = 0.0  # part of elapsed_s spent evaluating
     checkpoint_time_s: float = 0.0  # part of elapsed_s spent writing checkpoints
     train_time_s: float = 0.0  # elapsed_s minus the two above, as of the last completed step
+    # The same three on the process's CPU clock: what a run costs however busy the machine is
+    # (a contended process waits, and waiting is not CPU time), so compare ranks by these.
+    cpu_s: float = 0.0
+    eval_cpu_s: float = 0.0
+    checkpoint_cpu_s: float = 0.0
+    train_cpu_s: float = 0.0
     best_metric: float | None = None  # best validation metric so far
     best_val_loss: float | None = None
     best_step: int | None = None
@@ -51,21 +59,28 @@ class TrainState:
 
 
 class RunClock:
-    """Keeps `elapsed_s` and `train_time_s` of a TrainState current, across resumes.
+    """Keeps the wall and CPU times of a TrainState current, across resumes.
 
     Time-to-target and throughput count training only: how often a run evaluates or
     checkpoints (and how costly its evaluation is: EMA, schedule-free swaps) is not its speed,
-    so `train_time_s` is elapsed time minus evaluation and checkpoint time.
+    so `train_time_s` is elapsed time minus evaluation and checkpoint time, and `train_cpu_s`
+    the same on the CPU clock (`time.process_time`: every thread of this process, none of its
+    neighbours'; with one torch thread a run's CPU time barely moves when other processes
+    share the cores, while its wall time grows with them).
     """
 
     def __init__(self, state: TrainState) -> None:
         self.state = state
         self._start: float | None = None  # perf_counter() when fit() started
+        self._cpu_start = 0.0  # process_time() at that moment
         self._base = 0.0  # elapsed_s restored from a checkpoint at that moment
+        self._cpu_base = 0.0  # cpu_s restored likewise
 
     def start(self) -> None:
         self._base = self.state.elapsed_s
+        self._cpu_base = self.state.cpu_s
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def now(self) -> float:
         """Elapsed seconds of the run as of this instant (outside fit(): as recorded)."""
@@ -73,15 +88,34 @@ class RunClock:
             return self.state.elapsed_s
         return self._base + (time.perf_counter() - self._start)
 
+    def cpu_now(self) -> float:
+        """CPU seconds of the run as of this instant (outside fit(): as recorded)."""
+        if self._start is None:
+            return self.state.cpu_s
+        return self._cpu_base + (time.process_time() - self._cpu_start)
+
     def tick(self) -> None:
         """After a completed step: bring elapsed and training time up to now."""
         st = self.state
         st.elapsed_s = self.now()
         st.train_time_s = st.elapsed_s - st.eval_time_s - st.checkpoint_time_s
+        st.cpu_s = self.cpu_now()
+        st.train_cpu_s = st.cpu_s - st.eval_cpu_s - st.checkpoint_cpu_s
 
-    def spent(self, *, eval_s: float = 0.0, checkpoint_s: float = 0.0) -> None:
-        """Account time that is not training (an evaluation, a checkpoint)."""
-        st = self.state
-        st.eval_time_s += eval_s
-        st.checkpoint_time_s += checkpoint_s
-        st.elapsed_s = self.now()
+    @contextlib.contextmanager
+    def excluded(self, kind: str) -> Iterator[None]:
+        """Time spent in the block is not training: ``kind`` is "eval" or "checkpoint"."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            st = self.state
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if kind == "eval":
+                st.eval_time_s += wall
+                st.eval_cpu_s += cpu
+            else:
+                st.checkpoint_time_s += wall
+                st.checkpoint_cpu_s += cpu
+            st.elapsed_s = self.now()
+            st.cpu_s = self.cpu_now()

@@ -11,7 +11,6 @@ checkpointable.py.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,13 +246,11 @@ class Trainer(Checkpointable):
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics at the current step; updates target, best, early stop, plateau."""
-        t0 = time.perf_counter()
-        with self.averaged_weights():
+        with self.clock.excluded("eval"), self.averaged_weights():
             metrics = evaluation.validation_metrics(
                 self.workload, self.world, self.autocast, self.ema
             )
         self.last_metrics = metrics
-        self.clock.spent(eval_s=time.perf_counter() - t0)
         w = self.workload
         self.stop(
             evaluation.record_evaluation(
