@@ -35,3 +35,13 @@ def test_time_to_target_runs_with_a_short_budget() -> None:
     out = _run(str(BENCHMARKS / "time_to_target.py"), "--budget", "3", timeout=600)
     assert "| plain AdamW, constant LR |" in out and "| cadence default |" in out
     assert "cadence / plain time to L:" in out or "did not reach L" in out
+
+
+def test_lr_methods_runs_at_tiny_sizes() -> None:
+    out = _run(
+        str(BENCHMARKS / "lr_methods.py"),
+        *("--workloads", "mnist", "--grid", "2", "--max-steps", "40"),
+        timeout=600,
+    )
+    methods = [r.split("|")[2].strip() for r in out.splitlines() if r.startswith("| mnist |")]
+    assert methods == ["grid (2 LRs)", "find-lr (range test)", "tune (2 trials, median pruner)"]
