@@ -57,6 +57,7 @@ def test_cpu_time_holds_when_a_busy_neighbour_shares_the_core(tmp_path: Path) ->
         os.sched_setaffinity(0, before)
     wall = busy["train_time_s"] / alone["train_time_s"]
     cpu = busy["train_cpu_s"] / alone["train_cpu_s"]
-    assert wall > 1.5, f"the neighbour did not contend (wall x{wall:.2f}); nothing was tested"
     assert cpu < 1.3, f"CPU time moved x{cpu:.2f} with a neighbour (wall x{wall:.2f})"
+    if wall < 1.5:  # something else loaded the core during the lone run too
+        pytest.skip(f"the neighbour slowed the run only x{wall:.2f}: no contrast to check")
     assert busy["cpu_time_s"] >= busy["train_cpu_s"] > 0  # evaluation is outside training
