@@ -245,3 +245,21 @@ def test_ruleset_override_and_bad_specs_name_the_key(spec_path: Path, tmp_path: 
     path.write_text(no_search.replace("ruleset: external, ", ""))
     with pytest.raises(ConfigError, match="--ruleset: external tuning needs a search space"):
         with_ruleset(load_spec(path), "external")
+
+
+def test_a_miss_is_put_down_to_the_budget_or_the_method() -> None:
+    from cadence.bench.compare import miss_reason
+
+    def rows(values: list[float]) -> list[dict]:
+        return [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(values)]
+
+    # target 1.0; from 3.0 at step 30 (3/4 of 40) to 2.5 at 40: 25% of the gap -> budget
+    assert miss_reason(rows([5.0, 4.0, 3.0, 2.5]), "val_loss", False, 1.0).startswith("budget")
+    # 3.0 -> 2.95 is 2.5% of the gap: stalled
+    assert miss_reason(rows([5.0, 4.0, 3.0, 2.95]), "val_loss", False, 1.0).startswith(
+        "method: val_loss stalled"
+    )
+    assert "not finite" in miss_reason(rows([5.0, INF, math.nan]), "val_loss", False, 1.0)
+    acc = [{"step": s, "val_accuracy": a} for s, a in ((10, 0.5), (30, 0.8), (40, 0.85))]
+    assert miss_reason(acc, "val_accuracy", True, 0.95).startswith("budget")  # +0.05 of 0.15
+    assert miss_reason([{"step": 1, "train_loss": 1.0}], "val_loss", False, 1.0) == "no evaluation"

@@ -215,8 +215,35 @@ def run_record(plan: RunPlan) -> dict[str, Any]:
         wall_time_s=summary["wall_time_s"],
         cpu_time_s=summary.get("cpu_time_s"),
         stop_reason=summary.get("stop_reason"),
+        miss=None
+        if summary.get("target_step") is not None
+        else miss_reason(rows, metric, summary["higher_is_better"], summary.get("target")),
     )
     return rec
+
+
+def miss_reason(
+    rows: Sequence[dict[str, Any]], metric: str, higher: bool, target: float | None
+) -> str:
+    """Why a run missed its target: the budget (still closing in at the end) or the method
+    (diverged, or stalled over the last quarter of the run).
+
+    "Still closing in" means the last evaluation gained more than 5 % of the remaining gap to
+    the target over the evaluation three quarters of the way through.
+    """
+    vals = [(r["step"], r[metric]) for r in rows if r.get(metric) is not None]
+    if not vals:
+        return "no evaluation"
+    last_step, last = vals[-1]
+    if not math.isfinite(last):
+        return f"method: {metric} not finite at step {last_step}"
+    ref = min(vals, key=lambda v: abs(v[0] - 0.75 * last_step))[1]
+    sign = 1.0 if higher else -1.0
+    gained = sign * (last - ref)
+    gap = abs(ref - target) if target is not None else abs(ref)
+    if ref != last and gained > 0.05 * gap:
+        return f"budget: {metric} still improving at the end ({ref:.4g} -> {last:.4g})"
+    return f"method: {metric} stalled at {last:.4g} over the last quarter"
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:

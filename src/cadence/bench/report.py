@@ -141,6 +141,21 @@ def _significance_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _miss_lines(results: dict[str, Any]) -> list[str]:
+    """Each strategy x workload with a study that missed: why, per missed study."""
+    lines = []
+    for r in results["table"]:
+        if r["reached"] == r["runs"]:
+            continue
+        why = [
+            f"study {x['seed']}: {x.get('miss') or x.get('error') or 'missed'}"
+            for x in results["runs"]
+            if (x["strategy"], x["workload"]) == (r["strategy"], r["workload"]) and not x["reached"]
+        ]
+        lines.append(f"{r['workload']} / {r['strategy']}: " + "; ".join(why))
+    return lines or ["every study of every strategy reached its target"]
+
+
 def _winner_lines(results: dict[str, Any]) -> list[str]:
     by = results["profile_by"]
     unit = {"cpu": "s", "time": "s", "steps": "", "samples": ""}[by]
@@ -369,6 +384,9 @@ def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
     significance = _significance_lines(results)
     md += ["## Time to target", "", _md_table(*table), ""]
     md += ["## Is the lead more than noise?", "", *(f"- {line}" for line in significance), ""]
+    misses = _miss_lines(results)
+    md += ["## Why the misses missed: budget or method", "", *(f"- {line}" for line in misses)]
+    md += [""]
     md += [
         f"## Performance profiles (primary measure: {results['profile_by']})",
         "",
@@ -407,6 +425,8 @@ def write_reports(results: dict[str, Any], out: Path) -> dict[str, Path]:
         + _html_table(*table)
         + "<h2>Is the lead more than noise?</h2>"
         + li(significance)
+        + "<h2>Why the misses missed: budget or method</h2>"
+        + li(misses)
         + f"<h2>Performance profiles (primary measure: {html.escape(results['profile_by'])})</h2>"
         + _html_table(*scores)
         + figs
