@@ -11,9 +11,10 @@ import pytest
 from scipy import stats
 
 from cadence.bench.compare import aggregate
+from cadence.bench.plan import plan_runs
 from cadence.bench.rulesets import sample_points, study_bests
 from cadence.bench.significance import mean_ci, paired_test
-from cadence.bench.spec import load_spec, plan_runs, with_ruleset
+from cadence.bench.spec import load_spec, with_ruleset
 from cadence.config import ConfigError
 from cadence.tune.space import parse_space
 

@@ -54,8 +54,9 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     from cadence.bench.compare import compare
+    from cadence.bench.plan import only_workloads
     from cadence.bench.report import _fmt
-    from cadence.bench.spec import load_spec, only_workloads, with_ruleset
+    from cadence.bench.spec import load_spec, with_ruleset
 
     if (args.spec is None) == (args.suite is None):
         raise ConfigError("compare: give a SPEC file or --suite NAME (one of them)")
