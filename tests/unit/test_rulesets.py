@@ -68,6 +68,34 @@ def test_every_searched_strategy_gets_the_same_budget_in_every_study(spec_path: 
     assert p.config.optimizer.weight_decay == p.params["optimizer.weight_decay"]
 
 
+def test_a_workload_can_give_every_strategy_fewer_trials(spec_path: Path) -> None:
+    text = spec_path.read_text().replace(
+        "digits: {target: 0.6, max_steps: 40,", "digits: {target: 0.6, max_steps: 40, trials: 2,"
+    )
+    spec_path.write_text(text)
+    spec = load_spec(spec_path)
+    plans = plan_runs(spec, Path("/nonexistent"), "studies")
+    for s, per in (("sgd", {"logreg": 4, "digits": 2}), ("sf", {"logreg": 1, "digits": 1})):
+        for w, trials in per.items():
+            for seed in (0, 1, 2):
+                mine = [p for p in plans if (p.strategy, p.workload, p.seed) == (s, w, seed)]
+                assert len(mine) == trials
+    # the same seed draws the same first points: the cheaper workload's trials are a prefix
+    first = {
+        w: [p.params for p in plans if (p.strategy, p.workload, p.seed) == ("adamw", w, 1)]
+        for w in ("logreg", "digits")
+    }
+    assert first["digits"] == sample_points(spec.strategies["adamw"].search, 2, seed=1)
+    # --trials N means N everywhere, the per-workload budgets too
+    again = with_ruleset(load_spec(spec_path), "external", trials=3)
+    plans = plan_runs(again, Path("/nonexistent"), "studies")
+    assert sum(1 for p in plans if (p.strategy, p.workload, p.seed) == ("sgd", "digits", 0)) == 3
+    assert "trials" not in again.source["workloads"]["digits"]
+    with pytest.raises(ConfigError, match=r"^workloads\.digits\.trials: expected a positive"):
+        spec_path.write_text(text.replace("trials: 2,", "trials: 0,"))
+        load_spec(spec_path)
+
+
 def test_studies_are_independent_and_reproducible_and_points_fill_the_range() -> None:
     space = parse_space({"optimizer.lr": {"low": 1e-3, "high": 1.0, "log": True}})
     a, b = sample_points(space, 4, seed=0), sample_points(space, 4, seed=1)

@@ -38,9 +38,9 @@ from cadence.bench.spec import (
     PROFILE_MEASURES,
     RunPlan,
     Spec,
+    applicable,
     build_config,
     grid,
-    study_points,
     trial_label,
 )
 from cadence.config import Config, config_from_dict
@@ -406,6 +406,7 @@ def compare(
                 "target": e.target,
                 "max_steps": e.max_steps,
                 "max_time_s": e.max_time_s,
+                "trials": e.trials if e.trials is not None else spec.trials,
             }
             for w, e in spec.workloads.items()
         },
@@ -434,7 +435,8 @@ def compare(
 def _trial_labels(spec: Spec, strategy: Any) -> list[str]:
     if spec.ruleset == "grid":
         return [trial_label(p) for p in grid(strategy)]
-    return [f"trial{j}" for j in range(len(study_points(spec, strategy, spec.seeds[0])))]
+    most = max((spec.trials_of(strategy, w) for w in applicable(spec, strategy)), default=1)
+    return [f"trial{j}" for j in range(most)] if strategy.search else ["default"]
 
 
 def _param_text(p: Any) -> str:

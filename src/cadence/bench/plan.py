@@ -79,7 +79,7 @@ def plan_runs(
         for w in applicable(spec, s):
             if phase == "studies":
                 for seed in spec.seeds:
-                    for j, params in enumerate(study_points(spec, s, seed)):
+                    for j, params in enumerate(study_points(spec, s, seed, w)):
                         add(s, w, seed, f"trial{j}" if params else "default", params)
                 continue
             if phase == "tune":

@@ -322,9 +322,18 @@ def _ruleset_text(results: dict[str, Any]) -> str:
     ruleset = results.get("ruleset", "grid")
     n = len(results["seeds"])
     if ruleset == "external":
+        k = results["trials_per_study"]
+        fewer = {w: e["trials"] for w, e in results["workloads"].items() if e.get("trials", k) != k}
+        except_text = (
+            " (on "
+            + ", ".join(f"{w}: {t}" for w, t in fewer.items())
+            + ", the same for every strategy there)"
+            if fewer
+            else ""
+        )
         return (
             f"Ruleset external (AlgoPerf external tuning): every strategy with a search space "
-            f"gets {results['trials_per_study']} quasi-random trials per study from it, in {n} "
+            f"gets {k} quasi-random trials per study from it{except_text}, in {n} "
             "independent studies (study i trains with seed i and draws its own points); a "
             "study's result is its fastest trial, a strategy's the median over studies. A "
             "strategy without a space runs once per study (self-tuned)."

@@ -52,6 +52,9 @@ class WorkloadEntry:
     max_steps: int  # step budget (also the horizon of every LR schedule)
     max_time_s: float | None = None  # wall-time budget per run
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for every strategy
+    # trials per study on this workload under external (None: the spec's tuning.trials); the
+    # same for every strategy, so a costly workload can be tuned less without favouring anyone
+    trials: int | None = None
 
 
 @dataclass
@@ -85,9 +88,13 @@ class Spec:
     ruleset: str = "grid"  # external | self | grid (see cadence.bench.rulesets)
     trials: int = 1  # points per study per strategy under the external ruleset
 
-    def trials_of(self, strategy: StrategySpec) -> int:
-        """Trials per study a strategy gets: the budget if it has a space to search, else 1."""
-        return self.trials if self.ruleset == "external" and strategy.search else 1
+    def trials_of(self, strategy: StrategySpec, workload: str | None = None) -> int:
+        """Trials per study a strategy gets on a workload entry: the budget if it has a space
+        to search, else 1."""
+        if self.ruleset != "external" or not strategy.search:
+            return 1
+        entry = self.workloads.get(workload) if workload is not None else None
+        return entry.trials if entry is not None and entry.trials is not None else self.trials
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,7 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     for key, entry in raw_w.items():
         where = f"workloads.{key}"
         entry = _mapping(entry, where)
-        _only(entry, {"workload", "target", "max_steps", "max_time_s", "set"}, where)
+        _only(entry, {"workload", "target", "max_steps", "max_time_s", "trials", "set"}, where)
         wl = entry.get("workload", key)
         if not isinstance(wl, str) or (wl not in WORKLOADS and not is_import_path(wl)):
             raise ConfigError(
@@ -215,8 +222,17 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
         max_time = entry.get("max_time_s")
         if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
             raise ConfigError(f"{where}.max_time_s: must be > 0 or null, got {max_time!r}")
+        trials = entry.get("trials")
+        if trials is not None:
+            _positive_int(trials, f"{where}.trials")
         workloads[str(key)] = WorkloadEntry(
-            str(key), wl, float(target), max_steps, max_time, _mapping(entry.get("set"), where)
+            str(key),
+            wl,
+            float(target),
+            max_steps,
+            max_time,
+            _mapping(entry.get("set"), where),
+            trials,
         )
 
     strategies: dict[str, StrategySpec] = {}
@@ -300,17 +316,24 @@ def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     )
     searched = any(s.search for s in strategies.values())
     ruleset = tuning.get("ruleset", "external" if searched else "grid")
-    trials = tuning.get("trials", 1)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise ConfigError(f"tuning.trials: expected a positive integer, got {trials!r}")
-    return with_ruleset(spec, ruleset, trials, where="tuning.ruleset")
+    spec.trials = _positive_int(tuning.get("trials", 1), "tuning.trials")
+    return with_ruleset(spec, ruleset, where="tuning.ruleset")
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return value
 
 
 def with_ruleset(
     spec: Spec, ruleset: str, trials: int | None = None, where: str = "--ruleset"
 ) -> Spec:
     """The spec under another ruleset (``--ruleset`` overrides the spec's), with every run's
-    config validated, so a bad spec fails before any run starts or any file is written."""
+    config validated, so a bad spec fails before any run starts or any file is written.
+
+    ``trials`` (``--trials``) is the new budget of every workload, the per-workload ones too:
+    whoever asks for N trials on the command line means N everywhere."""
     if ruleset not in RULESETS:
         raise ConfigError(f"{where}: expected one of {', '.join(RULESETS)}, got {ruleset!r}")
     if ruleset == "external" and not any(s.search for s in spec.strategies.values()):
@@ -323,6 +346,16 @@ def with_ruleset(
     spec.ruleset = ruleset
     if trials is not None:
         spec.trials = trials
+        for entry in spec.workloads.values():
+            entry.trials = None
+        raw = spec.source.get("workloads") or {}
+        spec.source = {
+            **spec.source,
+            "workloads": {
+                k: {f: v for f, v in e.items() if f != "trials"} if isinstance(e, dict) else e
+                for k, e in raw.items()
+            },
+        }
     source_tuning = dict(spec.source.get("tuning") or {})
     source_tuning.update(ruleset=ruleset, trials=spec.trials)
     spec.source = {**spec.source, "tuning": source_tuning}
@@ -348,10 +381,14 @@ def _edges(p: Param) -> list[Any]:
     return [thaw(v) for v in p.samples()]
 
 
-def study_points(spec: Spec, strategy: StrategySpec, seed: int) -> list[dict[str, Any]]:
-    """The trials of one study (seed) for a strategy under the spec's ruleset."""
+def study_points(
+    spec: Spec, strategy: StrategySpec, seed: int, workload: str | None = None
+) -> list[dict[str, Any]]:
+    """The trials of one study (seed) for a strategy on a workload entry under the spec's
+    ruleset. The points depend on the seed only, so every workload with the same trial count
+    sees the same hyper-parameters."""
     if spec.ruleset == "external" and strategy.search:
-        return sample_points(strategy.search, spec.trials, seed)
+        return sample_points(strategy.search, spec.trials_of(strategy, workload), seed)
     return [{}]
 
 
