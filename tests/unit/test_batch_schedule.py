@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 from cadence.schedules import BatchRamp, split_micro
+from cadence.schedules.batch import lr_exponent
 
 
 def test_sizes_at_stage_boundaries() -> None:
@@ -48,6 +49,30 @@ def test_lr_scaling_rules(rule: str, scale) -> None:
     for t in range(45):
         assert ramp.lr_scale_at(t) == pytest.approx(scale(ramp.size_at(t) / 32), rel=1e-15)
     assert ramp.lr_scale_at(0) == 1.0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.6, 1.0, 1.5, 2])
+def test_lr_scaling_exponent_is_the_power_law(alpha: float) -> None:
+    # modded-nanogpt couples LR to batch as (B/B0)^alpha with alpha ~0.5-0.6
+    ramp = BatchRamp(16, [(0.2, 24), (0.4, 64), (0.7, 256)], total_steps=50, rule=alpha)
+    for t in range(50):
+        assert ramp.lr_scale_at(t) == pytest.approx((ramp.size_at(t) / 16) ** alpha, rel=1e-14)
+    assert ramp.lr_scale_at(49) == pytest.approx(16.0**alpha)
+
+
+@pytest.mark.parametrize(("rule", "alpha"), [("sqrt", 0.5), ("linear", 1.0), ("none", 0.0)])
+def test_named_rules_are_their_exponents(rule: str, alpha: float) -> None:
+    stages = [(0.25, 48), (0.5, 80), (0.75, 200)]
+    named = BatchRamp(32, stages, total_steps=40, rule=rule)
+    numeric = BatchRamp(32, stages, total_steps=40, rule=alpha)
+    assert lr_exponent(rule) == alpha
+    assert [named.lr_scale_at(t) for t in range(40)] == [numeric.lr_scale_at(t) for t in range(40)]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2.5, True, "half"])
+def test_bad_exponents_name_the_key(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"^batch\.lr_scaling: "):
+        BatchRamp(32, total_steps=10, rule=bad)  # type: ignore[arg-type]
 
 
 def test_integral_float_sizes_from_yaml_are_accepted() -> None:

@@ -81,7 +81,8 @@ class BatchConfig:
     size: int | Literal["full"] = 32  # global batch in samples, or 'full' for full-batch GD
     micro_size: int | None = None  # micro-batch that fits in memory; gradients accumulate to `size`
     schedule: list[list[float]] = field(default_factory=list)  # ramp: [[fraction, size], ...]
-    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"  # lr rule when the batch ramps up
+    # lr ∝ (B/B0)^alpha when the batch ramps: alpha in [0, 2], or sqrt (0.5) | linear (1) | none
+    lr_scaling: float | Literal["sqrt", "linear", "none"] = "sqrt"
 
 
 @dataclass

@@ -11,9 +11,31 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["LR_SCALING_RULES", "BatchRamp", "split_micro"]
+__all__ = ["LR_SCALING_RULES", "BatchRamp", "lr_exponent", "split_micro"]
 
-LR_SCALING_RULES = ("sqrt", "linear", "none")
+# the named rules and the exponent each stands for: lr ∝ (B / B0) ** alpha
+LR_SCALING_RULES: dict[str, float] = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
+
+
+def lr_exponent(rule: str | float) -> float:
+    """The exponent alpha of ``lr ∝ (B / B0) ** alpha`` a ``batch.lr_scaling`` value means.
+
+    A number is taken as is, in [0, 2]: modded-nanogpt's batch-size schedule used 0.5-0.6,
+    Goyal et al.'s SGD rule is 1, Adam's square-root rule 0.5; beyond 2 no published rule goes.
+    """
+    if isinstance(rule, str):
+        if rule not in LR_SCALING_RULES:
+            raise ValueError(
+                f"batch.lr_scaling: must be a number in [0, 2] or one of "
+                f"{', '.join(LR_SCALING_RULES)}; got {rule!r}"
+            )
+        return LR_SCALING_RULES[rule]
+    if isinstance(rule, bool) or not isinstance(rule, (int, float)) or not 0.0 <= rule <= 2.0:
+        raise ValueError(
+            f"batch.lr_scaling: an exponent must be a number in [0, 2] (0.5 = sqrt, "
+            f"1 = linear); got {rule!r}"
+        )
+    return float(rule)
 
 
 def _is_int(x: object) -> bool:
@@ -28,9 +50,9 @@ class BatchRamp:
     ``base_size``. (The product is rounded to 9 decimals before taking the ceiling so that e.g.
     ``0.3 * 10`` starts at step 3, not 4, despite binary floating point.)
 
-    ``rule`` says how the LR follows the batch: ``"sqrt"`` (``(size/base) ** 0.5``, the rule that
-    keeps the gradient-noise scale fixed for Adam-type optimizers), ``"linear"`` (``size/base``,
-    Goyal et al.'s rule for SGD) or ``"none"``.
+    ``rule`` says how the LR follows the batch, ``(size/base) ** alpha``: a number alpha, or
+    ``"sqrt"`` (0.5, the rule that keeps the gradient-noise scale fixed for Adam-type
+    optimizers), ``"linear"`` (1, Goyal et al.'s rule for SGD) or ``"none"`` (0).
     """
 
     def __init__(
@@ -39,16 +61,13 @@ class BatchRamp:
         stages: Sequence[tuple[float, int]] = (),
         *,
         total_steps: int,
-        rule: str = "sqrt",
+        rule: str | float = "sqrt",
     ) -> None:
         if not _is_int(base_size) or base_size < 1:
             raise ValueError(f"batch.size: must be a positive integer, got {base_size!r}")
         if not _is_int(total_steps) or total_steps < 1:
             raise ValueError(f"train.max_steps: must be a positive integer, got {total_steps!r}")
-        if rule not in LR_SCALING_RULES:
-            raise ValueError(
-                f"batch.lr_scaling: must be one of {', '.join(LR_SCALING_RULES)}; got {rule!r}"
-            )
+        self.alpha = lr_exponent(rule)
         parsed: list[tuple[float, int]] = []
         for i, stage in enumerate(stages):
             try:
@@ -94,10 +113,15 @@ class BatchRamp:
 
     def lr_scale_at(self, t: int) -> float:
         """LR multiplier that compensates for the batch at step ``t`` being larger than base."""
-        if self.rule == "none":
-            return 1.0
         ratio = self.size_at(t) / self.base_size
-        return math.sqrt(ratio) if self.rule == "sqrt" else ratio
+        # the named exponents exactly as their closed forms (pow is not correctly rounded)
+        if self.alpha == 0.0:
+            return 1.0
+        if self.alpha == 0.5:
+            return math.sqrt(ratio)
+        if self.alpha == 1.0:
+            return ratio
+        return ratio**self.alpha
 
     @property
     def max_size(self) -> int:
