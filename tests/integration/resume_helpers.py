@@ -140,6 +140,17 @@ class CrashAt(Callback):
             raise Crash(row["step"])
 
 
+def crash_then_resume(cfg: cadence.Config, run_dir: Path, crash_step: int) -> None:
+    """Train until the row of `crash_step` is written, die there, then `cadence.resume`."""
+    from cadence.run import resume
+
+    with pytest.raises(Crash):
+        cadence.train(cfg, run_dir=run_dir, callbacks=[CrashAt(crash_step)])
+    # The dying process had logged past its newest checkpoint; resume must drop those rows.
+    assert steps_of(run_dir)[-1] == crash_step
+    resume(run_dir)
+
+
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """PNG plots dominate a tiny in-process run's time and are not what these tests check."""
     monkeypatch.setattr("cadence.run.rundir.plot_run", lambda *a, **k: None)

@@ -18,10 +18,9 @@ import pytest
 from resume_helpers import (
     DIGITS_CONTROLLED,
     TINY_LM,
-    Crash,
-    CrashAt,
     assert_same_run,
     checkpoint_steps,
+    crash_then_resume,
     no_plots,
     rows,
     run_cli,
@@ -42,14 +41,6 @@ from cli_helpers import as_sets
 pytestmark = pytest.mark.usefixtures("plots_off")
 
 
-def crash_then_resume(cfg: cadence.Config, run_dir: Path, crash_step: int) -> None:
-    with pytest.raises(Crash):
-        cadence.train(cfg, run_dir=run_dir, callbacks=[CrashAt(crash_step)])
-    # The dying process had logged past its newest checkpoint; resume must drop those rows.
-    assert steps_of(run_dir)[-1] == crash_step
-    resume(run_dir)
-
-
 # ---------------------------------------------------------------- 1. in-process lockstep
 
 FAMILIES = {
@@ -57,6 +48,14 @@ FAMILIES = {
     "sgd+momentum": ["optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9"],
     "adamw": ["optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.1"],
     "muon": ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.momentum=0.9"],
+    # momentum and weight decay as functions of the step, live across the crash point
+    "muon, scheduled momentum and decay": [
+        "optimizer.name=muon",
+        "optimizer.lr=0.02",
+        "optimizer.weight_decay=0.1",
+        "schedule.momentum=[[0, 0.8], [0.5, 0.95], [1.0, 0.85]]",
+        "schedule.weight_decay=[[0, 1.0], [1.0, 0.2]]",
+    ],
     "lion": ["optimizer.name=lion", "optimizer.lr=0.001"],
     "schedulefree-adamw": ["optimizer.name=schedulefree-adamw", "optimizer.lr=0.01"],
     "schedulefree-sgd": ["optimizer.name=schedulefree-sgd", "optimizer.lr=0.05"],

@@ -91,14 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    from rich.markup import escape
+
     from cadence.config import recipe_description, recipe_names
     from cadence.optim import OPTIMIZERS
     from cadence.schedules import SCHEDULES
+    from cadence.schedules.hparams import HPARAM_SCHEDULES
     from cadence.workloads import WORKLOADS
 
     sections = {
         "optimizers": [(n, s.description) for n, s in OPTIMIZERS.items()],
-        "schedules": list(SCHEDULES.items()),
+        "schedules": list(SCHEDULES.items()) + list(HPARAM_SCHEDULES.items()),
         "workloads": [(n, s.description) for n, s in WORKLOADS.items()]
         + [("module:function", "your own: a function of the config returning a DatasetWorkload")],
         "recipes": [(n, recipe_description(n)) for n in recipe_names()],
@@ -108,7 +111,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             continue
         table = Table(title=name, show_header=False, title_justify="left")
         for key, desc in items:
-            table.add_row(f"[bold]{key}", desc)
+            table.add_row(f"[bold]{escape(key)}", escape(desc))  # descriptions hold [[...]]
         console.print(table)
     return 0
 

@@ -1,4 +1,4 @@
-"""Config -> the trainer's pure parts (optimizer, LR schedule, plateau, batch ramp).
+"""Config -> the trainer's pure parts (optimizer, LR and other schedules, plateau, batch ramp).
 
 One place maps config keys to the builders' arguments; the trainer builds its parts with it and
 the config check builds them once on a throwaway model, so each builder's own rules refuse a bad
@@ -8,12 +8,14 @@ run are resolved to steps here.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cadence.optim import build_optimizer, check_hparams
+from cadence.optim import OPTIMIZERS, build_optimizer, check_hparams
 from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
+from cadence.schedules.hparams import HyperSchedules, piecewise_linear
 
 if TYPE_CHECKING:
     from cadence.config.schema import Config
@@ -56,6 +58,43 @@ def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1) -> Schedule:
         every=steps_per_epoch if s.per == "epoch" else 1,
         timescale=s.timescale,
         pct_start=s.pct_start,
+    )
+
+
+def hparam_schedules_from(cfg: Config) -> HyperSchedules:
+    """`schedule.momentum` and `schedule.weight_decay`, checked against the optimizer."""
+    s, o, total = cfg.schedule, cfg.optimizer, cfg.train.max_steps
+    key = OPTIMIZERS[o.name].momentum_key
+    momentum = None
+    if s.momentum is not None:
+        if key is None:
+            have = ", ".join(n for n, spec in OPTIMIZERS.items() if spec.momentum_key)
+            raise ValueError(
+                f"schedule.momentum: optimizer {o.name!r} has no momentum to schedule "
+                f"(these have: {have}); remove schedule.momentum"
+            )
+        momentum = piecewise_linear(
+            s.momentum, total, "schedule.momentum", low=0.0, high=1.0, high_open=True
+        )
+    decay: Schedule | str | None = None
+    if s.weight_decay is not None:
+        if o.weight_decay == 0:
+            raise ValueError(
+                "schedule.weight_decay: scales optimizer.weight_decay, which is 0; "
+                "set optimizer.weight_decay to the peak value"
+            )
+        decay = (
+            "lr"
+            if s.weight_decay == "lr"
+            else piecewise_linear(
+                s.weight_decay, total, "schedule.weight_decay", low=0.0, high=math.inf
+            )
+        )
+    return HyperSchedules(
+        momentum=momentum,
+        momentum_key=key or "momentum",
+        weight_decay=decay,  # type: ignore[arg-type]
+        base_weight_decay=o.weight_decay,
     )
 
 

@@ -63,6 +63,12 @@ class ScheduleConfig:
     power: float = 1.0  # polynomial decay power
     timescale: int | None = None  # inverse-sqrt: steps before the 1/sqrt decay starts
     pct_start: float = 0.3  # onecycle: fraction of steps spent increasing the lr
+    # momentum (sgd, muon) or beta1 (adam family, lion) by step, linear between points
+    # [[position, value], ...]; a position is a step (integer) or a run fraction (float, 1.0 = end)
+    momentum: list[list[int | float]] | None = None
+    # weight decay as a multiple of optimizer.weight_decay: points as above, or 'lr' (follow the
+    # LR multiplier, as modded-nanogpt ties it to the LR schedule)
+    weight_decay: list[list[int | float]] | Literal["lr"] | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cadence.config.parts import (
     batch_ramp_from,
     check_optimizer,
+    hparam_schedules_from,
     lr_schedule_from,
     plateau_from,
 )
@@ -81,6 +82,7 @@ def _check_builders(cfg: Config) -> None:
     try:
         check_optimizer(cfg)
         lr_schedule_from(cfg)
+        hparam_schedules_from(cfg)
         plateau_from(cfg)
         if cfg.batch.size != "full":
             batch_ramp_from(cfg, n_train=1)

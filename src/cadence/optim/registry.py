@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import schedulefree
 import torch
@@ -49,7 +49,9 @@ class OptimizerSpec:
     ``full_batch`` tells the trainer to feed the whole training set each step (only "gd");
     ``schedule_free`` tells it to toggle train/eval mode around evaluation and checkpoints;
     ``check`` holds the rules only this optimizer has (called by :func:`check_hparams`);
-    ``fused`` says torch has a fused kernel for it (``optimizer.fused``).
+    ``fused`` says torch has a fused kernel for it (``optimizer.fused``);
+    ``momentum_key`` names the group key that holds its momentum for ``schedule.momentum``
+    (``"momentum"``, or ``"betas"`` whose first entry it is; None: it has none to schedule).
     """
 
     name: str
@@ -59,6 +61,7 @@ class OptimizerSpec:
     schedule_free: bool = False
     check: Callable[..., None] | None = None
     fused: bool = False
+    momentum_key: Literal["momentum", "betas"] | None = None
 
 
 def _stamp(groups: list[dict[str, Any]], lr: float, prefix: str = "") -> list[dict[str, Any]]:
@@ -256,26 +259,33 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "Mini-batch SGD (torch); heavy-ball momentum when momentum > 0, optional Nesterov.",
             _build_sgd,
             fused=True,
+            momentum_key="momentum",
         ),
         OptimizerSpec(
             "adam",
             "Adam (torch); weight decay is L2 in the gradient.",
             _adam_family(torch.optim.Adam),
             fused=True,
+            momentum_key="betas",
         ),
         OptimizerSpec(
             "adamw",
             "AdamW (torch); decoupled weight decay.",
             _adam_family(torch.optim.AdamW),
             fused=True,
+            momentum_key="betas",
         ),
         OptimizerSpec(
-            "nadam", "NAdam (torch): Adam with Nesterov momentum.", _adam_family(torch.optim.NAdam)
+            "nadam",
+            "NAdam (torch): Adam with Nesterov momentum.",
+            _adam_family(torch.optim.NAdam),
+            momentum_key="betas",
         ),
         OptimizerSpec(
             "radam",
             "RAdam (torch): variance-rectified Adam, no warmup needed.",
             _adam_family(torch.optim.RAdam),
+            momentum_key="betas",
         ),
         OptimizerSpec(
             "adafactor", "Adafactor (torch): factored second moments, low memory.", _build_adafactor
@@ -285,23 +295,27 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "Muon (torch) on hidden matrices + AdamW on embeddings, head, norms and biases.",
             _build_muon,
             fused=True,
+            momentum_key="momentum",
         ),
         OptimizerSpec(
             "lion",
             "Lion (cadence): sign of interpolated momentum; small LR, large WD.",
             _build_lion,
+            momentum_key="betas",
         ),
         OptimizerSpec(
             "schedulefree-adamw",
             "Schedule-free AdamW: no LR decay needed; evaluate in eval mode (averaged weights).",
             _build_sf_adamw,
             schedule_free=True,
+            momentum_key="betas",
         ),
         OptimizerSpec(
             "schedulefree-sgd",
             "Schedule-free SGD: no LR decay needed; evaluate in eval mode (averaged weights).",
             _build_sf_sgd,
             schedule_free=True,
+            momentum_key="momentum",
         ),
     ]
 }

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 
 from cadence.config import ConfigError
-from cadence.config.parts import batch_ramp_from, lr_schedule_from, optimizer_from, plateau_from
+from cadence.config.parts import (
+    batch_ramp_from,
+    hparam_schedules_from,
+    lr_schedule_from,
+    optimizer_from,
+    plateau_from,
+)
 from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
@@ -74,6 +80,8 @@ class Trainer(Checkpointable):
         self.schedule = lr_schedule_from(
             cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
         )
+        self.hparams = hparam_schedules_from(cfg)
+        self.scheduled: dict[str, float] = {}  # this step's momentum / weight decay, for its row
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
@@ -121,9 +129,13 @@ class Trainer(Checkpointable):
         return self.schedule(step) * scale * self.ramp.lr_scale_at(step) * self.state.lr_scale
 
     def apply_lr(self) -> float:
+        """Set the step's LR in every group, and its momentum and weight decay where those are
+        scheduled; returns the config-level LR for the metrics row."""
         mult = self.lr_multiplier(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * mult
+        if self.hparams.active:
+            self.scheduled = self.hparams.apply(self.optimizer, self.state.step, mult)
         return self.cfg.optimizer.lr * mult
 
     def batch_size(self) -> int:
@@ -270,7 +282,7 @@ class Trainer(Checkpointable):
         return metrics
 
     def log(self, read: StepRead, lr: float, size: int, metrics: dict | None) -> dict[str, Any]:
-        extra = dict(self.pending)
+        extra = {**self.scheduled, **self.pending}
         if self.plateau is not None:
             extra["plateau_scale"] = self.plateau.scale
         extra.update(metrics or {})
