@@ -364,3 +364,16 @@ def test_builder_errors_name_the_key(builder: Callable[[], object], key: str) ->
 def test_negative_step_is_rejected() -> None:
     with pytest.raises(ValueError):
         exponential(0.5)(-1)
+
+
+def test_wsd_decay_steps_is_the_cooldown_decay_fraction_gives_in_steps() -> None:
+    # round(0.2 * (100 - 10)) = 18 cooldown steps either way
+    by_fraction = build_schedule("wsd", total_steps=100, warmup=10, decay_fraction=0.2)
+    by_steps = build_schedule("wsd", total_steps=100, warmup=10, decay_steps=18)
+    assert [by_steps(t) for t in range(120)] == [by_fraction(t) for t in range(120)]
+    seventy = build_schedule("wsd", total_steps=100, warmup=10, decay_steps=30)
+    assert seventy(69) == 1.0 and seventy(70) == 1.0 and seventy(71) < 1.0 and seventy(100) == 0.0
+    with pytest.raises(
+        ValueError, match=r"^schedule\.decay_steps: must be an integer in \[0, 90\]"
+    ):
+        build_schedule("wsd", total_steps=100, warmup=10, decay_steps=91)

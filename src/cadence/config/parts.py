@@ -53,6 +53,7 @@ def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1) -> Schedule:
         milestones=tuple(steps_of(m, total, "schedule.milestones") for m in s.milestones),
         min_lr_ratio=s.min_lr_ratio,
         decay_fraction=s.decay_fraction,
+        decay_steps=s.decay_steps,
         cooldown=s.cooldown,
         power=s.power,
         every=steps_per_epoch if s.per == "epoch" else 1,

@@ -59,6 +59,7 @@ class ScheduleConfig:
     )  # multistep: steps (or run fractions) at which lr *= gamma
     min_lr_ratio: float = 0.0  # floor of cosine/linear/polynomial/wsd as a fraction of lr
     decay_fraction: float = 0.2  # wsd: fraction of training spent in the cooldown
+    decay_steps: int | None = None  # wsd: the cooldown in steps instead (null = decay_fraction)
     cooldown: Literal["linear", "1-sqrt", "cosine"] = "linear"  # wsd cooldown shape
     power: float = 1.0  # polynomial decay power
     timescale: int | None = None  # inverse-sqrt: steps before the 1/sqrt decay starts

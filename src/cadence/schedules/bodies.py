@@ -18,6 +18,7 @@ from cadence.schedules.checks import (
     fail,
     finite,
     in_closed,
+    is_int,
     positive_int,
 )
 
@@ -273,8 +274,10 @@ def wsd(
     decay_fraction: float = 0.2,
     cooldown: str = "linear",
     min_ratio: float = 0.0,
+    decay_steps: int | None = None,
 ) -> Schedule:
-    """Warmup-stable-decay body: 1.0, then a cooldown over the last ``decay_fraction`` of ``total``.
+    """Warmup-stable-decay body: 1.0, then a cooldown over the last ``decay_fraction`` of ``total``
+    (or the last ``decay_steps`` steps, when given: what a cooldown branch off a stable run needs).
 
     The cooldown starts at ``total - round(decay_fraction * total)`` and reaches ``min_ratio`` at
     ``t = total``. Because the schedule is a pure function of ``(t, total)``, extending a run
@@ -287,5 +290,11 @@ def wsd(
     if cooldown not in COOLDOWNS:
         raise fail("schedule.cooldown", f"must be one of {', '.join(COOLDOWNS)}; got {cooldown!r}")
     m = in_closed(min_ratio, 0.0, 1.0, "schedule.min_lr_ratio")
-    decay_steps = round(frac * total)
+    if decay_steps is None:
+        decay_steps = round(frac * total)
+    elif not is_int(decay_steps) or not 0 <= decay_steps <= total:
+        raise fail(
+            "schedule.decay_steps",
+            f"must be an integer in [0, {total}] (the steps after warmup), got {decay_steps!r}",
+        )
     return _WSD(total, total - decay_steps, decay_steps, cooldown, m)

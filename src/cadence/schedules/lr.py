@@ -76,7 +76,8 @@ SCHEDULES: dict[str, str] = {
     "polynomial": "(1 - progress)**power decay to min_lr_ratio (torch PolynomialLR)",
     "inverse-sqrt": "flat for `timescale` steps, then 1/sqrt(step) decay (Transformer / T5 style)",
     "onecycle": "ramp from lr/25 to lr over pct_start, then anneal to lr/25e4 (torch OneCycleLR)",
-    "wsd": "warmup-stable-decay: flat, then cool down over the last decay_fraction of training",
+    "wsd": "warmup-stable-decay: flat, then cool down over the last decay_fraction of training "
+    "(or decay_steps)",
 }
 
 
@@ -90,6 +91,7 @@ def build_schedule(
     milestones: Sequence[int] = (),
     min_lr_ratio: float = 0.0,
     decay_fraction: float = 0.2,
+    decay_steps: int | None = None,
     cooldown: str = "linear",
     power: float = 1.0,
     every: int = 1,
@@ -153,5 +155,5 @@ def build_schedule(
     elif key == "onecycle":
         body = onecycle(body_total, pct_start)
     else:  # wsd
-        body = wsd(body_total, decay_fraction, cooldown, min_lr_ratio)
+        body = wsd(body_total, decay_fraction, cooldown, min_lr_ratio, decay_steps)
     return _with_warmup(body, warmup)
