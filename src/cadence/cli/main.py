@@ -22,7 +22,7 @@ from cadence.cli.args import add_config_args
 from cadence.cli.compare import add_parsers as add_compare_parsers
 from cadence.cli.deploy import add_parsers as add_deploy_parsers
 from cadence.cli.prepare import add_parsers as add_prepare_parsers
-from cadence.cli.train import cmd_train
+from cadence.cli.train import add_cooldown_parser, cmd_train
 from cadence.cli.tune import add_parsers as add_tune_parsers
 
 
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train.distributed); for several machines run torchrun yourself",
     )
     p.set_defaults(func=cmd_train)
+    add_cooldown_parser(sub)
 
     p = sub.add_parser("list", help="list optimizers, schedules, workloads or recipes")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""`cadence train`: run (or resume) a training run, here or on N processes via torchrun."""
+"""`cadence train`: run (or resume) a training run, here or on N processes via torchrun;
+`cadence cooldown`: branch a cooldown off a stable-phase checkpoint into a new run."""
 
 from __future__ import annotations
 
@@ -26,6 +27,54 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         summary = resume(run_dir, config=args.config, overrides=args.overrides)
     else:
         summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
+    return report(summary, console)
+
+
+def add_cooldown_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cooldown",
+        help="branch a cooldown off a wsd/constant run's stable-phase checkpoint",
+        description="Cool down RUN_DIR from one of its stable-phase checkpoints over --steps "
+        "steps into a new run directory (warmup-stable-decay: one stable run serves many "
+        "budgets). The source run is left untouched.",
+    )
+    p.add_argument("source", metavar="RUN_DIR", help="a wsd or constant-LR run")
+    p.add_argument("--steps", type=int, required=True, help="length of the cooldown in steps")
+    p.add_argument(
+        "--at", type=int, default=None, metavar="STEP",
+        help="the checkpoint to branch from (default: the newest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shape", default=None, choices=["linear", "1-sqrt", "cosine"],
+        help="cooldown shape (default: the run's schedule.cooldown)",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=None, metavar="R",
+        help="LR at the end as a fraction of the peak (default: the run's schedule.min_lr_ratio)",
+    )  # fmt: skip
+    p.add_argument(
+        "--run-dir", default=None,
+        help="where to write the branch (default: RUN_DIR-cooldown-STEP+STEPS next to it)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_cooldown)
+
+
+def cmd_cooldown(args: argparse.Namespace, console: Console) -> int:
+    from cadence.run.branch import cooldown
+
+    summary = cooldown(
+        args.source,
+        args.steps,
+        at=args.at,
+        shape=args.shape,
+        min_lr_ratio=args.min_lr_ratio,
+        run_dir=args.run_dir,
+    )
+    return report(summary, console)
+
+
+def report(summary: dict, console: Console) -> int:
+    """The exit status of a finished run, with its summary table or its one-line reason."""
     reason = StopReason.of_summary(summary)
     if os.environ.get("RANK", "0") != "0":
         return 1 if reason is not None and reason.failed else 0  # rank 0 reports for the group
