@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cadence.config import Config, ConfigError
@@ -81,9 +83,16 @@ def check_config(cfg: Config) -> None:
 
 
 def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
-    """Seeded model init + data on the configured device."""
+    """Seeded model init + data on the configured device.
+
+    Python's and NumPy's global generators are seeded too: cadence draws from neither, but
+    libraries it trains with do (PSGD-Kron draws its preconditioner balancing from NumPy's),
+    and a run must not depend on what the process did before it.
+    """
     check_config(cfg)
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     if not is_import_path(cfg.workload):
         w = WORKLOADS[cfg.workload].build(cfg, device, tokenizer_dir)
