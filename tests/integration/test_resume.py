@@ -59,6 +59,14 @@ FAMILIES = {
     "lion": ["optimizer.name=lion", "optimizer.lr=0.001"],
     "schedulefree-adamw": ["optimizer.name=schedulefree-adamw", "optimizer.lr=0.01"],
     "schedulefree-sgd": ["optimizer.name=schedulefree-sgd", "optimizer.lr=0.05"],
+    # from packages: their state (Prodigy's d, SOAP's eigenbases, Kron's preconditioners and
+    # NumPy-drawn update schedule) must come back whole
+    "prodigy": ["optimizer.name=prodigy", "optimizer.lr=1.0"],
+    "dadapt-adam": ["optimizer.name=dadapt-adam", "optimizer.lr=1.0"],
+    "soap": ["optimizer.name=soap", "optimizer.lr=0.003"],
+    "psgd-kron": ["optimizer.name=psgd-kron", "optimizer.lr=0.001"],
+    "ademamix": ["optimizer.name=ademamix", "optimizer.lr=0.003"],
+    "mars": ["optimizer.name=mars", "optimizer.lr=0.003"],
 }
 
 

@@ -17,6 +17,7 @@ from cadence.config import (
     parse_override,
     recipe_names,
 )
+from cadence.optim import OPTIMIZERS
 
 
 def test_every_recipe_loads_and_round_trips_through_yaml(tmp_path):
@@ -179,3 +180,26 @@ def test_any_combination_is_valid_or_a_clean_config_error(pairs):
         assert ":" in message
     else:
         assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if not s.shardable])
+def test_optimizers_that_need_whole_tensors_are_refused_under_fsdp(name: str) -> None:
+    lr = "1.0" if OPTIMIZERS[name].lr_free else "0.001"
+    load_config("default", [f"optimizer.name={name}", f"optimizer.lr={lr}"])  # fine unsharded
+    with pytest.raises(ConfigError, match=rf"^optimizer\.name: '{name}' needs whole tensors"):
+        load_config(
+            "default", [f"optimizer.name={name}", f"optimizer.lr={lr}", "train.distributed=fsdp"]
+        )
+
+
+def test_the_shardable_optimizers_include_the_ones_fsdp_tests_run() -> None:
+    assert {"adamw", "muon", "adafactor", "sgd"} <= {
+        n for n, s in OPTIMIZERS.items() if s.shardable
+    }
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.lr_free])
+def test_a_learning_rate_free_optimizer_refuses_an_lr_meant_for_adam(name: str) -> None:
+    load_config("default", [f"optimizer.name={name}", "optimizer.lr=1.0"])
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr: .*multiplies that estimate.*=1\.0$"):
+        load_config("default", [f"optimizer.name={name}", "optimizer.lr=0.003"])

@@ -90,7 +90,8 @@ class _Net(nn.Module):
 @pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.momentum_key])
 def test_momentum_reaches_the_groups_that_have_it(name: str) -> None:
     key = OPTIMIZERS[name].momentum_key
-    opt = build_optimizer(name, _Net(), lr=0.01, weight_decay=0.1, momentum=0.5)
+    lr = 1.0 if OPTIMIZERS[name].lr_free else 0.01
+    opt = build_optimizer(name, _Net(), lr=lr, weight_decay=0.1, momentum=0.5)
     assert key is not None
     assert set_momentum(opt, 0.77, key) > 0
     for g in opt.param_groups:

@@ -101,6 +101,12 @@ def _check_batch(cfg: Config) -> None:
         not OPTIMIZERS[o.name].full_batch or b.size == "full",
         f"batch.size: optimizer {o.name!r} is full-batch gradient descent; set batch.size=full",
     )
+    shards = ", ".join(n for n, s in OPTIMIZERS.items() if s.shardable)
+    _check(
+        OPTIMIZERS[o.name].shardable or cfg.train.distributed != "fsdp",
+        f"optimizer.name: {o.name!r} needs whole tensors and does not run on FSDP2-sharded "
+        f"parameters; use train.distributed=ddp, or one of: {shards}",
+    )
 
 
 def _check_train(cfg: Config) -> None:

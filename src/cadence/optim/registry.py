@@ -10,17 +10,18 @@ trainer never keeps its own copy of the LRs: each step it writes
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import schedulefree
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from cadence.optim.base import OptimizerSpec, stamp, trainable_groups
 from cadence.optim.chained import ChainedOptimizer
 from cadence.optim.groups import muon_split, output_parameter_ids, param_groups
 from cadence.optim.lion import Lion
+from cadence.optim.packages import PACKAGE_OPTIMIZERS
 from cadence.optim.sharded import ShardedAdafactor, ShardedMuon, is_sharded
 
 __all__ = [
@@ -40,36 +41,8 @@ DEFAULT_MUON_MOMENTUM = 0.95
 # The device types cadence trains on whose fused Adam/AdamW/SGD kernels torch ships.
 FUSED_DEVICES = ("cpu", "cuda")
 DEFAULT_SCHEDULE_FREE_SGD_MOMENTUM = 0.9
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """One registry entry.
-
-    ``full_batch`` tells the trainer to feed the whole training set each step (only "gd");
-    ``schedule_free`` tells it to toggle train/eval mode around evaluation and checkpoints;
-    ``check`` holds the rules only this optimizer has (called by :func:`check_hparams`);
-    ``fused`` says torch has a fused kernel for it (``optimizer.fused``);
-    ``momentum_key`` names the group key that holds its momentum for ``schedule.momentum``
-    (``"momentum"``, or ``"betas"`` whose first entry it is; None: it has none to schedule).
-    """
-
-    name: str
-    description: str
-    build: Callable[..., AnyOptimizer]
-    full_batch: bool = False
-    schedule_free: bool = False
-    check: Callable[..., None] | None = None
-    fused: bool = False
-    momentum_key: Literal["momentum", "betas"] | None = None
-
-
-def _stamp(groups: list[dict[str, Any]], lr: float, prefix: str = "") -> list[dict[str, Any]]:
-    for g in groups:
-        g["lr"] = lr
-        g["base_lr"] = lr
-        g["group_name"] = prefix + g["group_name"]
-    return groups
+# optimizer.lr of a learning-rate-free optimizer multiplies its own estimate of the step
+LR_FREE_RANGE = (0.1, 10.0)
 
 
 def _implementation(
@@ -100,13 +73,6 @@ def _implementation(
     return {"fused": True} if runs else {}
 
 
-def _groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    groups = _stamp(param_groups(model, weight_decay), lr)
-    if not groups:
-        raise ValueError("model has no trainable parameters")
-    return groups
-
-
 def _check_gd(*, momentum: float, nesterov: bool, **_: Any) -> None:
     if momentum != 0 or nesterov:
         raise ValueError(
@@ -118,7 +84,7 @@ def _check_gd(*, momentum: float, nesterov: bool, **_: Any) -> None:
 def _build_gd(
     model: nn.Module, *, lr: float, weight_decay: float, fused: bool | None, **_: Any
 ) -> AnyOptimizer:
-    groups = _groups(model, lr, weight_decay)
+    groups = trainable_groups(model, lr, weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=0.0, **_sgd_implementation(groups, fused))
 
 
@@ -139,7 +105,7 @@ def _build_sgd(
     **_: Any,
 ) -> AnyOptimizer:
     # torch's SGD with momentum is heavy ball: v <- mu*v + g ; theta <- theta - lr*v.
-    groups = _groups(model, lr, weight_decay)
+    groups = trainable_groups(model, lr, weight_decay)
     return torch.optim.SGD(
         groups, lr=lr, momentum=momentum, nesterov=nesterov, **_sgd_implementation(groups, fused)
     )
@@ -155,7 +121,7 @@ def _adam_family(cls: type[Optimizer]) -> Callable[..., AnyOptimizer]:
         eps: float,
         **kwargs: Any,
     ) -> AnyOptimizer:
-        groups = _groups(model, lr, weight_decay)
+        groups = trainable_groups(model, lr, weight_decay)
         # build_optimizer passes fused=False to a family member without a kernel (spec.fused)
         impl = _implementation(groups, kwargs["fused"])
         return cls(groups, lr=lr, betas=betas, eps=eps, **impl)
@@ -167,7 +133,7 @@ def _build_adafactor(model: nn.Module, *, lr: float, weight_decay: float, **_: A
     # Adafactor's eps/betas mean something else (relative-step clipping, beta2 decay
     # schedule), so the Adam-style knobs are not forwarded; torch's defaults are the paper's.
     # torch.optim.Adafactor, extended to run on FSDP2-sharded parameters.
-    return ShardedAdafactor(_groups(model, lr, weight_decay), lr=lr)
+    return ShardedAdafactor(trainable_groups(model, lr, weight_decay), lr=lr)
 
 
 def _build_lion(
@@ -175,7 +141,7 @@ def _build_lion(
 ) -> AnyOptimizer:
     # betas are used as given; recipes that pick Lion set the paper's (0.9, 0.99) explicitly
     # rather than us guessing whether (0.9, 0.999) was meant or just a leftover default.
-    return Lion(_groups(model, lr, weight_decay), lr=lr, betas=betas)
+    return Lion(trainable_groups(model, lr, weight_decay), lr=lr, betas=betas)
 
 
 def _build_muon(
@@ -201,7 +167,7 @@ def _build_muon(
         inner.append(
             # torch.optim.Muon, extended to orthogonalise FSDP2-sharded matrices whole.
             ShardedMuon(
-                _stamp([muon_group], lr),
+                stamp([muon_group], lr),
                 lr=lr,
                 weight_decay=weight_decay,
                 # Muon's own default; 0 would disable the momentum it is designed around.
@@ -211,7 +177,7 @@ def _build_muon(
             )
         )
     if rest:
-        restricted = _stamp(param_groups(model, weight_decay, only=rest), aux_lr, "adamw_")
+        restricted = stamp(param_groups(model, weight_decay, only=rest), aux_lr, "adamw_")
         # Only the AdamW half has a fused kernel; torch's Muon is a loop over matrices.
         impl = _implementation(restricted, fused)
         inner.append(torch.optim.AdamW(restricted, lr=aux_lr, betas=betas, eps=eps, **impl))
@@ -230,7 +196,7 @@ def _build_sf_adamw(
     **_: Any,
 ) -> AnyOptimizer:
     return schedulefree.AdamWScheduleFree(
-        _groups(model, lr, weight_decay), lr=lr, betas=betas, eps=eps
+        trainable_groups(model, lr, weight_decay), lr=lr, betas=betas, eps=eps
     )
 
 
@@ -240,10 +206,12 @@ def _build_sf_sgd(
     # Schedule-free SGD's "momentum" is its interpolation weight; 0 would make it plain SGD
     # with iterate averaging disabled, so 0 means "use the library's default 0.9".
     mom = momentum if momentum > 0 else DEFAULT_SCHEDULE_FREE_SGD_MOMENTUM
-    return schedulefree.SGDScheduleFree(_groups(model, lr, weight_decay), lr=lr, momentum=mom)
+    return schedulefree.SGDScheduleFree(
+        trainable_groups(model, lr, weight_decay), lr=lr, momentum=mom
+    )
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
+_BUILTIN: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in [
         OptimizerSpec(
@@ -319,6 +287,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
     ]
 }
+# torch's and cadence's own first, then those taken from packages (packages.py)
+OPTIMIZERS: dict[str, OptimizerSpec] = {**_BUILTIN, **PACKAGE_OPTIMIZERS}
 
 
 def check_hparams(
@@ -346,6 +316,13 @@ def check_hparams(
         )
     if not lr > 0:
         raise ValueError(f"optimizer.lr: must be > 0, got {lr}")
+    lo, hi = LR_FREE_RANGE
+    if spec.lr_free and not lo <= lr <= hi:
+        raise ValueError(
+            f"optimizer.lr: {name} estimates its own step size and lr multiplies that estimate "
+            f"(1.0 = as estimated); expected a value in [{lo:g}, {hi:g}], got {lr:g}; "
+            "set optimizer.lr=1.0"
+        )
     if aux_lr is not None and not aux_lr > 0:
         raise ValueError(f"optimizer.aux_lr: must be > 0, got {aux_lr}")
     if not 0 < body_lr_ratio <= 1:
@@ -370,7 +347,9 @@ def check_hparams(
             "set optimizer.fused: null"
         )
     if spec.check is not None:
-        spec.check(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        spec.check(
+            name=name, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
     return spec
 
 

@@ -128,7 +128,7 @@ def set_momentum(optimizer: Any, value: float, where: Literal["momentum", "betas
         if where == "momentum":
             group["momentum"] = value
         else:
-            group["betas"] = (value, group["betas"][1])
+            group["betas"] = (value, *group["betas"][1:])  # AdEMAMix has a third beta
         n += 1
     return n
 
