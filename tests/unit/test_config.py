@@ -203,3 +203,9 @@ def test_a_learning_rate_free_optimizer_refuses_an_lr_meant_for_adam(name: str) 
     load_config("default", [f"optimizer.name={name}", "optimizer.lr=1.0"])
     with pytest.raises(ConfigError, match=r"^optimizer\.lr: .*multiplies that estimate.*=1\.0$"):
         load_config("default", [f"optimizer.name={name}", "optimizer.lr=0.003"])
+
+
+@pytest.mark.parametrize("name", [n for n, s in OPTIMIZERS.items() if s.lr_free])
+def test_a_learning_rate_free_optimizer_has_no_lr_to_range_test(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr: auto runs the LR range test, but"):
+        load_config("default", [f"optimizer.name={name}", "optimizer.lr=auto"])

@@ -101,6 +101,11 @@ def _check_batch(cfg: Config) -> None:
         not OPTIMIZERS[o.name].full_batch or b.size == "full",
         f"batch.size: optimizer {o.name!r} is full-batch gradient descent; set batch.size=full",
     )
+    _check(
+        o.lr != "auto" or not OPTIMIZERS[o.name].lr_free,
+        f"optimizer.lr: auto runs the LR range test, but {o.name} estimates its own step size; "
+        "set optimizer.lr=1.0",
+    )
     shards = ", ".join(n for n, s in OPTIMIZERS.items() if s.shardable)
     _check(
         OPTIMIZERS[o.name].shardable or cfg.train.distributed != "fsdp",

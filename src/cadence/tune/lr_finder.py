@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cadence.config import ConfigError
 from cadence.config.parts import optimizer_from
+from cadence.optim import OPTIMIZERS
 from cadence.schedules import split_micro
 from cadence.training.step import autocast_context, train_step
 
@@ -265,6 +267,11 @@ def lr_range_test(
     back afterwards; otherwise a fresh optimizer is built from the config for each seed. The
     model's weights, train/eval mode and the torch RNG are restored either way.
     """
+    if OPTIMIZERS[cfg.optimizer.name].lr_free:
+        raise ConfigError(
+            f"optimizer.name: {cfg.optimizer.name} estimates its own step size, so there is no "
+            "learning rate to range-test; train it with optimizer.lr=1.0"
+        )
     if not (0 < min_lr < max_lr):
         raise ValueError(f"lr range: need 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
     if steps < 5:
