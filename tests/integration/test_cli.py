@@ -94,13 +94,14 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
 
 def test_list_names_every_registry_entry():
     from cadence.config import recipe_names
+    from cadence.models.gpt import PARAMETRIZATIONS
     from cadence.optim import OPTIMIZERS
     from cadence.schedules import SCHEDULES
     from cadence.workloads import WORKLOADS
 
     res = cadence("list")
     assert res.returncode == 0
-    for name in [*OPTIMIZERS, *SCHEDULES, *WORKLOADS, *recipe_names()]:
+    for name in [*OPTIMIZERS, *SCHEDULES, *WORKLOADS, *recipe_names(), *PARAMETRIZATIONS]:
         assert name in res.stdout, name
 
 

@@ -181,11 +181,14 @@ def test_export_hf_loads_with_from_pretrained_and_gives_identical_logits(tmp_pat
     )
 
 
-def test_cadence_gpt_exports_as_gpt_neox_when_it_uses_layernorm(tmp_path):
+@pytest.mark.parametrize("parametrization", ["sp", "mup"])
+def test_cadence_gpt_exports_as_gpt_neox_when_it_uses_layernorm(tmp_path, parametrization):
     from transformers import AutoModelForCausalLM
 
     gpt = ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "train.max_steps=3"]
-    run = train(tmp_path, *gpt, "model.norm=layernorm")
+    # μP at twice its base width: its logit and attention multipliers are baked into the weights
+    mup = [f"model.parametrization={parametrization}", "model.base_width=16"]
+    run = train(tmp_path, *gpt, *mup, "model.norm=layernorm")
     export_run(run, "hf", out=tmp_path / "hf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     assert type(loaded).__name__ == "GPTNeoXForCausalLM"

@@ -75,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     add_cooldown_parser(sub)
 
-    p = sub.add_parser("list", help="list optimizers, schedules, workloads or recipes")
+    p = sub.add_parser(
+        "list", help="list optimizers, schedules, workloads, recipes or parametrizations"
+    )
     p.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["optimizers", "schedules", "workloads", "recipes", "all"],
+        choices=["optimizers", "schedules", "workloads", "recipes", "parametrizations", "all"],
     )
     p.set_defaults(func=cmd_list)
 
@@ -95,6 +97,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from rich.markup import escape
 
     from cadence.config import recipe_description, recipe_names
+    from cadence.models.gpt import PARAMETRIZATIONS
     from cadence.optim import OPTIMIZERS
     from cadence.schedules import SCHEDULES
     from cadence.schedules.hparams import HPARAM_SCHEDULES
@@ -106,6 +109,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         "workloads": [(n, s.description) for n, s in WORKLOADS.items()]
         + [("module:function", "your own: a function of the config returning a DatasetWorkload")],
         "recipes": [(n, recipe_description(n)) for n in recipe_names()],
+        "parametrizations": list(PARAMETRIZATIONS.items()),
     }
     for name, items in sections.items():
         if args.what not in (name, "all"):

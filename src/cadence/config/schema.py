@@ -150,6 +150,9 @@ class ModelConfig:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # gpt normalisation
     tie_embeddings: bool = True  # gpt: share the embedding and output head
     dropout: float = 0.0  # gpt, speech and asr dropout
+    # gpt: sp (standard) | mup (maximal update: an LR tuned at base_width holds at any d_model)
+    parametrization: Literal["sp", "mup"] = "sp"
+    base_width: int = 128  # gpt, mup: the d_model its LR was tuned at (width multiplier = 1)
     hidden: list[int] = field(default_factory=lambda: [128])  # mlp hidden widths
     channels: list[int] | None = None  # speech: conv channels per block (null = [32, 64, 128])
     augment: bool = True  # speech, asr: SpecAugment time/frequency masking while training

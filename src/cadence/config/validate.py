@@ -23,7 +23,7 @@ from cadence.data.checks import (
     check_tokenizer,
     check_val_fraction,
 )
-from cadence.optim import OPTIMIZERS
+from cadence.optim import OPTIMIZERS, check_width_rule
 from cadence.schedules import split_micro
 
 
@@ -68,6 +68,19 @@ def _check_model(cfg: Config) -> None:
         )
     for i, pattern in enumerate(m.freeze):
         _check(bool(pattern.strip()), f"model.freeze[{i}]: expected a parameter-name pattern")
+    if m.parametrization == "mup":
+        _check(
+            cfg.workload == "lm"
+            and m.hf is None
+            and m.hf_config is None
+            and m.arch in (None, "gpt"),
+            "model.parametrization: mup is built into cadence's GPT (workload lm, model.arch "
+            "gpt); a model of your own states its LR factors with lr_multipliers()",
+        )
+        try:
+            check_width_rule(cfg.optimizer.name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if m.channels is not None:
         # 40 mel bins halve at most 3 times between 4 blocks
         _check(

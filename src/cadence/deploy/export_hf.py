@@ -21,6 +21,7 @@ compared with the run's model before anything is moved into place.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +114,21 @@ def _gpt_as_neox(run: LoadedRun) -> Any:
     )
     neox = GPTNeoXForCausalLM(config).eval()
     own = gpt.state_dict()
+    # μP's two multipliers are baked into weights, as NeoX has neither: the 1/m on the logits
+    # into the final norm's (the head is linear in its output; a tied embedding stays shared),
+    # and the attention's extra 1/sqrt(m) on the scores into the query rows (RoPE is linear).
+    m = c.width_mult
     new: dict[str, torch.Tensor] = {
         "gpt_neox.embed_in.weight": own["tok_emb.weight"],
-        "gpt_neox.final_layer_norm.weight": own["norm_f.weight"],
-        "gpt_neox.final_layer_norm.bias": own["norm_f.bias"],
+        "gpt_neox.final_layer_norm.weight": own["norm_f.weight"] / m,
+        "gpt_neox.final_layer_norm.bias": own["norm_f.bias"] / m,
     }
     head = next(n for n, m in neox.named_modules() if m is neox.get_output_embeddings())
     new[f"{head}.weight"] = own["head.weight"]
     for i in range(c.n_layer):
         src, dst = f"blocks.{i}.", f"gpt_neox.layers.{i}."
         q, k, v = own[src + "attn.qkv.weight"].split(c.d_model, dim=0)
+        q = q / math.sqrt(m)
         # cadence: [Q | K | V], head h at rows h*hd of each; NeoX: per head, [q_h, k_h, v_h].
         per_head = [t.view(c.n_head, hd, c.d_model) for t in (q, k, v)]
         qkv = torch.cat(per_head, dim=1).reshape(3 * c.d_model, c.d_model)

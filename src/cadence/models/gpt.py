@@ -7,6 +7,14 @@ Design choices, and why:
   and the only embedding-like tensors are the token embedding and the head.
 * Pre-norm blocks with ``torch.nn.RMSNorm`` (or LayerNorm) for stable training at
   the learning rates the optimizers in this package use.
+* ``parametrization="mup"`` is the maximal-update parametrization (Yang et al., Tensor
+  Programs V) for Adam-like optimizers, relative to a base width ``base_width`` at which it
+  is the standard one exactly: hidden matrices start at std/sqrt(m) and step at lr/m
+  (:meth:`GPT.lr_multipliers`), attention scores are scaled by 1/head_dim rather than
+  1/sqrt(head_dim), and the logits by 1/m, where m = d_model/base_width. Every layer's
+  activations then move by the same amount per step at any width, so an LR tuned on a narrow
+  model holds for a wide one. Embeddings, norms and the (tied) head keep their LR: the logit
+  multiplier is what keeps the head's contribution width-independent.
 * Attention goes through ``F.scaled_dot_product_attention`` so fused kernels are
   used where available; the rotary angles are indexed by absolute position
   (``start_pos``), so incremental decoding with a :class:`KVCache` needs no change
@@ -24,7 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["GPT", "GPTConfig", "KVCache"]
+__all__ = ["GPT", "PARAMETRIZATIONS", "GPTConfig", "KVCache"]
+
+PARAMETRIZATIONS: dict[str, str] = {
+    "sp": "standard parametrization (model.parametrization: sp, the default): GPT-2 init, "
+    "one LR for all matrices.",
+    "mup": "maximal update (model.parametrization: mup, model.base_width): the LR tuned at "
+    "base_width holds at any model.d_model; Adam-like optimizers only.",
+}
 
 
 @dataclass
@@ -41,6 +56,13 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_base: float = 10000.0
+    parametrization: str = "sp"
+    base_width: int = 128
+
+    @property
+    def width_mult(self) -> float:
+        """μP's m = d_model / base_width (1 under the standard parametrization)."""
+        return self.d_model / self.base_width if self.parametrization == "mup" else 1.0
 
     def validate(self) -> None:
         """Fail early with the config key to fix, rather than with a shape error deep inside."""
@@ -65,6 +87,16 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"model.parametrization: unknown {self.parametrization!r}; use 'sp' (standard) "
+                "or 'mup' (maximal update)"
+            )
+        if not isinstance(self.base_width, int) or self.base_width < self.n_head:
+            raise ValueError(
+                f"model.base_width: must be an integer of at least model.n_head="
+                f"{self.n_head} (the width μP's LR was tuned at), got {self.base_width!r}"
+            )
         if self.rope_base <= 0:
             raise ValueError(f"model.rope_base: must be positive, got {self.rope_base}")
 
@@ -163,6 +195,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        # μP scales scores by 1/head_dim: q and k become correlated as they train, so their
+        # dot product grows like head_dim, not sqrt(head_dim). Written as SP's 1/sqrt(head_dim)
+        # divided by sqrt(m) so that at the base width it is SP's scale to the bit.
+        self.scale = (
+            None
+            if cfg.parametrization == "sp"
+            else 1.0 / math.sqrt(self.head_dim) / math.sqrt(cfg.width_mult)
+        )
 
     def forward(
         self,
@@ -182,12 +222,17 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+                q,
+                k,
+                v,
+                is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale,
             )
         else:
             k, v = cache.update(layer, start_pos, k, v)
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=cache.mask(start_pos, t, x.device)
+                q, k, v, attn_mask=cache.mask(start_pos, t, x.device), scale=self.scale
             )
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.proj(y)
@@ -272,11 +317,15 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, 0.02), residual projections shrunk by 1/sqrt(2*n_layer)
-        so the residual stream's variance does not grow with depth."""
+        so the residual stream's variance does not grow with depth. Under μP the hidden
+        matrices' std is divided by sqrt(m) (their fan-in grew by m); embeddings keep theirs."""
         std = 0.02
+        hidden_std = std / math.sqrt(self.config.width_mult)
+        hidden = {id(m) for b in self.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                s = hidden_std if id(module) in hidden else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -286,7 +335,7 @@ class GPT(nn.Module):
                     nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        scaled = std / math.sqrt(2 * self.config.n_layer)
+        scaled = hidden_std / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=scaled)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=scaled)
@@ -324,7 +373,9 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, cache, i, start_pos)
         x = self.norm_f(x)
-        return self.head(x).float()
+        logits = self.head(x).float()
+        m = self.config.width_mult
+        return logits if m == 1.0 else logits / m
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default seq_len)."""
@@ -349,6 +400,21 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             return {"tok_emb.weight"}
         return {"head.weight"}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Per-parameter LR factors the optimizer applies (empty under SP).
+
+        μP for Adam-like updates, whose per-entry size does not depend on the gradient's
+        scale: a hidden matrix's update is summed over a fan-in m times larger, so it steps at
+        lr/m. The registry splits the groups by these factors (optim.registry).
+        """
+        m = self.config.width_mult
+        if m == 1.0:  # SP, or μP at its base width: one LR for all
+            return {}
+        names = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+        return {
+            f"blocks.{i}.{n}.weight": 1.0 / m for i in range(self.config.n_layer) for n in names
+        }
 
     def embedding_parameter_names(self) -> set[str]:
         """Names of the input-embedding weights (also excluded from Muon)."""

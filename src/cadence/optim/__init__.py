@@ -9,6 +9,7 @@ from cadence.optim.registry import (
     OptimizerSpec,
     build_optimizer,
     check_hparams,
+    check_width_rule,
     is_schedule_free,
     set_train_mode,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "OptimizerSpec",
     "build_optimizer",
     "check_hparams",
+    "check_width_rule",
     "is_schedule_free",
     "muon_split",
     "param_groups",

@@ -32,7 +32,12 @@ class OptimizerSpec:
     (``"momentum"``, or ``"betas"`` whose first entry it is; None: it has none to schedule);
     ``shardable`` False refuses it under FSDP2 (it needs whole tensors or global sums);
     ``lr_free`` marks one that estimates its own step size, so ``optimizer.lr`` is a multiplier
-    of the estimate (checked to lie in [0.1, 10]).
+    of the estimate (checked to lie in [0.1, 10]);
+    ``width_rule`` says μP's per-layer LRs (``model.parametrization: mup``) hold for it: its
+    update's per-entry size does not depend on the gradient's scale (Adam-like or sign-based;
+    cadence's Muon rescales its orthogonalised updates to AdamW's RMS), so a hidden matrix
+    steps at lr/m. SGD's μP rule is another one, and a preconditioner's
+    (SOAP, PSGD) is not settled, so those refuse μP rather than train under the wrong one.
     """
 
     name: str
@@ -45,6 +50,7 @@ class OptimizerSpec:
     momentum_key: Literal["momentum", "betas"] | None = None
     shardable: bool = True
     lr_free: bool = False
+    width_rule: bool = False
 
 
 def stamp(groups: list[dict[str, Any]], lr: float, prefix: str = "") -> list[dict[str, Any]]:

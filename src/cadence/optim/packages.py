@@ -95,6 +95,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
             lr_free=True,
             momentum_key="betas",
             shardable=False,
+            width_rule=True,
         ),
         OptimizerSpec(
             "dadapt-adam",
@@ -103,6 +104,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
             lr_free=True,
             momentum_key="betas",
             shardable=False,
+            width_rule=True,
         ),
         OptimizerSpec(
             "soap",
@@ -125,6 +127,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
             _adam_like(pytorch_optimizer.AdEMAMix, beta3=0.9999, weight_decouple=True),
             momentum_key="betas",
             shardable=False,
+            width_rule=True,
         ),
         OptimizerSpec(
             "mars",
@@ -132,6 +135,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
             _adam_like(pytorch_optimizer.MARS, lr_1d=True),
             momentum_key="betas",
             shardable=False,
+            width_rule=True,
         ),
     ]
 }

@@ -30,6 +30,7 @@ __all__ = [
     "OptimizerSpec",
     "build_optimizer",
     "check_hparams",
+    "check_width_rule",
     "inner_optimizers",
     "is_schedule_free",
     "set_train_mode",
@@ -235,6 +236,7 @@ _BUILTIN: dict[str, OptimizerSpec] = {
             _adam_family(torch.optim.Adam),
             fused=True,
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "adamw",
@@ -242,18 +244,21 @@ _BUILTIN: dict[str, OptimizerSpec] = {
             _adam_family(torch.optim.AdamW),
             fused=True,
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "nadam",
             "NAdam (torch): Adam with Nesterov momentum.",
             _adam_family(torch.optim.NAdam),
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "radam",
             "RAdam (torch): variance-rectified Adam, no warmup needed.",
             _adam_family(torch.optim.RAdam),
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "adafactor", "Adafactor (torch): factored second moments, low memory.", _build_adafactor
@@ -264,12 +269,14 @@ _BUILTIN: dict[str, OptimizerSpec] = {
             _build_muon,
             fused=True,
             momentum_key="momentum",
+            width_rule=True,
         ),
         OptimizerSpec(
             "lion",
             "Lion (cadence): sign of interpolated momentum; small LR, large WD.",
             _build_lion,
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "schedulefree-adamw",
@@ -277,6 +284,7 @@ _BUILTIN: dict[str, OptimizerSpec] = {
             _build_sf_adamw,
             schedule_free=True,
             momentum_key="betas",
+            width_rule=True,
         ),
         OptimizerSpec(
             "schedulefree-sgd",
@@ -400,6 +408,7 @@ def build_optimizer(
     )
     if body_lr_ratio != 1.0:
         _scale_body(optimizer, model, body_lr_ratio)
+    _scale_by_width(optimizer, model, spec)
     if spec.schedule_free:
         set_train_mode(optimizer, True)
     return optimizer
@@ -409,29 +418,78 @@ def _scale_body(optimizer: AnyOptimizer, model: nn.Module, ratio: float) -> None
     """Give every parameter but the output head ``ratio`` times its group's LR.
 
     Fine-tuning's discriminative LR: the pretrained body moves slowly, the head (often new or
-    re-targeted) at the full rate. Groups are split after the optimizer is built (it has no
-    state yet, so this is exact) rather than in every builder: the head/body decision stays
-    :func:`output_parameter_ids`'s, and each group keeps the hyper-parameters its builder gave.
+    re-targeted) at the full rate. The head/body decision stays :func:`output_parameter_ids`'s.
     """
     head = output_parameter_ids(model)
+    _split_groups(
+        optimizer,
+        lambda p: ("head", 1.0) if id(p) in head else ("body", ratio),
+        order=("head", "body"),  # the order checkpoints of earlier versions hold
+    )
+
+
+def _lr_multipliers(model: nn.Module) -> dict[int, float]:
+    """Per-parameter LR factors a model states with ``lr_multipliers()`` (μP's GPT), by id."""
+    hook = getattr(model, "lr_multipliers", None)
+    if not callable(hook):
+        return {}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    factors = hook()
+    unknown = set(factors) - named.keys()
+    if unknown:
+        raise ValueError(f"lr_multipliers() lists names that are not parameters: {sorted(unknown)}")
+    return {id(named[n]): float(f) for n, f in factors.items() if f != 1.0}
+
+
+def _scale_by_width(optimizer: AnyOptimizer, model: nn.Module, spec: OptimizerSpec) -> AnyOptimizer:
+    """Apply a model's per-parameter LR factors (μP's lr/m for hidden matrices)."""
+    factors = _lr_multipliers(model)
+    if not factors:
+        return optimizer
+    check_width_rule(spec.name)
+    _split_groups(optimizer, lambda p: ("width", factors[id(p)]) if id(p) in factors else ("", 1.0))
+    return optimizer
+
+
+def check_width_rule(name: str) -> None:
+    """Refuse μP for an optimizer its per-layer LRs do not hold for (see OptimizerSpec)."""
+    spec = OPTIMIZERS.get(name)
+    if spec is not None and not spec.width_rule:
+        have = ", ".join(n for n, s in OPTIMIZERS.items() if s.width_rule)
+        raise ValueError(
+            f"model.parametrization: mup's per-layer LRs are the rule for Adam-like updates, "
+            f"which {name!r} is not; use one of {have}, or model.parametrization: sp"
+        )
+
+
+def _split_groups(
+    optimizer: AnyOptimizer,
+    part_of: Callable[[Any], tuple[str, float]],
+    order: Sequence[str] = (),
+) -> None:
+    """Split every group by ``part_of(param) -> (suffix, lr factor)``, the parts in ``order`` of
+    their suffixes, then in order of first appearance (saved optimizer state maps by position).
+
+    Done after the optimizer is built (it has no state yet, so this is exact) rather than in
+    every builder: each group keeps the hyper-parameters its builder gave, and only its LR (and
+    ``base_lr``, which the schedules multiply) changes. A suffix "" keeps the group's name.
+    """
     for opt in inner_optimizers(optimizer):
         groups = []
         for g in opt.param_groups:
-            parts = {
-                "head": [p for p in g["params"] if id(p) in head],
-                "body": [p for p in g["params"] if id(p) not in head],
-            }
-            for part, params in parts.items():
-                if not params:
-                    continue
-                scale = ratio if part == "body" else 1.0
+            parts: dict[tuple[str, float], list[Any]] = {}
+            for p in g["params"]:
+                parts.setdefault(part_of(p), []).append(p)
+            rank = {name: i for i, name in enumerate(order)}
+            ordered = sorted(parts.items(), key=lambda kv: rank.get(kv[0][0], len(rank)))
+            for (suffix, scale), params in ordered:
                 groups.append(
                     {
                         **g,
                         "params": params,
                         "lr": g["lr"] * scale,
                         "base_lr": g["base_lr"] * scale,
-                        "group_name": f"{g['group_name']}_{part}",
+                        "group_name": f"{g['group_name']}_{suffix}" if suffix else g["group_name"],
                     }
                 )
         opt.param_groups[:] = groups

@@ -155,6 +155,8 @@ def gpt_config(cfg: Config, vocab_size: int) -> GPTConfig:
         norm=m.norm,
         tie_embeddings=m.tie_embeddings,
         dropout=m.dropout,
+        parametrization=m.parametrization,
+        base_width=m.base_width,
     )
 
 
