@@ -104,3 +104,77 @@ def test_bad_schedules_are_refused_before_training(make_config, overrides, messa
     with pytest.raises(ConfigError, match=r"^schedule\.(momentum|weight_decay): ") as err:
         make_config("digits", *overrides)
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- sequence-length warmup
+
+
+def _lm(make_config, *overrides: str):
+    return make_config(
+        "lm", "optimizer.name=adamw", "optimizer.lr=0.003", "schedule.name=constant",
+        "batch.size=4", "train.max_steps=3", "train.log_every=1", "train.eval_every=100",
+        *overrides,
+    )  # fmt: skip
+
+
+def test_seq_len_warmup_trains_as_a_plain_loop_over_the_cut_sequences(make_config) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from cadence.config.parts import optimizer_from
+    from cadence.workloads import build_workload
+
+    # model.seq_len 16: steps 0 and 1 at length 8 (interp 8, 12 -> floored to 8), step 2 at 16
+    cfg = _lm(make_config, "schedule.seq_len=[[0, 8], [2, 16]]")
+    _, rows, trainer = run_fit(cfg)
+    assert [r["seq_len"] for r in rows] == [8, 8, 16]
+    assert [r["tokens"] for r in rows] == [4 * 16 * k for k in (1, 2, 3)]  # tokens kept
+
+    ref = build_workload(cfg)
+    model, opt = ref.model, optimizer_from(cfg, ref.model)
+    sampler = ref.sampler(cfg.train.seed, shuffle=True)
+    for step, length in enumerate((8, 8, 16)):
+        x, y = ref.batch(sampler.indices(4 * step, 4))
+        cuts = [(b, i) for b in range(4) for i in range(0, 16, length)]  # sequence by sequence
+        xs = torch.stack([x[b, i : i + length] for b, i in cuts])
+        ys = torch.stack([y[b, i : i + length] for b, i in cuts])
+        loss = F.cross_entropy(model(xs).flatten(0, 1), ys.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    got, want = trainer.model.state_dict(), model.state_dict()
+    for k in want:
+        assert got[k].equal(want[k]), k
+
+
+def test_seq_len_warmup_by_sequences_counts_the_tokens_it_trains(make_config) -> None:
+    cfg = _lm(make_config, "schedule.seq_len=[[0, 8], [2, 16]]", "schedule.seq_len_batch=sequences")
+    _, rows, _ = run_fit(cfg)
+    assert [r["tokens"] for r in rows] == [4 * 8, 4 * 8 * 2, 4 * (8 + 8 + 16)]
+
+
+def test_a_full_length_seq_len_schedule_is_no_schedule_bit_for_bit(make_config) -> None:
+    weights = []
+    for extra in ([], ["schedule.seq_len=[[0, 16]]"]):
+        _, _, trainer = run_fit(_lm(make_config, *extra))
+        weights.append(trainer.model.state_dict())
+    for k in weights[0]:
+        assert weights[0][k].equal(weights[1][k]), k
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["schedule.seq_len=[[0, 8], [0.5, 64]]"], "longer than the samples, model.seq_len=16"),
+        (["schedule.seq_len_batch=halves", "schedule.seq_len=[[0, 8]]"], "seq_len_batch"),
+    ],
+)
+def test_bad_seq_len_schedules_are_refused_before_training(make_config, overrides, message):
+    with pytest.raises(ConfigError, match=r"^schedule\.seq_len") as err:
+        make_config("lm", *overrides)
+    assert message in str(err.value)
+
+
+def test_seq_len_warmup_is_refused_off_a_language_model(make_config) -> None:
+    with pytest.raises(ConfigError, match=r"^schedule\.seq_len: .*workload lm"):
+        make_config("digits", "schedule.seq_len=[[0, 8]]")

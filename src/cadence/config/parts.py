@@ -16,6 +16,7 @@ from torch import nn
 from cadence.optim import OPTIMIZERS, build_optimizer, check_hparams
 from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
 from cadence.schedules.hparams import HyperSchedules, piecewise_linear
+from cadence.schedules.seq_len import SeqLenSchedule, seq_len_schedule
 
 if TYPE_CHECKING:
     from cadence.config.schema import Config
@@ -96,6 +97,21 @@ def hparam_schedules_from(cfg: Config) -> HyperSchedules:
         momentum_key=key or "momentum",
         weight_decay=decay,  # type: ignore[arg-type]
         base_weight_decay=o.weight_decay,
+    )
+
+
+def seq_len_schedule_from(cfg: Config) -> SeqLenSchedule | None:
+    """`schedule.seq_len` for a language model whose samples are `model.seq_len` tokens."""
+    s = cfg.schedule
+    if s.seq_len is None:
+        return None
+    if cfg.workload != "lm":
+        raise ValueError(
+            f"schedule.seq_len: sequence-length warmup is for language models (workload lm), "
+            f"not {cfg.workload!r}; remove schedule.seq_len"
+        )
+    return seq_len_schedule(
+        s.seq_len, full=cfg.model.seq_len, keep=s.seq_len_batch, total_steps=cfg.train.max_steps
     )
 
 

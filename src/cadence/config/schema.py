@@ -70,6 +70,11 @@ class ScheduleConfig:
     # weight decay as a multiple of optimizer.weight_decay: points as above, or 'lr' (follow the
     # LR multiplier, as modded-nanogpt ties it to the LR schedule)
     weight_decay: list[list[int | float]] | Literal["lr"] | None = None
+    # lm: training sequence length by step (sequence-length warmup), points as above, up to
+    # model.seq_len; rounded down to a multiple of 8. Evaluation runs at model.seq_len.
+    seq_len: list[list[int | float]] | None = None
+    # what a shortened batch keeps: tokens (cut each sequence into pieces) | sequences (drop tails)
+    seq_len_batch: Literal["tokens", "sequences"] = "tokens"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from cadence.config.parts import (
     hparam_schedules_from,
     lr_schedule_from,
     plateau_from,
+    seq_len_schedule_from,
 )
 from cadence.config.schema import Config, ConfigError
 from cadence.data.checks import (
@@ -96,6 +97,7 @@ def _check_builders(cfg: Config) -> None:
         check_optimizer(cfg)
         lr_schedule_from(cfg)
         hparam_schedules_from(cfg)
+        seq_len_schedule_from(cfg)
         plateau_from(cfg)
         if cfg.batch.size != "full":
             batch_ramp_from(cfg, n_train=1)

@@ -39,6 +39,9 @@ HPARAM_SCHEDULES: dict[str, str] = {
     "schedulefree-adamw) by step: [[position, value], ...], linear between points",
     "schedule.weight_decay": "weight decay as a multiple of optimizer.weight_decay: "
     "[[position, factor], ...], or 'lr' to follow the LR multiplier",
+    "schedule.seq_len": "lm: training sequence length (sequence-length warmup): "
+    "[[position, length], ...] up to model.seq_len; schedule.seq_len_batch: tokens keeps the "
+    "batch in tokens (more, shorter sequences), sequences keeps it in sequences (tails dropped)",
 }
 
 

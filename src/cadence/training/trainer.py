@@ -25,6 +25,7 @@ from cadence.config.parts import (
     lr_schedule_from,
     optimizer_from,
     plateau_from,
+    seq_len_schedule_from,
 )
 from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
@@ -38,6 +39,7 @@ from cadence.training.rows import RowLogger, run_summary
 from cadence.training.state import RunClock, TrainState
 from cadence.training.step import StepRead, autocast_context, backward_step, read_step
 from cadence.training.stopping import StopReason, budget_reached, stop_after_step, time_up
+from cadence.workloads.tensors import NextTokenLoss
 
 if TYPE_CHECKING:
     from cadence.config import Config
@@ -82,6 +84,12 @@ class Trainer(Checkpointable):
         )
         self.hparams = hparam_schedules_from(cfg)
         self.scheduled: dict[str, float] = {}  # this step's momentum / weight decay, for its row
+        self.seq_len = seq_len_schedule_from(cfg)
+        if self.seq_len is not None and not isinstance(workload, NextTokenLoss):
+            raise ConfigError(
+                "schedule.seq_len: this workload's batches are not (inputs, targets) token "
+                "sequences; remove schedule.seq_len"
+            )
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
@@ -136,6 +144,8 @@ class Trainer(Checkpointable):
             group["lr"] = group["base_lr"] * mult
         if self.hparams.active:
             self.scheduled = self.hparams.apply(self.optimizer, self.state.step, mult)
+        if self.seq_len is not None:
+            self.scheduled["seq_len"] = self.seq_len.length_at(self.state.step)
         return self.cfg.optimizer.lr * mult
 
     def batch_size(self) -> int:
@@ -144,9 +154,24 @@ class Trainer(Checkpointable):
     def next_batches(self, size: int) -> tuple[list[Any], int]:
         """The micro-batches of the next global batch, taken at the current data position."""
         if self.prefetcher is None:
-            return self._read_batches(self.state.samples, size)
-        following = self.ramp.size_at(self.state.step + 1)
-        return self.prefetcher.get(self.state.samples, size, following)
+            micro, units = self._read_batches(self.state.samples, size)
+        else:
+            following = self.ramp.size_at(self.state.step + 1)
+            micro, units = self.prefetcher.get(self.state.samples, size, following)
+        step, full = self.state.step, self.workload.tokens_per_sample
+        if self.seq_len is None or self.seq_len.length_at(step) >= full:
+            return micro, units
+        # Shortened after the read, so which samples a step sees (and the prefetch) is the
+        # same with and without the warmup; units = size * full becomes size * trained tokens.
+        short = [self.seq_len.shorten(b, step) for b in micro]
+        return short, units // full * self.seq_len.tokens_per_sample_at(step)
+
+    def tokens_per_sample(self) -> int:
+        """Tokens this step trains per sample: fewer while the sequence length warms up with
+        schedule.seq_len_batch: sequences."""
+        if self.seq_len is None:
+            return self.workload.tokens_per_sample
+        return self.seq_len.tokens_per_sample_at(self.state.step)
 
     def backward(self, micro_batches: list[Any], units: int) -> tuple[Tensor, Tensor]:
         """Forward and backward of a global batch: (loss, grad norm), on the device."""
@@ -187,9 +212,9 @@ class Trainer(Checkpointable):
     def advance(self, size: int) -> None:
         st = self.state
         st.consecutive_skips = 0
+        st.tokens += size * self.tokens_per_sample()
         st.step += 1
         st.samples += size
-        st.tokens += size * self.workload.tokens_per_sample
         if self.ema is not None:
             self.ema.update(self.model)
         self.clock.tick()
@@ -241,7 +266,7 @@ class Trainer(Checkpointable):
                 self.state,
                 policy=t.on_nonfinite,
                 size=size,
-                tokens_per_sample=self.workload.tokens_per_sample,
+                tokens_per_sample=self.tokens_per_sample(),
                 rollback_lr_factor=t.rollback_lr_factor,
                 latest_checkpoint=latest,
                 restore=lambda path: checkpoint.restore(self, path, verified=True),
