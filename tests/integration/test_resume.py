@@ -291,3 +291,29 @@ def test_resume_of_a_dir_without_a_run_is_a_clean_exit_2(finished_run, tmp_path,
     assert main(["train", "--resume", str(target)]) == 2
     err = tail_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(target) in err[0], err
+
+
+def test_resume_keeps_the_batch_that_auto_batch_chose(make_config, tmp_path):
+    """batch.schedule: auto decides from measurements, so its decisions (and the noise
+    estimator behind them) must come back from the checkpoint, with more made after it."""
+    steps, every, crash = 24, 4, 19
+    cfg = make_config(
+        "digits",
+        "model.hidden=[32,32]",
+        "optimizer.name=sgd",
+        "optimizer.lr=0.05",
+        "batch.size=4",
+        "batch.schedule=auto",
+        "batch.max_size=64",
+        "train.noise_scale_every=2",
+        f"train.max_steps={steps}",
+        f"train.checkpoint_every={every}",
+        "train.eval_every=4",
+        "train.log_every=1",
+    )
+    cadence.train(cfg, run_dir=tmp_path / "straight")
+    crash_then_resume(cfg, tmp_path / "crashed", crash)
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed", range(1, steps + 1))
+    sizes = [r["batch_size"] for r in rows(tmp_path / "straight")]
+    # it grew before the checkpoint the resume starts from (step 16), and after the crash
+    assert sizes[16 - 1] > 4 and sizes[-1] > sizes[crash - 1], sizes

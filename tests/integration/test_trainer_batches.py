@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from trainer_helpers import Recorder, params_of, run_fit
 
+from cadence.config import ConfigError
 from cadence.optim.packages import PACKAGE_OPTIMIZERS
 from cadence.schedules import split_micro
 from cadence.training import Trainer, accumulate_gradients, fit
@@ -169,3 +170,43 @@ def test_batch_ramp_switches_size_and_scales_lr(make_config, monkeypatch) -> Non
         assert r["lr"] == pytest.approx(expected_lr, rel=1e-12)
     assert [r["batch_size"] for r in rec.rows].count(base) == switch
     assert summary["samples"] == switch * base + (steps - switch) * big
+
+
+# ---------------------------------------------------------------- batch.schedule: auto
+
+
+def _auto(make_config, *extra: str):
+    return make_config(
+        "digits", "optimizer.name=sgd", "optimizer.lr=0.05", "batch.size=4",
+        "batch.schedule=auto", "batch.max_size=32", "train.noise_scale_every=3",
+        "train.max_steps=30", "train.eval_every=100", "train.log_every=1", *extra,
+    )  # fmt: skip
+
+
+def test_auto_batch_follows_its_rule_on_the_logged_noise_scale(make_config) -> None:
+    _, rows, trainer = run_fit(_auto(make_config))
+    sizes = [r["batch_size"] for r in rows]
+    assert sizes[0] == 4 and sizes[-1] > 4, sizes  # it grew (digits' B_simple is ~100)
+    measured = [r for r in rows if "noise_scale" in r]
+    assert [r["step"] for r in measured] == list(range(3, 31, 3))
+    for i, r in enumerate(measured):
+        current = r["batch_size"]
+        bigger = min(2 * current, 32)
+        b_crit = r["noise_scale"]
+        due = i >= 1 and bigger > current and math.isfinite(b_crit) and b_crit >= bigger
+        assert r.get("batch_target") == (bigger if due else None), r
+    by_step = {r["step"]: r["batch_size"] for r in rows}
+    for step, size in trainer.ramp.decisions:  # a decision after step s sizes step s + 1
+        assert by_step[step] < size and by_step.get(step + 1, size) == size
+    # the LR follows by the sqrt rule (batch.lr_scaling default) under the constant schedule
+    for r in rows:
+        assert r["lr"] == pytest.approx(0.05 * math.sqrt(r["batch_size"] / 4), rel=1e-12)
+
+
+def test_auto_batch_is_refused_for_full_batch_and_max_size_alone(make_config) -> None:
+    with pytest.raises(ConfigError, match=r"^batch\.schedule: a batch ramp needs an integer"):
+        make_config("logreg", "optimizer.name=gd", "batch.size=full", "batch.schedule=auto")
+    with pytest.raises(ConfigError, match=r"^batch\.max_size: bounds batch\.schedule: auto"):
+        make_config("digits", "batch.max_size=64")
+    with pytest.raises(ConfigError, match=r"^batch\.max_size: must be an integer >= batch.size"):
+        make_config("digits", "batch.size=32", "batch.schedule=auto", "batch.max_size=16")

@@ -141,3 +141,45 @@ def test_split_micro_partitions_every_global_batch() -> None:
 def test_split_micro_rejects_bad_sizes(global_size: int, micro: object, key: str) -> None:
     with pytest.raises(ValueError, match="^" + key.replace(".", r"\.")):
         split_micro(global_size, micro)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- batch.schedule: auto
+
+
+def test_auto_ramp_doubles_when_the_critical_batch_reaches_the_next_size() -> None:
+    from cadence.schedules import AutoBatchRamp
+
+    ramp = AutoBatchRamp(8, 48, total_steps=100, rule="sqrt")
+    assert ramp.propose(10, 15.9) is None  # B_crit below 2B = 16: stay
+    assert ramp.propose(10, float("inf")) is None  # gradient lost in noise: no evidence
+    assert ramp.propose(10, 16.0) == 16
+    ramp.grow(10, 16)
+    assert ramp.propose(20, 1000.0) == 32  # one doubling per measurement, however large
+    ramp.grow(20, 32)
+    assert ramp.propose(30, 1000.0) == 48  # the last step stops at max_size
+    ramp.grow(30, 48)
+    assert ramp.propose(40, 1e9) is None
+    sizes = {0: 8, 9: 8, 10: 16, 19: 16, 20: 32, 30: 48, 99: 48}
+    assert {t: ramp.size_at(t) for t in sizes} == sizes
+    for t, b in sizes.items():
+        assert ramp.lr_scale_at(t) == math.sqrt(b / 8)
+    assert ramp.max_size == 48 and ramp.stage_starts == ()
+
+
+def test_auto_ramp_never_shrinks_and_a_regrow_replaces_later_decisions() -> None:
+    from cadence.schedules import AutoBatchRamp
+
+    ramp = AutoBatchRamp(4, 64, total_steps=100)
+    ramp.grow(5, 8)
+    with pytest.raises(ValueError, match="does not grow"):
+        ramp.grow(6, 8)
+    ramp.grow(9, 16)
+    ramp.grow(7, 16)  # after a rollback to step 7: what was decided after it is gone
+    assert ramp.decisions == [(5, 8), (7, 16)]
+
+
+def test_auto_ramp_max_size_must_hold_the_base_batch() -> None:
+    from cadence.schedules import AutoBatchRamp
+
+    with pytest.raises(ValueError, match=r"^batch\.max_size: must be an integer >= batch.size=8"):
+        AutoBatchRamp(8, 4, total_steps=10)

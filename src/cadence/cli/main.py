@@ -100,12 +100,13 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from cadence.models.gpt import PARAMETRIZATIONS
     from cadence.optim import OPTIMIZERS
     from cadence.schedules import SCHEDULES
+    from cadence.schedules.batch import BATCH_SCHEDULES
     from cadence.schedules.hparams import HPARAM_SCHEDULES
     from cadence.workloads import WORKLOADS
 
     sections = {
         "optimizers": [(n, s.description) for n, s in OPTIMIZERS.items()],
-        "schedules": list(SCHEDULES.items()) + list(HPARAM_SCHEDULES.items()),
+        "schedules": [*SCHEDULES.items(), *HPARAM_SCHEDULES.items(), *BATCH_SCHEDULES.items()],
         "workloads": [(n, s.description) for n, s in WORKLOADS.items()]
         + [("module:function", "your own: a function of the config returning a DatasetWorkload")],
         "recipes": [(n, recipe_description(n)) for n in recipe_names()],

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from cadence.optim import OPTIMIZERS, build_optimizer, check_hparams
-from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
+from cadence.schedules import AutoBatchRamp, BatchRamp, Plateau, Schedule, build_schedule
 from cadence.schedules.hparams import HyperSchedules, piecewise_linear
 from cadence.schedules.seq_len import SeqLenSchedule, seq_len_schedule
 
@@ -130,6 +130,13 @@ def batch_ramp_from(cfg: Config, n_train: int) -> BatchRamp:
     """`batch.size: full` is the whole training set at every step (no ramp)."""
     b = cfg.batch
     base = n_train if b.size == "full" else int(b.size)
+    if b.schedule == "auto":
+        top = b.max_size if b.max_size is not None else 8 * base
+        return AutoBatchRamp(base, top, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
+    if b.max_size is not None:
+        raise ValueError(
+            "batch.max_size: bounds batch.schedule: auto; remove it or set batch.schedule: auto"
+        )
     # The stages go in as written: BatchRamp checks their shape and values itself.
     return BatchRamp(base, b.schedule, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
 

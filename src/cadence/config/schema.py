@@ -92,7 +92,9 @@ class PlateauConfig:
 class BatchConfig:
     size: int | Literal["full"] = 32  # global batch in samples, or 'full' for full-batch GD
     micro_size: int | None = None  # micro-batch that fits in memory; gradients accumulate to `size`
-    schedule: list[list[float]] = field(default_factory=list)  # ramp: [[fraction, size], ...]
+    # ramp: [[fraction, size], ...], or auto: double toward the measured critical batch size
+    schedule: list[list[float]] | Literal["auto"] = field(default_factory=list)
+    max_size: int | None = None  # auto: the largest batch it may grow to (null = 8 x batch.size)
     # lr ∝ (B/B0)^alpha when the batch ramps: alpha in [0, 2], or sqrt (0.5) | linear (1) | none
     lr_scaling: float | Literal["sqrt", "linear", "none"] = "sqrt"
 

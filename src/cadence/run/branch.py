@@ -148,7 +148,11 @@ def plan_cooldown(
     ]
     if min_lr_ratio is not None:
         overrides.append(f"schedule.min_lr_ratio={min_lr_ratio!r}")
-    for key, points in (("momentum", s.momentum), ("weight_decay", s.weight_decay)):
+    for key, points in (
+        ("momentum", s.momentum),
+        ("weight_decay", s.weight_decay),
+        ("seq_len", s.seq_len),
+    ):
         if isinstance(points, list):
             resolved = _resolved_points(points, total, f"schedule.{key}")
             overrides.append(f"schedule.{key}={json.dumps(resolved)}")

@@ -215,7 +215,7 @@ def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
     measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show."""
     cbs: list[Callback] = []
     t = cfg.train
-    if t.log_noise_scale:
+    if t.log_noise_scale and cfg.batch.schedule != "auto":  # auto's own monitor logs it
         every = t.noise_scale_every or t.eval_every
         cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
     if world.is_main:

@@ -1,6 +1,6 @@
 """Training-progress schedules: pure LR multipliers, a composable plateau scale, batch ramps."""
 
-from cadence.schedules.batch import LR_SCALING_RULES, BatchRamp, split_micro
+from cadence.schedules.batch import LR_SCALING_RULES, AutoBatchRamp, BatchRamp, split_micro
 from cadence.schedules.lr import (
     SCHEDULES,
     Schedule,
@@ -23,6 +23,7 @@ from cadence.schedules.plateau import EMASmoother, Plateau
 __all__ = [
     "LR_SCALING_RULES",
     "SCHEDULES",
+    "AutoBatchRamp",
     "BatchRamp",
     "EMASmoother",
     "Plateau",

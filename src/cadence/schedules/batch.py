@@ -11,7 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["LR_SCALING_RULES", "BatchRamp", "lr_exponent", "split_micro"]
+__all__ = [
+    "BATCH_SCHEDULES",
+    "LR_SCALING_RULES",
+    "AutoBatchRamp",
+    "BatchRamp",
+    "lr_exponent",
+    "split_micro",
+]
+
+BATCH_SCHEDULES: dict[str, str] = {
+    "batch.schedule": "batch-size ramp in stages: [[fraction, size], ...]; the LR follows by "
+    "(B/B0)^alpha, batch.lr_scaling: sqrt | linear | none | alpha",
+    "batch.schedule: auto": "the batch doubles when the measured critical batch (gradient "
+    "noise scale) reaches twice it, up to batch.max_size; the LR follows as above",
+}
 
 # the named rules and the exponent each stands for: lr ∝ (B / B0) ** alpha
 LR_SCALING_RULES: dict[str, float] = {"sqrt": 0.5, "linear": 1.0, "none": 0.0}
@@ -132,6 +146,66 @@ class BatchRamp:
         return (
             f"BatchRamp(base_size={self.base_size}, stages={list(self.stages)}, "
             f"total_steps={self.total_steps}, rule={self.rule!r})"
+        )
+
+
+class AutoBatchRamp(BatchRamp):
+    """A batch ramp decided during the run by the measured gradient noise scale
+    (``batch.schedule: auto``).
+
+    McCandlish et al. (2018): training is most efficient near the critical batch size, which is
+    about the noise scale ``B_noise``, and ``B_noise`` grows as the loss falls. So the batch starts
+    at ``batch.size`` and, each time a measurement says the critical batch is at least twice the
+    current one, doubles (up to ``max_size``); it never shrinks. One doubling per measurement at
+    most, so one noisy estimate cannot throw the batch far, and powers of two of the base keep
+    the sizes a data loader and accumulation like. The LR follows by ``(B / B0) ** alpha`` as for
+    a staged ramp.
+
+    The decisions ``[(step, size), ...]`` are the ramp's whole state: ``size_at`` reads them like
+    a staged ramp's stages, and they are checkpointed with the run (by the callback that makes
+    them), so a resumed run continues with the batch it had.
+    """
+
+    def __init__(
+        self, base_size: int, max_size: int, *, total_steps: int, rule: str | float = "sqrt"
+    ) -> None:
+        super().__init__(base_size, (), total_steps=total_steps, rule=rule)
+        if not _is_int(max_size) or max_size < base_size:
+            raise ValueError(
+                f"batch.max_size: must be an integer >= batch.size={base_size}, got {max_size!r}"
+            )
+        self.ceiling = max_size
+        self.decisions: list[tuple[int, int]] = []
+
+    def size_at(self, t: int) -> int:
+        size = self.base_size
+        for step, new in self.decisions:
+            if t < step:
+                break
+            size = new
+        return size
+
+    @property
+    def max_size(self) -> int:
+        return self.ceiling
+
+    def propose(self, step: int, noise_scale: float) -> int | None:
+        """The size to grow to after ``step`` given the critical batch estimate, or None."""
+        current = self.size_at(step)
+        bigger = min(2 * current, self.ceiling)
+        if bigger > current and math.isfinite(noise_scale) and noise_scale >= bigger:
+            return bigger
+        return None
+
+    def grow(self, step: int, size: int) -> None:
+        if size <= self.size_at(step):
+            raise ValueError(f"batch ramp: {size} at step {step} does not grow the batch")
+        self.decisions = [d for d in self.decisions if d[0] < step] + [(step, size)]
+
+    def __repr__(self) -> str:
+        return (
+            f"AutoBatchRamp(base_size={self.base_size}, max_size={self.ceiling}, "
+            f"decisions={self.decisions}, rule={self.rule!r})"
         )
 
 

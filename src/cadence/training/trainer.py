@@ -30,6 +30,7 @@ from cadence.config.parts import (
 from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
+from cadence.schedules import AutoBatchRamp
 from cadence.training import checkpoint, evaluation, nonfinite
 from cadence.training.batches import Prefetcher, global_batch
 from cadence.training.checkpointable import Checkpointable
@@ -79,6 +80,11 @@ class Trainer(Checkpointable):
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ramp = batch_ramp_from(cfg, workload.n_train)
+        if isinstance(self.ramp, AutoBatchRamp):  # its decisions come from measurements
+            from cadence.tune.noise_scale import AutoBatch
+
+            every = t.noise_scale_every or t.eval_every
+            self.callbacks.append(AutoBatch(self.ramp, every=every))
         self.schedule = lr_schedule_from(
             cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
         )

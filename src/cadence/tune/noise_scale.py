@@ -372,3 +372,45 @@ class NoiseScaleMonitor(Callback):
         if "generator" in state:
             self._gen = torch.Generator().manual_seed(0)
             self._gen.set_state(state["generator"])
+
+
+class AutoBatch(NoiseScaleMonitor):
+    """``batch.schedule: auto``: the noise-scale monitor, whose measurements grow the batch.
+
+    After each measurement the trainer's :class:`~cadence.schedules.AutoBatchRamp` is asked
+    whether the critical batch (the EMA of ``B_simple``) calls for a bigger batch; a decision
+    takes effect from the next step, goes into that step's row (``batch_target``, next to the
+    ``noise_scale`` that made it) and into the checkpoint with the monitor's own state. The
+    first two measurements only warm the EMA up. Under torch.distributed rank 0's decision is
+    broadcast, so every rank takes the same batch even where their estimates differ in the
+    last bits.
+    """
+
+    state_key = "auto_batch"
+    warmup_measurements = 2
+
+    def __init__(self, ramp: Any, every: int, **kw: Any) -> None:
+        super().__init__(every=every, **kw)
+        self.ramp = ramp
+
+    def on_step(self, trainer: Any) -> None:
+        step = int(trainer.state.step)
+        measured = not (step % self.every or step == self._last)
+        super().on_step(trainer)
+        if not measured or self.estimator.count < self.warmup_measurements:
+            return
+        size = self.ramp.propose(step, self.estimator.b_simple)
+        if trainer.world.active:
+            from cadence.runtime.distributed import broadcast_object
+
+            size = broadcast_object(size, trainer.world)
+        if size is not None:
+            self.ramp.grow(step, size)
+            trainer.log_metrics({"batch_target": size})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "decisions": [list(d) for d in self.ramp.decisions]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.ramp.decisions = [(int(a), int(b)) for a, b in state["decisions"]]
