@@ -184,7 +184,13 @@ def _auto(make_config, *extra: str):
 
 
 def test_auto_batch_follows_its_rule_on_the_logged_noise_scale(make_config) -> None:
-    _, rows, trainer = run_fit(_auto(make_config))
+    from cadence.tune import AutoBatch
+
+    cfg = _auto(make_config)
+    rec = Recorder()
+    trainer = Trainer(cfg, build_workload(cfg), [AutoBatch(every=3), rec])
+    fit(trainer)
+    rows = rec.rows
     sizes = [r["batch_size"] for r in rows]
     assert sizes[0] == 4 and sizes[-1] > 4, sizes  # it grew (digits' B_simple is ~100)
     measured = [r for r in rows if "noise_scale" in r]
@@ -201,6 +207,12 @@ def test_auto_batch_follows_its_rule_on_the_logged_noise_scale(make_config) -> N
     # the LR follows by the sqrt rule (batch.lr_scaling default) under the constant schedule
     for r in rows:
         assert r["lr"] == pytest.approx(0.05 * math.sqrt(r["batch_size"] / 4), rel=1e-12)
+
+
+def test_auto_batch_without_the_callback_that_drives_it_is_refused(make_config) -> None:
+    cfg = _auto(make_config)
+    with pytest.raises(ConfigError, match=r"^batch\.schedule: auto grows .* AutoBatch"):
+        Trainer(cfg, build_workload(cfg))
 
 
 def test_auto_batch_is_refused_for_full_batch_and_max_size_alone(make_config) -> None:

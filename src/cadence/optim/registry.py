@@ -19,7 +19,8 @@ from torch.optim import Optimizer
 
 from cadence.optim.base import OptimizerSpec, stamp, trainable_groups
 from cadence.optim.chained import ChainedOptimizer
-from cadence.optim.groups import muon_split, output_parameter_ids, param_groups
+from cadence.optim.group_lr import inner_optimizers, lr_multipliers, scale_body, scale_by_width
+from cadence.optim.groups import muon_split, param_groups
 from cadence.optim.lion import Lion
 from cadence.optim.packages import PACKAGE_OPTIMIZERS
 from cadence.optim.sharded import ShardedAdafactor, ShardedMuon, is_sharded
@@ -407,47 +408,12 @@ def build_optimizer(
         fused=fused if spec.fused else False,  # one statement of which optimizers have a kernel
     )
     if body_lr_ratio != 1.0:
-        _scale_body(optimizer, model, body_lr_ratio)
-    _scale_by_width(optimizer, model, spec)
+        scale_body(optimizer, model, body_lr_ratio)
+    if lr_multipliers(model):
+        check_width_rule(spec.name)
+        scale_by_width(optimizer, model)
     if spec.schedule_free:
         set_train_mode(optimizer, True)
-    return optimizer
-
-
-def _scale_body(optimizer: AnyOptimizer, model: nn.Module, ratio: float) -> None:
-    """Give every parameter but the output head ``ratio`` times its group's LR.
-
-    Fine-tuning's discriminative LR: the pretrained body moves slowly, the head (often new or
-    re-targeted) at the full rate. The head/body decision stays :func:`output_parameter_ids`'s.
-    """
-    head = output_parameter_ids(model)
-    _split_groups(
-        optimizer,
-        lambda p: ("head", 1.0) if id(p) in head else ("body", ratio),
-        order=("head", "body"),  # the order checkpoints of earlier versions hold
-    )
-
-
-def _lr_multipliers(model: nn.Module) -> dict[int, float]:
-    """Per-parameter LR factors a model states with ``lr_multipliers()`` (μP's GPT), by id."""
-    hook = getattr(model, "lr_multipliers", None)
-    if not callable(hook):
-        return {}
-    named = dict(model.named_parameters(remove_duplicate=False))
-    factors = hook()
-    unknown = set(factors) - named.keys()
-    if unknown:
-        raise ValueError(f"lr_multipliers() lists names that are not parameters: {sorted(unknown)}")
-    return {id(named[n]): float(f) for n, f in factors.items() if f != 1.0}
-
-
-def _scale_by_width(optimizer: AnyOptimizer, model: nn.Module, spec: OptimizerSpec) -> AnyOptimizer:
-    """Apply a model's per-parameter LR factors (μP's lr/m for hidden matrices)."""
-    factors = _lr_multipliers(model)
-    if not factors:
-        return optimizer
-    check_width_rule(spec.name)
-    _split_groups(optimizer, lambda p: ("width", factors[id(p)]) if id(p) in factors else ("", 1.0))
     return optimizer
 
 
@@ -460,44 +426,6 @@ def check_width_rule(name: str) -> None:
             f"model.parametrization: mup's per-layer LRs are the rule for Adam-like updates, "
             f"which {name!r} is not; use one of {have}, or model.parametrization: sp"
         )
-
-
-def _split_groups(
-    optimizer: AnyOptimizer,
-    part_of: Callable[[Any], tuple[str, float]],
-    order: Sequence[str] = (),
-) -> None:
-    """Split every group by ``part_of(param) -> (suffix, lr factor)``, the parts in ``order`` of
-    their suffixes, then in order of first appearance (saved optimizer state maps by position).
-
-    Done after the optimizer is built (it has no state yet, so this is exact) rather than in
-    every builder: each group keeps the hyper-parameters its builder gave, and only its LR (and
-    ``base_lr``, which the schedules multiply) changes. A suffix "" keeps the group's name.
-    """
-    for opt in inner_optimizers(optimizer):
-        groups = []
-        for g in opt.param_groups:
-            parts: dict[tuple[str, float], list[Any]] = {}
-            for p in g["params"]:
-                parts.setdefault(part_of(p), []).append(p)
-            rank = {name: i for i, name in enumerate(order)}
-            ordered = sorted(parts.items(), key=lambda kv: rank.get(kv[0][0], len(rank)))
-            for (suffix, scale), params in ordered:
-                groups.append(
-                    {
-                        **g,
-                        "params": params,
-                        "lr": g["lr"] * scale,
-                        "base_lr": g["base_lr"] * scale,
-                        "group_name": f"{g['group_name']}_{suffix}" if suffix else g["group_name"],
-                    }
-                )
-        opt.param_groups[:] = groups
-
-
-def inner_optimizers(optimizer: AnyOptimizer) -> list[Any]:
-    """The torch optimizers behind a ChainedOptimizer (Muon + AdamW), or the optimizer itself."""
-    return optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
 
 
 def _is_sf(opt: Any) -> bool:

@@ -15,6 +15,7 @@ from cadence.schedules import split_micro
 
 if TYPE_CHECKING:
     from cadence.data import EpochSampler
+    from cadence.schedules.seq_len import SeqLenSchedule
     from cadence.workloads import Workload
 
 
@@ -45,6 +46,23 @@ def global_batch(
         micro.append(workload.batch(indices[start : start + n]))
         start += n
     return micro, size * max(1, workload.tokens_per_sample)
+
+
+def cut_to_length(
+    micro: list[Any], units: int, seq_len: SeqLenSchedule | None, step: int
+) -> tuple[list[Any], int]:
+    """A global batch of full-length token sequences at the step's ``schedule.seq_len``; its
+    loss units (size * full length) become size * the tokens a sample now trains."""
+    if seq_len is None or seq_len.length_at(step) >= seq_len.full:
+        return micro, units
+    short = [seq_len.shorten(b, step) for b in micro]
+    return short, units // seq_len.full * seq_len.tokens_per_sample_at(step)
+
+
+def trained_tokens(workload: Workload, seq_len: SeqLenSchedule | None, step: int) -> int:
+    """Tokens a step trains per sample: fewer while the sequence length warms up with
+    ``schedule.seq_len_batch: sequences``."""
+    return workload.tokens_per_sample if seq_len is None else seq_len.tokens_per_sample_at(step)
 
 
 class Prefetcher:

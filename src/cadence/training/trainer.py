@@ -32,7 +32,7 @@ from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
 from cadence.schedules import AutoBatchRamp
 from cadence.training import checkpoint, evaluation, nonfinite
-from cadence.training.batches import Prefetcher, global_batch
+from cadence.training.batches import Prefetcher, cut_to_length, global_batch, trained_tokens
 from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
@@ -58,6 +58,31 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     setter(True)
 
 
+def _check_batches(
+    ramp: Any, seq_len: Any, workload: Workload, callbacks: Sequence[Callback], world: World
+) -> None:
+    """What a batch needs that only the built parts know: one sample per process, a driver for
+    an automatic ramp, token sequences to shorten."""
+    if ramp.size_at(0) < world.size:
+        raise ConfigError(
+            f"batch.size: {ramp.size_at(0)} is smaller than the {world.size} processes; "
+            "each process needs at least one sample"
+        )
+    if isinstance(ramp, AutoBatchRamp) and not any(
+        cb.state_key == "auto_batch" for cb in callbacks
+    ):
+        raise ConfigError(
+            "batch.schedule: auto grows the batch from measurements that the AutoBatch "
+            "callback makes; cadence.train attaches it, a loop of your own passes "
+            "cadence.tune.AutoBatch(every=N) among the callbacks"
+        )
+    if seq_len is not None and not isinstance(workload, NextTokenLoss):
+        raise ConfigError(
+            "schedule.seq_len: this workload's batches are not (inputs, targets) token "
+            "sequences; remove schedule.seq_len"
+        )
+
+
 class Trainer(Checkpointable):
     def __init__(
         self,
@@ -80,22 +105,12 @@ class Trainer(Checkpointable):
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ramp = batch_ramp_from(cfg, workload.n_train)
-        if isinstance(self.ramp, AutoBatchRamp):  # its decisions come from measurements
-            from cadence.tune.noise_scale import AutoBatch
-
-            every = t.noise_scale_every or t.eval_every
-            self.callbacks.append(AutoBatch(self.ramp, every=every))
         self.schedule = lr_schedule_from(
             cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
         )
         self.hparams = hparam_schedules_from(cfg)
         self.scheduled: dict[str, float] = {}  # this step's momentum / weight decay, for its row
         self.seq_len = seq_len_schedule_from(cfg)
-        if self.seq_len is not None and not isinstance(workload, NextTokenLoss):
-            raise ConfigError(
-                "schedule.seq_len: this workload's batches are not (inputs, targets) token "
-                "sequences; remove schedule.seq_len"
-            )
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
@@ -110,17 +125,9 @@ class Trainer(Checkpointable):
         self.signals = None  # a StopSignals while fit() runs under cadence.train / resume
         # train.target, or the workload's own target when the config leaves it null
         self.target = t.target if t.target is not None else workload.target
-        on = (
-            t.prefetch
-            if t.prefetch is not None
-            else workload.prefetch and self.device.type == "cuda"
-        )
+        on = workload.prefetch and self.device.type == "cuda" if t.prefetch is None else t.prefetch
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
-        if self.ramp.size_at(0) < world.size:
-            raise ConfigError(
-                f"batch.size: {self.ramp.size_at(0)} is smaller than the {world.size} processes; "
-                "each process needs at least one sample"
-            )
+        _check_batches(self.ramp, self.seq_len, workload, self.callbacks, world)
         self.compiler = Compiler(
             t.compile, self.model, wrapped, self.device, t.max_steps, self.sharded
         )
@@ -164,20 +171,9 @@ class Trainer(Checkpointable):
         else:
             following = self.ramp.size_at(self.state.step + 1)
             micro, units = self.prefetcher.get(self.state.samples, size, following)
-        step, full = self.state.step, self.workload.tokens_per_sample
-        if self.seq_len is None or self.seq_len.length_at(step) >= full:
-            return micro, units
         # Shortened after the read, so which samples a step sees (and the prefetch) is the
-        # same with and without the warmup; units = size * full becomes size * trained tokens.
-        short = [self.seq_len.shorten(b, step) for b in micro]
-        return short, units // full * self.seq_len.tokens_per_sample_at(step)
-
-    def tokens_per_sample(self) -> int:
-        """Tokens this step trains per sample: fewer while the sequence length warms up with
-        schedule.seq_len_batch: sequences."""
-        if self.seq_len is None:
-            return self.workload.tokens_per_sample
-        return self.seq_len.tokens_per_sample_at(self.state.step)
+        # same with and without the warmup.
+        return cut_to_length(micro, units, self.seq_len, self.state.step)
 
     def backward(self, micro_batches: list[Any], units: int) -> tuple[Tensor, Tensor]:
         """Forward and backward of a global batch: (loss, grad norm), on the device."""
@@ -218,7 +214,7 @@ class Trainer(Checkpointable):
     def advance(self, size: int) -> None:
         st = self.state
         st.consecutive_skips = 0
-        st.tokens += size * self.tokens_per_sample()
+        st.tokens += size * trained_tokens(self.workload, self.seq_len, st.step)
         st.step += 1
         st.samples += size
         if self.ema is not None:
@@ -272,7 +268,7 @@ class Trainer(Checkpointable):
                 self.state,
                 policy=t.on_nonfinite,
                 size=size,
-                tokens_per_sample=self.tokens_per_sample(),
+                tokens_per_sample=trained_tokens(self.workload, self.seq_len, self.state.step),
                 rollback_lr_factor=t.rollback_lr_factor,
                 latest_checkpoint=latest,
                 restore=lambda path: checkpoint.restore(self, path, verified=True),

@@ -38,9 +38,11 @@ if TYPE_CHECKING:
     from cadence.workloads import Workload
 
 __all__ = [
+    "AutoBatch",
     "NoiseScaleEstimate",
     "NoiseScaleEstimator",
     "NoiseScaleMonitor",
+    "batch_controllers",
     "estimate_noise_scale",
     "lr_for_batch",
     "measure_grad_norms",
@@ -276,7 +278,8 @@ def _train_first(cfg: Config, workload: Workload, steps: int) -> None:
     t = dataclasses.replace(
         cfg.train, max_steps=steps, eval_every=steps, progress=False, checkpoint_every=None
     )
-    fit(Trainer(dataclasses.replace(cfg, train=t), workload))
+    cfg = dataclasses.replace(cfg, train=t)
+    fit(Trainer(cfg, workload, batch_controllers(cfg)))
 
 
 class NoiseScaleMonitor(Callback):
@@ -389,9 +392,16 @@ class AutoBatch(NoiseScaleMonitor):
     state_key = "auto_batch"
     warmup_measurements = 2
 
-    def __init__(self, ramp: Any, every: int, **kw: Any) -> None:
+    def __init__(self, every: int = 100, **kw: Any) -> None:
         super().__init__(every=every, **kw)
-        self.ramp = ramp
+        self.ramp: Any = None  # the trainer's AutoBatchRamp, from on_start
+        self._decisions: list[tuple[int, int]] | None = None  # loaded before on_start
+
+    def on_start(self, trainer: Any) -> None:
+        self.ramp = trainer.ramp
+        if self._decisions is not None:
+            self.ramp.decisions = self._decisions
+        super().on_start(trainer)
 
     def on_step(self, trainer: Any) -> None:
         step = int(trainer.state.step)
@@ -409,8 +419,18 @@ class AutoBatch(NoiseScaleMonitor):
             trainer.log_metrics({"batch_target": size})
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "decisions": [list(d) for d in self.ramp.decisions]}
+        decisions = self.ramp.decisions if self.ramp is not None else self._decisions or []
+        return {**super().state_dict(), "decisions": [list(d) for d in decisions]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.ramp.decisions = [(int(a), int(b)) for a, b in state["decisions"]]
+        self._decisions = [(int(a), int(b)) for a, b in state["decisions"]]
+        if self.ramp is not None:  # a rollback mid-run
+            self.ramp.decisions = list(self._decisions)
+
+
+def batch_controllers(cfg: Config) -> list[Callback]:
+    """The callbacks a trainer for ``cfg`` needs to decide its batch (``batch.schedule: auto``)."""
+    if cfg.batch.schedule != "auto":
+        return []
+    return [AutoBatch(every=cfg.train.noise_scale_every or cfg.train.eval_every)]
