@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,7 @@ def _tune_lr(width: int, args: argparse.Namespace, out: Path) -> float:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     space.unlink()
     best = yaml.safe_load((run_dir / "best.yaml").read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
     return float(best["optimizer"]["lr"])
 
 
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         float(x) for x in (args.lrs.split(",") if args.lrs else [2.0**e for e in range(-13, -5)])
     )
     widths = [int(w) for w in args.widths.split(",")]
+    if args.tune_trials and len(args.lrs) < 2:
+        ap.error("--lrs: the tune searches between the smallest and the largest; give two or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()

@@ -45,3 +45,23 @@ def test_lr_methods_runs_at_tiny_sizes() -> None:
     )
     methods = [r.split("|")[2].strip() for r in out.splitlines() if r.startswith("| mnist |")]
     assert methods == ["grid (2 LRs)", "find-lr (range test)", "tune (2 trials, median pruner)"]
+
+
+def test_mup_transfer_runs_at_tiny_sizes(tmp_path) -> None:
+    out = _run(
+        str(BENCHMARKS / "mup_transfer.py"),
+        *("--widths", "64,128", "--lrs", "0.002,0.008", "--steps", "2", "--tune-trials", "1"),
+        *("--out", str(tmp_path)),
+        timeout=600,
+    )
+    assert "best LR per width" in out and "cadence tune at d_model 64" in out
+    assert len(list(tmp_path.glob("mup_transfer-*.png"))) == 1
+
+
+def test_weight_averaging_runs_at_tiny_sizes(tmp_path) -> None:
+    out = _run(
+        str(BENCHMARKS / "weight_averaging.py"),
+        *("--quick", "--out", str(tmp_path)),
+        timeout=600,
+    )
+    assert "| constant | 0 |" in out and len(list(tmp_path.glob("weight_averaging-*.json"))) == 1
