@@ -59,6 +59,7 @@ def _overrides(width: int, parametrization: str, lr: float, args: argparse.Names
         "train.progress=false",
         f"train.checkpoint_every={args.steps}",
         f"train.seed={args.seed}",
+        *args.set,
     ]
 
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-width", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune-trials", type=int, default=8, help="0 skips the tune-and-transfer")
+    ap.add_argument("--set", action="append", default=[], help="an extra override (repeatable)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "base_width": args.base_width,
         "setup": {k: v for k, v in vars(args).items() if k not in ("widths", "lrs", "out")},
+        "overrides": _overrides(widths[-1], "mup", args.lrs[0], args),
         "runs": [],
     }
     t0 = time.perf_counter()

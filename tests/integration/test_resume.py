@@ -56,6 +56,13 @@ FAMILIES = {
         "schedule.momentum=[[0, 0.8], [0.5, 0.95], [1.0, 0.85]]",
         "schedule.weight_decay=[[0, 1.0], [1.0, 0.2]]",
     ],
+    # LAWA's snapshots come back from the checkpoint: the rows' lawa_val_loss depend on them
+    "adamw, LAWA readout": [
+        "optimizer.name=adamw",
+        "optimizer.lr=0.01",
+        "train.lawa=3",
+        "train.lawa_every=2",
+    ],
     "lion": ["optimizer.name=lion", "optimizer.lr=0.001"],
     "schedulefree-adamw": ["optimizer.name=schedulefree-adamw", "optimizer.lr=0.01"],
     "schedulefree-sgd": ["optimizer.name=schedulefree-sgd", "optimizer.lr=0.05"],

@@ -7,6 +7,7 @@ weights stay float32 and the model still trains.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -77,6 +78,63 @@ def test_ema_weights_are_saved_and_evaluated(make_config, tmp_path) -> None:
     assert eval_rows[-1]["ema_val_loss"] == pytest.approx(w.evaluate(w.model)["val_loss"], 1e-6)
     load_model(w.model, tmp_path / "run" / "model.safetensors")
     assert eval_rows[-1]["val_loss"] == pytest.approx(w.evaluate(w.model)["val_loss"], 1e-6)
+
+
+# ---------------------------------------------------------------- LAWA
+
+
+class Snapshots(Callback):
+    """The weights after every step, in float64: the LAWA reference averages the right ones."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(self, trainer: Any) -> None:
+        self.at[trainer.state.step] = {
+            k: v.detach().double().clone() for k, v in trainer.model.named_parameters()
+        }
+
+
+def test_lawa_is_the_mean_of_the_latest_k_snapshots_saved_and_evaluated(make_config, tmp_path):
+    k, every, steps = 3, 4, 22
+    cfg = make_config(
+        "digits", "optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9",
+        f"train.max_steps={steps}", "train.eval_every=11", f"train.lawa={k}",
+        f"train.lawa_every={every}",
+    )  # fmt: skip
+    snaps = Snapshots()
+    cadence.train(cfg, run_dir=tmp_path / "run", callbacks=[snaps])
+    lawa = load_file(tmp_path / "run" / "model_lawa.safetensors")
+    taken = [s for s in range(every, steps + 1, every)][-k:]  # steps 12, 16, 20
+    assert taken == [12, 16, 20]
+    want = {n: sum(snaps.at[s][n] for s in taken) / k for n in lawa}
+    assert_close(lawa, {n: v.float() for n, v in want.items()}, rtol=1e-6, atol=1e-7)
+
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [11, 22] and all("lawa_val_loss" in r for r in rows)
+    w = build_workload(cfg)
+    load_model(w.model, tmp_path / "run" / "model_lawa.safetensors")
+    assert rows[-1]["lawa_val_loss"] == pytest.approx(w.evaluate(w.model)["val_loss"], 1e-6)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_metrics"]["val_loss"] == rows[-1]["val_loss"]  # the live weights'
+    # export --lawa ships the average
+    from cadence.deploy.export import export_run
+
+    out = export_run(tmp_path / "run", "safetensors", tmp_path / "out", lawa=True).out
+    assert_close(load_file(out / "model.safetensors"), lawa, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.lawa=0"], "train.lawa: the number of snapshots"),
+        (["train.lawa=3", "train.distributed=fsdp"], "train.lawa: its snapshots are whole"),
+        (["train.lawa=3", "train.lawa_every=0.001"], "train.lawa_every: 0.001 is less than"),
+    ],
+)
+def test_bad_lawa_settings_are_one_line_naming_the_key(make_config, sets, message) -> None:
+    with pytest.raises(cadence.ConfigError, match="^" + message):
+        make_config("digits", "train.max_steps=100", *sets)
 
 
 # ---------------------------------------------------------------- schedule-free

@@ -77,6 +77,9 @@ def _add_weight_choice(p: argparse.ArgumentParser, ema_help: str) -> None:
     """--ema and --checkpoint: which of a run's weights export, generate and serve load."""
     p.add_argument("--ema", action="store_true", help=ema_help)
     p.add_argument(
+        "--lawa", action="store_true", help="use model_lawa.safetensors (train.lawa's average)"
+    )
+    p.add_argument(
         "--checkpoint",
         default=None,
         metavar="CKPT",
@@ -95,6 +98,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             args.fmt,
             args.out,
             ema=args.ema,
+            lawa=args.lawa,
             quantize=args.quantize,
             checkpoint=args.checkpoint,
         )
@@ -146,7 +150,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
         params.check()
     except ValueError as exc:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
-    run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint)
+    run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint, lawa=args.lawa)
     if run.kind != "lm":
         raise ConfigError(
             f"{args.run_dir}: {run.what} cannot generate text; "
@@ -187,9 +191,8 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("--max-new-tokens-limit and --max-batch: must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run = load_run(
-        args.run_dir, ema=args.ema, checkpoint=args.checkpoint
-    )  # ConfigError -> one line, exit 2
+    # ConfigError -> one line, exit 2
+    run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint, lawa=args.lawa)
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     try:
         public = not ipaddress.ip_address(args.host).is_loopback

@@ -115,6 +115,17 @@ def seq_len_schedule_from(cfg: Config) -> SeqLenSchedule | None:
     )
 
 
+def lawa_every(cfg: Config) -> int:
+    """`train.lawa_every` in steps (a fraction of the run resolves against train.max_steps)."""
+    every = steps_of(cfg.train.lawa_every, cfg.train.max_steps, "train.lawa_every")
+    if every < 1:
+        raise ValueError(
+            f"train.lawa_every: {cfg.train.lawa_every!r} is less than one step of this "
+            f"{cfg.train.max_steps}-step run; give steps as an integer"
+        )
+    return every
+
+
 def plateau_from(cfg: Config) -> Plateau:
     p = cfg.plateau
     return Plateau(

@@ -123,6 +123,8 @@ class TrainConfig:
     # data read from disk, e.g. a prepared corpus)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     ema: float | None = None  # EMA decay of weights (e.g. 0.999); evaluated as ema_val_loss
+    lawa: int | None = None  # LAWA: average the latest N snapshots; evaluated as lawa_val_loss
+    lawa_every: int | float = 0.03  # steps (or run fraction) between LAWA snapshots
     early_stop_patience: int | None = None  # stop after N evaluations without a better metric
     tol_grad_norm: float | None = None  # convergence: stop when the gradient norm falls below
     tol_rel_loss: float | None = None  # convergence: stop when |dL|/|L| between steps falls below

@@ -13,6 +13,7 @@ from cadence.config.parts import (
     batch_ramp_from,
     check_optimizer,
     hparam_schedules_from,
+    lawa_every,
     lr_schedule_from,
     plateau_from,
     seq_len_schedule_from,
@@ -152,6 +153,20 @@ def _check_train(cfg: Config) -> None:
         f"train.clip_grad_norm: must be > 0 or null, got {t.clip_grad_norm}",
     )
     _check(t.ema is None or 0 < t.ema < 1, f"train.ema: must be in (0, 1) or null, got {t.ema}")
+    _check(
+        t.lawa is None or (isinstance(t.lawa, int) and t.lawa >= 1),
+        f"train.lawa: the number of snapshots to average, >= 1 or null; got {t.lawa!r}",
+    )
+    _check(
+        t.lawa is None or t.distributed != "fsdp",
+        "train.lawa: its snapshots are whole tensors, not FSDP2 shards; use train.ema under "
+        "train.distributed=fsdp, or DDP",
+    )
+    if t.lawa is not None:
+        try:
+            lawa_every(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     _check(
         t.early_stop_patience is None or t.early_stop_patience >= 1,
         f"train.early_stop_patience: must be >= 1 or null, got {t.early_stop_patience}",

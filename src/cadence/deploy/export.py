@@ -243,6 +243,7 @@ def export_run(
     quantize: str | None = None,
     tolerance: float = ONNX_TOLERANCE,
     checkpoint: str | None = None,
+    lawa: bool = False,
 ) -> ExportResult:
     """Export ``run_dir`` as ``safetensors``, ``onnx`` or ``hf`` into ``out`` (default
     RUN/export/FMT); ``hf`` is the Hugging Face format (see :mod:`cadence.deploy.export_hf`).
@@ -256,7 +257,7 @@ def export_run(
         raise ConfigError(f"--quantize: unknown scheme {quantize!r}; the only one is int8")
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
-    run = load_run(run_dir, ema=ema, checkpoint=checkpoint)
+    run = load_run(run_dir, ema=ema, checkpoint=checkpoint, lawa=lawa)
     if quantize and run.dtype != torch.float32:
         raise ConfigError(
             f"--quantize int8: the {run.config.workload} model is {run.dtype}; "

@@ -66,14 +66,16 @@ class LoadedRun:
         return next(self.model.parameters()).dtype
 
 
-def _weights_file(run_dir: Path, ema: bool) -> Path:
-    name = "model_ema.safetensors" if ema else "model.safetensors"
-    path = run_dir / name
+def _weights_file(run_dir: Path, ema: bool, lawa: bool = False) -> Path:
+    name = "model_ema" if ema else "model_lawa" if lawa else "model"
+    path = run_dir / f"{name}.safetensors"
     if path.is_file():
         return path
-    if ema:
+    if ema or lawa:
+        flag = "ema" if ema else "lawa"
         raise ConfigError(
-            f"{path}: not found; --ema needs a run trained with train.ema set (or drop --ema)"
+            f"{path}: not found; --{flag} needs a run trained with train.{flag} set "
+            f"(or drop --{flag})"
         )
     hint = ""
     if list((run_dir / "checkpoints").glob("step_*")):
@@ -142,12 +144,20 @@ def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, tor
     return weights
 
 
-def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, ema: bool = False, checkpoint: str | None = None, lawa: bool = False
+) -> LoadedRun:
     """Load ``config.yaml``, the tokenizer (lm) and the weights of a run or export directory.
 
     ``checkpoint`` (``latest``, a step or a folder) takes the weights from one of the run's
-    checkpoints instead of its final ``model.safetensors``, consolidating sharded ones.
+    checkpoints instead of its final ``model.safetensors``, consolidating sharded ones; ``ema``
+    and ``lawa`` take ``model_ema`` / ``model_lawa.safetensors`` (train.ema, train.lawa).
     """
+    if lawa and (ema or checkpoint):
+        raise ConfigError(
+            "--lawa: reads model_lawa.safetensors, the run's final LAWA average; "
+            "it does not combine with --ema or --checkpoint"
+        )
     from safetensors.torch import load_model
 
     from cadence.data import DataError
@@ -174,7 +184,7 @@ def load_run(run_dir: str | Path, ema: bool = False, checkpoint: str | None = No
         except Exception as exc:  # a tokenizer.json that `tokenizers` cannot parse
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({exc})") from None
     labels = _labels(path)
-    weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema)
+    weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema, lawa)
     try:
         model = build_model(
             cfg,

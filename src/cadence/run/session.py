@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cadence.config import Config, ConfigError, dump_config, flatten
+from cadence.config.parts import lawa_every
 from cadence.data import DataError
 from cadence.io import atomic_write_text
 from cadence.run.configs import load_config
@@ -35,6 +36,7 @@ from cadence.track.metrics import MetricsWriter
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
 from cadence.training.checkpoint import CheckpointError, agreed, latest_valid, restore
+from cadence.training.lawa import LAWA
 from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
@@ -216,6 +218,8 @@ def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
     cbs: list[Callback] = []
     t = cfg.train
     cbs += batch_controllers(cfg)  # batch.schedule: auto measures and logs the noise scale
+    if t.lawa is not None:  # on every rank: its evaluation is a collective under DDP
+        cbs.append(LAWA(t.lawa, lawa_every(cfg)))
     if t.log_noise_scale and not cbs:
         every = t.noise_scale_every or t.eval_every
         cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
