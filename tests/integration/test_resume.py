@@ -197,6 +197,9 @@ class SignalSelf(Callback):
 
 
 def test_first_sigint_stops_at_the_step_boundary_second_exits_at_once(make_config, tmp_path):
+    # What the handler was before: Python's default_int_handler, or SIG_IGN where the test run
+    # itself was started in the background by a shell without job control (`cmd &`).
+    before = signal.getsignal(signal.SIGINT)
     cfg = make_config("logreg", "optimizer.name=sgd", "train.max_steps=20", "train.log_every=1")
     # Sent while step 5 is being logged (after its boundary check): step 6 is the next boundary.
     summary = cadence.train(cfg, run_dir=tmp_path / "once", callbacks=[SignalSelf(5, 1)])
@@ -205,7 +208,7 @@ def test_first_sigint_stops_at_the_step_boundary_second_exits_at_once(make_confi
     with pytest.raises(KeyboardInterrupt):
         cadence.train(cfg, run_dir=tmp_path / "twice", callbacks=[SignalSelf(5, 2)])
     assert steps_of(tmp_path / "twice")[-1] == 5  # not one more step
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 # ---------------------------------------------------------------- 4. extending a finished run
