@@ -33,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import cadence
 from cadence.runtime.events import Callback
+from cadence.training.ema import weights_applied
 
 BASE = [
     "workload=lm",
@@ -77,18 +78,12 @@ class Averages(Callback):
 
     def _score(self, trainer: Any, weights: list[torch.Tensor]) -> float:
         model = trainer.model
-        saved = [p.detach().clone() for p in model.parameters()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                for p, w in zip(model.parameters(), weights, strict=True):
-                    p.copy_(w)
-            return float(trainer.workload.evaluate(model)["val_loss"])
-        finally:
-            with torch.no_grad():
-                for p, s in zip(model.parameters(), saved, strict=True):
-                    p.copy_(s)
-            model.train()
+        with weights_applied(model, weights), torch.no_grad():
+            model.eval()
+            try:
+                return float(trainer.workload.evaluate(model)["val_loss"])
+            finally:
+                model.train()
 
     def on_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
         row = {"step": trainer.state.step, "live": metrics["val_loss"]}

@@ -221,3 +221,13 @@ def test_bf16_autocast_trains(make_config) -> None:
     assert all(p.dtype == torch.float32 for p in w.model.parameters())  # master weights
     assert math.isfinite(summary["final_train_loss"])
     assert after < 0.9 * before
+
+
+def test_lawa_and_the_noise_scale_monitor_run_side_by_side(make_config, tmp_path) -> None:
+    cfg = make_config(
+        "digits", "optimizer.name=sgd", "optimizer.lr=0.1", "train.max_steps=8",
+        "train.eval_every=4", "train.lawa=2", "train.lawa_every=2", "train.log_noise_scale=true",
+    )  # fmt: skip
+    cadence.train(cfg, run_dir=tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert all("lawa_val_loss" in r and "noise_scale" in r for r in rows), rows

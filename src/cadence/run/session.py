@@ -217,10 +217,11 @@ def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
     measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show."""
     cbs: list[Callback] = []
     t = cfg.train
-    cbs += batch_controllers(cfg)  # batch.schedule: auto measures and logs the noise scale
+    controllers = batch_controllers(cfg)  # batch.schedule: auto measures and logs noise scale
+    cbs += controllers
     if t.lawa is not None:  # on every rank: its evaluation is a collective under DDP
         cbs.append(LAWA(t.lawa, lawa_every(cfg)))
-    if t.log_noise_scale and not cbs:
+    if t.log_noise_scale and not controllers:
         every = t.noise_scale_every or t.eval_every
         cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
     if world.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,6 +20,26 @@ def ema_update(shadow: list[Tensor], params: list[Tensor], decay: float) -> None
     )
 
 
+@contextmanager
+def weights_applied(model: nn.Module, weights: list[Tensor]) -> Iterator[nn.Module]:
+    """``model`` with ``weights`` (one per parameter, in order) in place, put back afterwards:
+    how an averaged readout (EMA, LAWA) is evaluated or saved without touching the run."""
+    # FSDP2: reshard on entry so the parameters are the sharded ones the weights mirror, and
+    # on exit so no unsharded copy holding the averaged values outlives the block.
+    params = list(reshard(model).parameters())
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights, strict=True):
+            p.copy_(w)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        reshard(model)
+
+
 class EMA:
     """Float32 shadow weights; `applied(model)` swaps them in for evaluation or export."""
 
@@ -30,22 +51,8 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         ema_update(self.shadow, list(model.parameters()), self.decay)
 
-    @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        # FSDP2: reshard on entry so the parameters are the sharded ones the shadow mirrors, and
-        # on exit so no unsharded copy holding the EMA values outlives the block.
-        params = list(reshard(model).parameters())
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, s in zip(params, self.shadow):
-                p.copy_(s)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-            reshard(model)
+    def applied(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        return weights_applied(model, self.shadow)
 
     def state_dict(self) -> dict[str, object]:
         return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}

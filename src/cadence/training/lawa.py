@@ -19,8 +19,7 @@ everything since a start, not a sliding window of the latest k.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
-from contextlib import contextmanager
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from cadence.io import atomic_path
 from cadence.runtime.events import Callback
 from cadence.training.checkpoint import save_weights
+from cadence.training.ema import weights_applied
 
 __all__ = ["LAWA"]
 
@@ -52,7 +52,9 @@ class LAWA(Callback):
         if step % self.every or (self.snapshots and self.snapshots[-1][0] == step):
             return
         with trainer.averaged_weights():  # schedule-free: its average, the point it evaluates
-            self.snapshots.append((step, [p.detach().float().clone() for p in _params(trainer)]))
+            self.snapshots.append(
+                (step, [p.detach().float().clone() for p in trainer.model.parameters()])
+            )
 
     def on_rewind(self, trainer: Any, step: int) -> None:
         while self.snapshots and self.snapshots[-1][0] > step:  # restored with the checkpoint
@@ -62,20 +64,9 @@ class LAWA(Callback):
         """The average of the snapshots, parameter by parameter (float32)."""
         return [torch.stack(ws).mean(0) for ws in zip(*(s for _, s in self.snapshots), strict=True)]
 
-    @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+    def applied(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
         """The model with the averaged weights in place, put back afterwards."""
-        params = list(model.parameters())
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, w in zip(params, self.mean(), strict=True):
-                p.copy_(w)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved, strict=True):
-                    p.copy_(s)
+        return weights_applied(model, self.mean())
 
     def on_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
         if not self.snapshots:
@@ -104,7 +95,3 @@ class LAWA(Callback):
         self.snapshots.clear()
         for step, weights in state["snapshots"]:
             self.snapshots.append((int(step), [w.float() for w in weights]))
-
-
-def _params(trainer: Any) -> list[Tensor]:
-    return list(trainer.model.parameters())
