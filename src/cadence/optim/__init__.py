@@ -1,11 +1,10 @@
 """Optimizers: torch's own where it has one, Lion where it does not, one grouping rule."""
 
-from cadence.optim.chained import ChainedOptimizer
+from cadence.optim.chained import AnyOptimizer, ChainedOptimizer
 from cadence.optim.groups import muon_split, param_groups
 from cadence.optim.lion import Lion
 from cadence.optim.registry import (
     OPTIMIZERS,
-    AnyOptimizer,
     OptimizerSpec,
     build_optimizer,
     check_hparams,

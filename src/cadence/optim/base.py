@@ -15,7 +15,7 @@ from torch import nn
 from cadence.optim.groups import param_groups
 
 if TYPE_CHECKING:
-    from cadence.optim.registry import AnyOptimizer
+    from cadence.optim.chained import AnyOptimizer
 
 __all__ = ["OptimizerSpec", "stamp", "trainable_groups"]
 

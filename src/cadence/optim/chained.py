@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["ChainedOptimizer"]
+__all__ = ["AnyOptimizer", "ChainedOptimizer"]
 
 
 class ChainedOptimizer:
@@ -81,3 +81,8 @@ class ChainedOptimizer:
     def __repr__(self) -> str:
         inner = ", ".join(type(opt).__name__ for opt in self.optimizers)
         return f"ChainedOptimizer([{inner}])"
+
+
+# What every builder returns and every consumer accepts: a torch optimizer, or several chained.
+# Here, beside the class, so each optimizer module names the same type without a cycle.
+AnyOptimizer = Optimizer | ChainedOptimizer

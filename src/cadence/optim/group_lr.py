@@ -14,15 +14,13 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from cadence.optim.chained import ChainedOptimizer
+from cadence.optim.chained import AnyOptimizer, ChainedOptimizer
 from cadence.optim.groups import output_parameter_ids
 
 __all__ = ["inner_optimizers", "lr_multipliers", "scale_body", "scale_by_width", "split_groups"]
 
-AnyOptimizer = Optimizer | ChainedOptimizer
 
-
-def inner_optimizers(optimizer: AnyOptimizer) -> list[Any]:
+def inner_optimizers(optimizer: AnyOptimizer) -> list[Optimizer]:
     """The torch optimizers behind a ChainedOptimizer (Muon + AdamW), or the optimizer itself."""
     return optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from cadence.optim.base import OptimizerSpec, stamp, trainable_groups
-from cadence.optim.chained import ChainedOptimizer
+from cadence.optim.chained import AnyOptimizer, ChainedOptimizer
 from cadence.optim.group_lr import inner_optimizers, lr_multipliers, scale_body, scale_by_width
 from cadence.optim.groups import muon_split, param_groups
 from cadence.optim.lion import Lion
@@ -36,8 +36,6 @@ __all__ = [
     "is_schedule_free",
     "set_train_mode",
 ]
-
-AnyOptimizer = Optimizer | ChainedOptimizer
 
 DEFAULT_MUON_MOMENTUM = 0.95
 # The device types cadence trains on whose fused Adam/AdamW/SGD kernels torch ships.
@@ -428,7 +426,7 @@ def check_width_rule(name: str) -> None:
         )
 
 
-def _is_sf(opt: Any) -> bool:
+def _is_sf(opt: Optimizer) -> bool:
     # Duck-typed so every schedulefree class (and wrappers) qualifies: they all expose
     # train()/eval() and keep a "train_mode" flag in each param group.
     return (

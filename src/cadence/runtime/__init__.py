@@ -5,6 +5,6 @@ the trainer, the tuners and the loggers can all speak them without importing eac
 """
 
 from cadence.runtime.distributed import SINGLE, World
-from cadence.runtime.events import EVENTS, Callback
+from cadence.runtime.events import EVENTS, Callback, TrainerView
 
-__all__ = ["EVENTS", "SINGLE", "Callback", "World"]
+__all__ = ["EVENTS", "SINGLE", "Callback", "TrainerView", "World"]

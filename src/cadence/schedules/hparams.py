@@ -21,9 +21,12 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cadence.schedules.checks import Schedule, check_t, fail, is_int
+
+if TYPE_CHECKING:
+    from cadence.optim import AnyOptimizer
 
 __all__ = [
     "HPARAM_SCHEDULES",
@@ -116,7 +119,7 @@ def piecewise_linear(
     return PiecewiseLinear(tuple(steps), tuple(values))
 
 
-def set_momentum(optimizer: Any, value: float, where: Literal["momentum", "betas"]) -> int:
+def set_momentum(optimizer: AnyOptimizer, value: float, where: Literal["momentum", "betas"]) -> int:
     """Write ``value`` into every group that has the optimizer's momentum hyper-parameter.
 
     ``where`` is the registry's word for it: ``"momentum"`` (SGD, Muon, schedule-free SGD) or
@@ -136,7 +139,7 @@ def set_momentum(optimizer: Any, value: float, where: Literal["momentum", "betas
     return n
 
 
-def set_weight_decay(optimizer: Any, factor: float) -> None:
+def set_weight_decay(optimizer: AnyOptimizer, factor: float) -> None:
     """Each group's weight decay becomes its own base value times ``factor``.
 
     The base is stamped into the group (``base_weight_decay``) the first time, so groups the
@@ -163,7 +166,7 @@ class HyperSchedules:
     def active(self) -> bool:
         return self.momentum is not None or self.weight_decay is not None
 
-    def apply(self, optimizer: Any, step: int, lr_multiplier: float) -> dict[str, float]:
+    def apply(self, optimizer: AnyOptimizer, step: int, lr_multiplier: float) -> dict[str, float]:
         """Set the step's values; returns them for the metrics row (config-level numbers)."""
         values: dict[str, float] = {}
         if self.momentum is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cadence.io import atomic_path
-from cadence.runtime.events import Callback
+from cadence.runtime.events import Callback, TrainerView
 
 
 def _clean(value: Any) -> Any:
@@ -24,10 +24,10 @@ class MetricsWriter(Callback):
         self.rows: list[dict[str, Any]] = []
         self._fh = None
 
-    def on_start(self, trainer: Any) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         self._open_at(trainer.state.step)
 
-    def on_rewind(self, trainer: Any, step: int) -> None:
+    def on_rewind(self, trainer: TrainerView, step: int) -> None:
         self._open_at(step)
 
     def _open_at(self, step: int) -> None:
@@ -41,12 +41,12 @@ class MetricsWriter(Callback):
         # Kept open for the whole run (closed in on_end) so each row is one cheap append.
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
-    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._fh.flush()
 
-    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None

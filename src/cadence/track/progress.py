@@ -13,7 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from cadence.runtime.events import Callback
+from cadence.runtime.events import Callback, TrainerView
 
 
 class ProgressBar(Callback):
@@ -24,7 +24,7 @@ class ProgressBar(Callback):
         self.task = None
         self.last_val: float | None = None
 
-    def on_start(self, trainer: Any) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         self.progress = Progress(
             BarColumn(bar_width=16),
             MofNCompleteColumn(),
@@ -39,7 +39,7 @@ class ProgressBar(Callback):
             "train", total=self.total, completed=trainer.state.step, info="", eta="eta -:--"
         )
 
-    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         rate = (
             f"{row['tokens_per_s']:,.0f} tok/s"
             if "tokens_per_s" in row
@@ -62,7 +62,7 @@ class ProgressBar(Callback):
         left = int(per_step * max(self.total - row["step"], 0))
         return f"eta {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
 
-    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=summary["steps"])
             self.progress.stop()

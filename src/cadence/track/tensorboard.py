@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cadence.runtime.events import Callback
+from cadence.runtime.events import Callback, TrainerView
 
 _SKIP = {"step"}
 
@@ -15,10 +15,10 @@ class TensorBoardLogger(Callback):
         self.log_dir = log_dir
         self.writer = None
 
-    def on_start(self, trainer: Any) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         self._open_at(trainer.state.step)
 
-    def on_rewind(self, trainer: Any, step: int) -> None:
+    def on_rewind(self, trainer: TrainerView, step: int) -> None:
         self._open_at(step)
 
     def _open_at(self, step: int) -> None:
@@ -31,13 +31,13 @@ class TensorBoardLogger(Callback):
             log_dir=str(self.log_dir), purge_step=step + 1 if step else None
         )
 
-    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         for key, value in row.items():
             if key not in _SKIP and isinstance(value, (int, float)):
                 group = "val" if key.startswith(("val_", "ema_")) else "train"
                 self.writer.add_scalar(f"{group}/{key}", value, row["step"])
 
-    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         self.close()
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from cadence.training.stopping import (
 
 if TYPE_CHECKING:
     from cadence.config import TrainConfig
+    from cadence.optim import AnyOptimizer
     from cadence.runtime.distributed import World
     from cadence.schedules import EMASmoother, Plateau
     from cadence.training.ema import EMA
@@ -35,7 +36,9 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def averaged_weights(model: nn.Module, optimizer: Any, params: Sequence[Tensor]) -> Iterator[None]:
+def averaged_weights(
+    model: nn.Module, optimizer: AnyOptimizer, params: Sequence[Tensor]
+) -> Iterator[None]:
     """Schedule-free: swap in the averaged weights (eval mode) for evaluation and saving.
 
     The train-mode weights are copied back bit for bit afterwards rather than recomputed by

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cadence.io import atomic_path
-from cadence.runtime.events import Callback
+from cadence.runtime.events import Callback, TrainerView
 from cadence.training.checkpoint import save_weights
 from cadence.training.ema import weights_applied
 
@@ -47,7 +47,7 @@ class LAWA(Callback):
         self.k, self.every = k, every
         self.snapshots: collections.deque[tuple[int, list[Tensor]]] = collections.deque(maxlen=k)
 
-    def on_step(self, trainer: Any) -> None:
+    def on_step(self, trainer: TrainerView) -> None:
         step = int(trainer.state.step)
         if step % self.every or (self.snapshots and self.snapshots[-1][0] == step):
             return
@@ -56,7 +56,7 @@ class LAWA(Callback):
                 (step, [p.detach().float().clone() for p in trainer.model.parameters()])
             )
 
-    def on_rewind(self, trainer: Any, step: int) -> None:
+    def on_rewind(self, trainer: TrainerView, step: int) -> None:
         while self.snapshots and self.snapshots[-1][0] > step:  # restored with the checkpoint
             self.snapshots.pop()
 
@@ -68,7 +68,7 @@ class LAWA(Callback):
         """The model with the averaged weights in place, put back afterwards."""
         return weights_applied(model, self.mean())
 
-    def on_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
+    def on_eval(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if not self.snapshots:
             return
         model = trainer.model
@@ -81,7 +81,7 @@ class LAWA(Callback):
                 model.train()
         trainer.log_metrics({f"lawa_{k}": v for k, v in scored.items()})
 
-    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         if not self.snapshots or trainer.run_dir is None or not trainer.world.is_main:
             return
         path = Path(trainer.run_dir) / "model_lawa.safetensors"

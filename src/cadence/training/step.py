@@ -14,13 +14,16 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from cadence.runtime.distributed import SINGLE, World, all_reduce_mean_, full_tensor, grad_sync
+
+if TYPE_CHECKING:
+    from cadence.optim import AnyOptimizer
 
 
 def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
@@ -85,7 +88,7 @@ def grad_norm_and_clip(params: Sequence[Tensor], max_norm: float | None) -> Tens
 
 def backward_step(
     model: nn.Module,
-    optimizer: Any,
+    optimizer: AnyOptimizer,
     loss_sum: Callable[[nn.Module, Any], Tensor],
     micro_batches: Sequence[Any],
     total_units: int,
@@ -145,7 +148,7 @@ def read_step(
 
 def train_step(
     model: nn.Module,
-    optimizer: Any,
+    optimizer: AnyOptimizer,
     loss_sum: Callable[[nn.Module, Any], Tensor],
     micro_batches: Sequence[Any],
     total_units: int,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cadence.config import Config, ConfigError, dump_config
-from cadence.runtime.events import Callback
+from cadence.runtime.events import Callback, TrainerView
 from cadence.tune.space import (
     Param,
     apply_params,
@@ -62,7 +62,7 @@ class PruningCallback(Callback):
         self.metric = metric
         self.reports = 0
 
-    def on_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
+    def on_eval(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         import optuna
 
         value = metrics.get(self.metric)
@@ -76,7 +76,7 @@ class PruningCallback(Callback):
             self._record(trainer)
             raise optuna.TrialPruned(f"pruned at step {step}")
 
-    def _record(self, trainer: Any) -> None:
+    def _record(self, trainer: TrainerView) -> None:
         # The compute a pruned trial spent; storage writes are slow, so only when it ends.
         self.trial.set_user_attr("steps", trainer.state.step)
         self.trial.set_user_attr("samples", trainer.state.samples)
