@@ -27,10 +27,20 @@ import yaml
 
 from cadence.bench.layering import build_config
 from cadence.bench.rulesets import RULESETS, sample_points
+from cadence.bench.spec_schema import (
+    PROFILE_MEASURES,
+    ProfileSection,
+    SpecFile,
+    StrategySection,
+    TuningSection,
+    WorkloadSection,
+)
 from cadence.config import Config, ConfigError
+from cadence.config.typed import build_typed
 from cadence.tune.space import Param, parse_space
 
 __all__ = [
+    "PROFILE_MEASURES",
     "RunPlan",
     "Spec",
     "StrategySpec",
@@ -110,9 +120,6 @@ class RunPlan:
     run_dir: Path
 
 
-PROFILE_MEASURES = ("cpu", "time", "steps", "samples")
-
-
 def suite_names() -> list[str]:
     root = importlib.resources.files("cadence") / "bench" / "suites"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -142,182 +149,145 @@ def _read(spec_or_suite: str | Path, suite: bool) -> tuple[dict[str, Any], str]:
     return data, name
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {value!r}")
-    return dict(value)
-
-
-def _only(data: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(allowed))}"
-        )
-
-
 def load_spec(spec_or_suite: str | Path, suite: bool = False) -> Spec:
     """Read and check a spec (or a shipped suite); every run's config is validated here, so a
-    bad spec fails before any run starts or any file is written."""
-    from cadence.workloads import WORKLOADS, is_import_path
+    bad spec fails before any run starts or any file is written.
 
+    The file's shape (types, defaults, allowed keys) is `cadence.bench.spec_schema`, read by the
+    config's own typed loader; what is checked here is what ties one value to another."""
     data, name = _read(spec_or_suite, suite)
-    _only(
-        data,
-        {
-            "name",
-            "description",
-            "seeds",
-            "defaults",
-            "workloads",
-            "strategies",
-            "profile",
-            "tuning",
-        },
-        "spec",
-    )
-    tuning = _mapping(data.get("tuning"), "tuning")
-    _only(tuning, {"ruleset", "trials", "studies"}, "tuning")
-    seeds = data.get("seeds", [0])
-    if "studies" in tuning:  # a study is a seed: `studies: K` is `seeds: K`
-        studies = tuning["studies"]
-        if not isinstance(studies, int) or isinstance(studies, bool) or studies < 1:
-            raise ConfigError(f"tuning.studies: expected a positive integer, got {studies!r}")
-        if "seeds" in data:
-            raise ConfigError("tuning.studies: a study is a seed; give seeds or studies, not both")
-        seeds = studies
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise ConfigError(f"seeds: expected a count or a list of distinct integers, got {seeds!r}")
-
-    workloads: dict[str, WorkloadEntry] = {}
-    raw_w = data.get("workloads")
-    if not isinstance(raw_w, dict) or not raw_w:
-        raise ConfigError("workloads: expected a mapping of workload entries (at least one)")
-    for key, entry in raw_w.items():
-        where = f"workloads.{key}"
-        entry = _mapping(entry, where)
-        _only(entry, {"workload", "target", "max_steps", "max_time_s", "trials", "set"}, where)
-        wl = entry.get("workload", key)
-        if not isinstance(wl, str) or (wl not in WORKLOADS and not is_import_path(wl)):
-            raise ConfigError(
-                f"{where}.workload: unknown workload {wl!r}; choose one of: {', '.join(WORKLOADS)}"
-                ", or package.module:function for your own"
-            )
-        target = entry.get("target")
-        if not isinstance(target, (int, float)) or isinstance(target, bool):
-            metric = WORKLOADS[wl].metric if wl in WORKLOADS else "workload's metric"
-            raise ConfigError(f"{where}.target: a number is required (the {metric} to reach)")
-        max_steps = entry.get("max_steps")
-        if not isinstance(max_steps, int) or max_steps < 1:
-            raise ConfigError(f"{where}.max_steps: a positive integer is required")
-        max_time = entry.get("max_time_s")
-        if max_time is not None and (not isinstance(max_time, (int, float)) or max_time <= 0):
-            raise ConfigError(f"{where}.max_time_s: must be > 0 or null, got {max_time!r}")
-        trials = entry.get("trials")
-        if trials is not None:
-            _positive_int(trials, f"{where}.trials")
-        workloads[str(key)] = WorkloadEntry(
-            str(key),
-            wl,
-            float(target),
-            max_steps,
-            max_time,
-            _mapping(entry.get("set"), where),
-            trials,
-        )
-
-    strategies: dict[str, StrategySpec] = {}
-    raw_s = data.get("strategies")
-    if not isinstance(raw_s, dict) or not raw_s:
-        raise ConfigError("strategies: expected a mapping of strategy entries (at least one)")
-    for key, entry in raw_s.items():
-        where = f"strategies.{key}"
-        entry = _mapping(entry, where)
-        _only(
-            entry,
-            {"base", "set", "per_workload", "workloads", "tune", "search", "description"},
-            where,
-        )
-        only = entry.get("workloads")
-        if only is not None and (
-            not isinstance(only, list) or not all(w in workloads for w in only)
-        ):
-            raise ConfigError(
-                f"{where}.workloads: expected a list of workload entries from: "
-                f"{', '.join(workloads)}, got {only!r}"
-            )
-        per = _mapping(entry.get("per_workload"), f"{where}.per_workload")
-        for w, ov in per.items():
-            if w not in workloads:
-                raise ConfigError(f"{where}.per_workload.{w}: not a workload of this spec")
-            per[w] = _mapping(ov, f"{where}.per_workload.{w}")
-        tune = _mapping(entry.get("tune"), f"{where}.tune")
-        for k, values in tune.items():
-            if isinstance(values, dict) and set(values) == {"scale"}:
-                scales = values["scale"]
-                if (
-                    not isinstance(scales, list)
-                    or not scales
-                    or not all(isinstance(x, (int, float)) and x > 0 for x in scales)
-                ):
-                    raise ConfigError(f"{where}.tune.{k}.scale: expected a list of factors > 0")
-                tune[k] = [{"scale": float(x)} for x in scales]
-            elif not isinstance(values, list) or not values:
-                raise ConfigError(
-                    f"{where}.tune.{k}: expected a non-empty list of values or {{scale: [...]}}"
-                )
-        search: list[Param] = []
-        if entry.get("search") is not None:
-            try:
-                search = parse_space(entry["search"])
-            except ConfigError as exc:
-                raise ConfigError(f"{where}.{exc}") from None
-            if tune:
-                raise ConfigError(f"{where}: give a search space or a tune grid, not both")
-        strategies[str(key)] = StrategySpec(
-            name=str(key),
-            base=entry.get("base"),
-            overrides=_mapping(entry.get("set"), where),
-            per_workload=per,
-            workloads=only,
-            tune=tune,
-            description=str(entry.get("description", "")),
-            search=search,
-        )
-
-    profile = _mapping(data.get("profile"), "profile")
-    _only(profile, {"by", "tau_max"}, "profile")
-    by = profile.get("by", "cpu")
-    if by not in PROFILE_MEASURES:
-        raise ConfigError(f"profile.by: expected one of {', '.join(PROFILE_MEASURES)}, got {by!r}")
-    tau_max = profile.get("tau_max", 4.0)
-    if not isinstance(tau_max, (int, float)) or tau_max <= 1:
-        raise ConfigError(f"profile.tau_max: must be a number > 1, got {tau_max!r}")
-
+    raw: SpecFile = build_typed(SpecFile, data)
+    tuning, profile = raw.tuning or TuningSection(), raw.profile or ProfileSection()
+    seeds = _seeds(raw.seeds, tuning.studies)
+    _at_least_one(raw.workloads, "workloads", "workload")
+    workloads = {key: _workload(key, entry) for key, entry in raw.workloads.items()}
+    _at_least_one(raw.strategies, "strategies", "strategy")
+    strategies = {
+        key: _strategy(key, entry or StrategySection(), workloads)
+        for key, entry in raw.strategies.items()
+    }
     spec = Spec(
-        name=str(data.get("name", name)),
+        name=name if raw.name is None else raw.name,
         workloads=workloads,
         strategies=strategies,
         seeds=seeds,
-        defaults=_mapping(data.get("defaults"), "defaults"),
-        profile_by=by,
-        tau_max=float(tau_max),
-        description=str(data.get("description", "")),
+        defaults=dict(raw.defaults or {}),
+        profile_by=profile.by,
+        tau_max=_above(profile.tau_max, 1, "profile.tau_max"),
+        description=raw.description,
         source=data,
+        trials=_positive_int(tuning.trials, "tuning.trials"),
     )
-    searched = any(s.search for s in strategies.values())
-    ruleset = tuning.get("ruleset", "external" if searched else "grid")
-    spec.trials = _positive_int(tuning.get("trials", 1), "tuning.trials")
+    default = "external" if any(s.search for s in strategies.values()) else "grid"
+    ruleset = default if tuning.ruleset is None else tuning.ruleset
     return with_ruleset(spec, ruleset, where="tuning.ruleset")
+
+
+def _seeds(seeds: int | list[int] | None, studies: int | None) -> list[int]:
+    """The seeds, from ``seeds`` or from ``tuning.studies`` (a study is a seed), never both."""
+    if studies is not None:
+        _positive_int(studies, "tuning.studies")
+        if seeds is not None:
+            raise ConfigError("tuning.studies: a study is a seed; give seeds or studies, not both")
+        seeds = studies
+    if seeds is None:
+        seeds = [0]
+    elif isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: expected a count or a list of distinct integers, got {seeds!r}")
+    return seeds
+
+
+def _at_least_one(entries: dict[str, Any], key: str, what: str) -> None:
+    if not entries:
+        raise ConfigError(f"{key}: expected a mapping of {what} entries (at least one)")
+
+
+def _workload(key: str, entry: WorkloadSection) -> WorkloadEntry:
+    """A workload entry; its workload defaults to its name, which must name a workload."""
+    from cadence.workloads import WORKLOADS, is_import_path
+
+    where = f"workloads.{key}"
+    workload = key if entry.workload is None else entry.workload
+    if workload not in WORKLOADS and not is_import_path(workload):
+        raise ConfigError(
+            f"{where}.workload: unknown workload {workload!r}; choose one of: "
+            f"{', '.join(WORKLOADS)}, or package.module:function for your own"
+        )
+    max_time = entry.max_time_s
+    return WorkloadEntry(
+        name=key,
+        workload=workload,
+        target=entry.target,
+        max_steps=_positive_int(entry.max_steps, f"{where}.max_steps"),
+        max_time_s=None if max_time is None else _above(max_time, 0, f"{where}.max_time_s"),
+        overrides=dict(entry.set or {}),
+        trials=None if entry.trials is None else _positive_int(entry.trials, f"{where}.trials"),
+    )
+
+
+def _strategy(
+    key: str, entry: StrategySection, workloads: dict[str, WorkloadEntry]
+) -> StrategySpec:
+    """A strategy entry; the workloads it names must be the spec's, and it is tuned over a
+    search space or a grid, not both."""
+    where = f"strategies.{key}"
+    if entry.workloads is not None and not all(w in workloads for w in entry.workloads):
+        raise ConfigError(
+            f"{where}.workloads: expected a list of workload entries from: "
+            f"{', '.join(workloads)}, got {entry.workloads!r}"
+        )
+    per_workload = {w: dict(ov or {}) for w, ov in (entry.per_workload or {}).items()}
+    for w in per_workload:
+        if w not in workloads:
+            raise ConfigError(f"{where}.per_workload.{w}: not a workload of this spec")
+    tune = {k: _grid_values(v, f"{where}.tune.{k}") for k, v in (entry.tune or {}).items()}
+    search: list[Param] = []
+    if entry.search is not None:
+        try:
+            search = parse_space(entry.search)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        if tune:
+            raise ConfigError(f"{where}: give a search space or a tune grid, not both")
+    return StrategySpec(
+        name=key,
+        base=entry.base,
+        overrides=dict(entry.set or {}),
+        per_workload=per_workload,
+        workloads=entry.workloads,
+        tune=tune,
+        description=entry.description,
+        search=search,
+    )
+
+
+def _grid_values(values: Any, where: str) -> list[Any]:
+    """One key of a ``tune`` grid: a list of values, or ``{scale: [factors]}`` of the value the
+    key would have (each factor becomes a point ``{scale: f}``)."""
+    if isinstance(values, dict) and set(values) == {"scale"}:
+        scales = values["scale"]
+        if (
+            not isinstance(scales, list)
+            or not scales
+            or not all(_number(x) and x > 0 for x in scales)
+        ):
+            raise ConfigError(f"{where}.scale: expected a list of factors > 0")
+        return [{"scale": float(x)} for x in scales]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of values or {{scale: [...]}}")
+    return values
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _above(value: float, bound: float, where: str) -> float:
+    if not value > bound:
+        raise ConfigError(f"{where}: must be > {bound:g}, got {value!r}")
+    return value
 
 
 def _positive_int(value: Any, where: str) -> int:
