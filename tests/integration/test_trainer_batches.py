@@ -8,6 +8,7 @@ another setting.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 
@@ -18,9 +19,11 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from trainer_helpers import Recorder, params_of, run_fit
 
+import cadence
 from cadence.config import ConfigError
 from cadence.optim.packages import PACKAGE_OPTIMIZERS
 from cadence.schedules import split_micro
+from cadence.track.metrics import read_metrics
 from cadence.training import Trainer, accumulate_gradients, fit
 from cadence.workloads import build_workload
 
@@ -184,11 +187,10 @@ def _auto(make_config, *extra: str):
 
 
 def test_auto_batch_follows_its_rule_on_the_logged_noise_scale(make_config) -> None:
-    from cadence.tune import AutoBatch
-
+    """A bare Trainer (nothing attached but a recorder) measures and decides by itself."""
     cfg = _auto(make_config)
     rec = Recorder()
-    trainer = Trainer(cfg, build_workload(cfg), [AutoBatch(every=3), rec])
+    trainer = Trainer(cfg, build_workload(cfg), [rec])
     fit(trainer)
     rows = rec.rows
     sizes = [r["batch_size"] for r in rows]
@@ -209,10 +211,20 @@ def test_auto_batch_follows_its_rule_on_the_logged_noise_scale(make_config) -> N
         assert r["lr"] == pytest.approx(0.05 * math.sqrt(r["batch_size"] / 4), rel=1e-12)
 
 
-def test_auto_batch_without_the_callback_that_drives_it_is_refused(make_config) -> None:
+def test_auto_batch_decides_the_same_from_every_entry_point(make_config, tmp_path) -> None:
+    """The decision is a step of the loop: cadence.train and a bare Trainer, with nothing
+    attached, grow the batch at the same steps."""
     cfg = _auto(make_config)
-    with pytest.raises(ConfigError, match=r"^batch\.schedule: auto grows .* AutoBatch"):
-        Trainer(cfg, build_workload(cfg))
+    trainer = Trainer(cfg, build_workload(cfg))
+    fit(trainer)
+    assert trainer.ramp.decisions, "the batch never grew"
+    cadence.train(cfg, run_dir=tmp_path / "run", plots=False)
+    by_step = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")}
+    grown = [(s, r["batch_target"]) for s, r in by_step.items() if "batch_target" in r]
+    assert grown == [tuple(d) for d in trainer.ramp.decisions]
+    # noise_scale.jsonl holds each measurement once, as the rows do
+    lines = (tmp_path / "run" / "noise_scale.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(3, 31, 3))
 
 
 def test_auto_batch_is_refused_for_full_batch_and_max_size_alone(make_config) -> None:

@@ -41,7 +41,7 @@ from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
 from cadence.tune.lr_finder import suggest_lr
-from cadence.tune.noise_scale import NoiseScaleMonitor, batch_controllers
+from cadence.tune.noise_scale import NoiseScaleMonitor
 from cadence.workloads import Workload, build_workload, prepare
 
 # Keys that may differ when a run is resumed: budgets, cadence of evaluation/logging/saving,
@@ -217,11 +217,10 @@ def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
     measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show."""
     cbs: list[Callback] = []
     t = cfg.train
-    controllers = batch_controllers(cfg)  # batch.schedule: auto measures and logs noise scale
-    cbs += controllers
     if t.lawa is not None:  # on every rank: its evaluation is a collective under DDP
         cbs.append(LAWA(t.lawa, lawa_every(cfg)))
-    if t.log_noise_scale and not controllers:
+    # batch.schedule: auto measures and logs the noise scale itself (Trainer.decide_batch)
+    if t.log_noise_scale and cfg.batch.schedule != "auto":
         every = t.noise_scale_every or t.eval_every
         cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
     if world.is_main:

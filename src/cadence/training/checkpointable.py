@@ -61,6 +61,9 @@ class Checkpointable:
         }
         if self.plateau is not None:
             state["plateau"] = self.plateau.state_dict()
+        if self.noise is not None:  # batch.schedule: auto: its measurements and decisions
+            decisions = [list(d) for d in self.ramp.decisions]
+            state["auto_batch"] = {**self.noise.state_dict(), "decisions": decisions}
         if not self.sharded:
             state["optimizer"] = self.optimizer.state_dict()
             if self.ema is not None:
@@ -83,6 +86,13 @@ class Checkpointable:
         if self.plateau is not None and "plateau" in state:
             self.plateau.load_state_dict(state["plateau"])
         saved = state.get("callbacks", {})
+        if self.noise is not None:
+            # (checkpoints written before the decision moved into the trainer kept it among the
+            # callbacks, under the same name)
+            auto = state.get("auto_batch") or saved["auto_batch"]
+            self.noise.load_state_dict(auto)
+            self.ramp.decisions = [(int(a), int(b)) for a, b in auto["decisions"]]
+            self.noise.keep_until(self.state.step, self.run_dir, self.world)
         for cb in self.callbacks:
             if cb.state_key is not None and cb.state_key in saved:
                 cb.load_state_dict(saved[cb.state_key])

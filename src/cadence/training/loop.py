@@ -26,6 +26,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
                 continue
             t.optimizer.step()
             t.advance(size)
+            t.decide_batch()  # batch.schedule: auto: the measured noise scale may grow the batch
             t.emit("on_step")
             t.check_stops(read)
             final = t.stopping and not t.interrupted

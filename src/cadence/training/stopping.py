@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from cadence.config import TrainConfig
     from cadence.training.state import TrainState
     from cadence.training.step import StepRead
+    from cadence.training.trainer import Trainer
 
 
 class StopKind(str, enum.Enum):
@@ -142,3 +143,37 @@ def stop_after_step(
     if reason is None and read.signal:
         reason = StopReason(StopKind.INTERRUPTED, detail=received or "SIGTERM")
     return reason
+
+
+class StopDecisions:
+    """Mixed into Trainer: the run's stop decisions, each a line of ``fit`` fed by the rules
+    above (the first reason given wins)."""
+
+    @property
+    def stopping(self: Trainer) -> bool:
+        return self.state.stop_reason is not None
+
+    @property
+    def interrupted(self: Trainer) -> bool:
+        return self.state.stop_reason is not None and self.state.stop_reason.interrupted
+
+    def stop(self: Trainer, reason: StopReason | None) -> None:
+        """The first reason given wins; None is ignored."""
+        if reason is not None and self.state.stop_reason is None:
+            self.state.stop_reason = reason
+
+    def check_budgets(self: Trainer) -> None:
+        """Before the first step too: resuming a run that reached its budget trains no more.
+        (elapsed_s is restored from the checkpoint, so it is the same on every rank.)"""
+        st = self.state
+        t = self.cfg.train
+        self.stop(
+            budget_reached(
+                t, step=st.step, samples=st.samples, tokens=st.tokens, elapsed_s=st.elapsed_s
+            )
+        )
+
+    def check_stops(self: Trainer, read: StepRead) -> None:
+        """Everything that may end the run after a good step, from the step's host read."""
+        received = self.signals.received if self.signals is not None else None
+        self.stop(stop_after_step(self.cfg.train, self.state, read, received))

@@ -36,15 +36,18 @@ from cadence.training.batches import Prefetcher, cut_to_length, global_batch, tr
 from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
+from cadence.training.noise import NoiseProbe
 from cadence.training.rows import RowLogger, run_summary
 from cadence.training.state import RunClock, TrainState
 from cadence.training.step import StepRead, autocast_context, backward_step, read_step
-from cadence.training.stopping import StopReason, budget_reached, stop_after_step, time_up
+from cadence.training.stopping import StopDecisions, time_up
 from cadence.workloads.tensors import NextTokenLoss
 
 if TYPE_CHECKING:
     from cadence.config import Config
     from cadence.workloads import Workload
+
+AUTO_BATCH_WARMUP = 2  # measurements of the noise scale before batch.schedule: auto decides
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -58,23 +61,13 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     setter(True)
 
 
-def _check_batches(
-    ramp: Any, seq_len: Any, workload: Workload, callbacks: Sequence[Callback], world: World
-) -> None:
-    """What a batch needs that only the built parts know: one sample per process, a driver for
-    an automatic ramp, token sequences to shorten."""
+def _check_batches(ramp: Any, seq_len: Any, workload: Workload, world: World) -> None:
+    """What a batch needs that only the built parts know: one sample per process, token
+    sequences to shorten."""
     if ramp.size_at(0) < world.size:
         raise ConfigError(
             f"batch.size: {ramp.size_at(0)} is smaller than the {world.size} processes; "
             "each process needs at least one sample"
-        )
-    if isinstance(ramp, AutoBatchRamp) and not any(
-        cb.state_key == "auto_batch" for cb in callbacks
-    ):
-        raise ConfigError(
-            "batch.schedule: auto grows the batch from measurements that the AutoBatch "
-            "callback makes; cadence.train attaches it, a loop of your own passes "
-            "cadence.tune.AutoBatch(every=N) among the callbacks"
         )
     if seq_len is not None and not isinstance(workload, NextTokenLoss):
         raise ConfigError(
@@ -83,7 +76,7 @@ def _check_batches(
         )
 
 
-class Trainer(Checkpointable):
+class Trainer(Checkpointable, StopDecisions):
     def __init__(
         self,
         cfg: Config,
@@ -105,6 +98,10 @@ class Trainer(Checkpointable):
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ramp = batch_ramp_from(cfg, workload.n_train)
+        # batch.schedule: auto decides from the noise scale this probe measures (decide_batch)
+        every = t.noise_scale_every or t.eval_every
+        auto = isinstance(self.ramp, AutoBatchRamp)
+        self.noise = NoiseProbe(every, seed=t.seed) if auto else None
         self.schedule = lr_schedule_from(
             cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
         )
@@ -127,7 +124,7 @@ class Trainer(Checkpointable):
         self.target = t.target if t.target is not None else workload.target
         on = workload.prefetch and self.device.type == "cuda" if t.prefetch is None else t.prefetch
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
-        _check_batches(self.ramp, self.seq_len, workload, self.callbacks, world)
+        _check_batches(self.ramp, self.seq_len, workload, world)
         self.compiler = Compiler(
             t.compile, self.model, wrapped, self.device, t.max_steps, self.sharded
         )
@@ -163,6 +160,26 @@ class Trainer(Checkpointable):
 
     def batch_size(self) -> int:
         return self.ramp.size_at(self.state.step)
+
+    def decide_batch(self) -> None:
+        """batch.schedule: auto. After each measurement of the noise scale, grow the batch when
+        the critical batch (the measurements' EMA) is at least twice it; the first
+        AUTO_BATCH_WARMUP measurements only warm the EMA up. Rank 0's decision holds on every
+        rank, so all take the same batch where their estimates differ in the last bits."""
+        step, probe = self.state.step, self.noise
+        if probe is None or not probe.due(step):
+            return
+        row = probe.measure(self.workload, self.batch_size(), step, self.autocast)
+        probe.write(row, self.run_dir, self.world)
+        self.log_metrics({k: v for k, v in row.items() if k != "step"})
+        if probe.estimator.count < AUTO_BATCH_WARMUP:
+            return
+        size = distributed.broadcast_object(
+            self.ramp.propose(step, probe.estimator.b_simple), self.world
+        )
+        if size is not None:
+            self.ramp.grow(step, size)  # takes effect from the next step
+            self.log_metrics({"batch_target": size})
 
     def next_batches(self, size: int) -> tuple[list[Any], int]:
         """The micro-batches of the next global batch, taken at the current data position."""
@@ -225,35 +242,6 @@ class Trainer(Checkpointable):
         return every is not None and self.state.step % every == 0
 
     # ------------------------------------------------------------ stopping
-
-    @property
-    def stopping(self) -> bool:
-        return self.state.stop_reason is not None
-
-    @property
-    def interrupted(self) -> bool:
-        return self.state.stop_reason is not None and self.state.stop_reason.interrupted
-
-    def stop(self, reason: StopReason | None) -> None:
-        """The first reason given wins; None is ignored."""
-        if reason is not None and self.state.stop_reason is None:
-            self.state.stop_reason = reason
-
-    def check_budgets(self) -> None:
-        """Before the first step too: resuming a run that reached its budget trains no more.
-        (elapsed_s is restored from the checkpoint, so it is the same on every rank.)"""
-        st = self.state
-        t = self.cfg.train
-        self.stop(
-            budget_reached(
-                t, step=st.step, samples=st.samples, tokens=st.tokens, elapsed_s=st.elapsed_s
-            )
-        )
-
-    def check_stops(self, read: StepRead) -> None:
-        """Everything that may end the run after a good step, from the step's host read."""
-        received = self.signals.received if self.signals is not None else None
-        self.stop(stop_after_step(self.cfg.train, self.state, read, received))
 
     def handle_nonfinite(self, size: int) -> None:
         def latest() -> Path | None:

@@ -7,7 +7,6 @@ Python, from the CLI (``cadence find-lr | find-batch | tune``) and from the trai
 
 from cadence.tune.lr_finder import LRFindResult, lr_range_test, suggest_lr, write_lr_find
 from cadence.tune.noise_scale import (
-    AutoBatch,
     NoiseScaleEstimate,
     NoiseScaleEstimator,
     NoiseScaleMonitor,
@@ -19,7 +18,6 @@ __all__ = [
     "LRFindResult",
     "NoiseScaleEstimate",
     "NoiseScaleEstimator",
-    "AutoBatch",
     "NoiseScaleMonitor",
     "estimate_noise_scale",
     "lr_for_batch",

@@ -218,13 +218,12 @@ def run_sweep(
 
     def objective(trial: optuna.Trial) -> float:
         from cadence.training import Trainer, fit
-        from cadence.tune.noise_scale import batch_controllers
 
         values = {p.key: p.suggest(trial) for p in params}
         cfg = apply_params(base, values)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
         cb = PruningCallback(trial, metric)
-        trainer = Trainer(cfg, cache.get(cfg), [cb, *batch_controllers(cfg)])
+        trainer = Trainer(cfg, cache.get(cfg), [cb])
         summary = fit(trainer)
         trial.set_user_attr("steps", summary["steps"])
         trial.set_user_attr("samples", summary["samples"])
