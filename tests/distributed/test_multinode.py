@@ -1,4 +1,4 @@
-"""The README's two-"node" example: two torchrun launchers meet through c10d rendezvous.
+"""The two-"node" example of docs/scaling.md: two torchrun launchers meet through c10d rendezvous.
 
 Each launcher is a node with one process; they find each other at --rdzv-endpoint on this machine,
 exactly as two machines would at a shared address. The run must be the run one process trains.
