@@ -152,12 +152,15 @@ def batch_ramp_from(cfg: Config, n_train: int) -> BatchRamp:
     return BatchRamp(base, b.schedule, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
 
 
+# `optimizer.lr: auto` is resolved by the LR range test before training; until then the
+# optimizer is checked and built at this LR (the range test sets every step's LR itself).
+AUTO_LR_PLACEHOLDER = 1.0
+
+
 def _optimizer_hparams(cfg: Config) -> dict[str, Any]:
     o = cfg.optimizer
-    # 'auto' is resolved by the LR range test before training; 1.0 is a placeholder for the
-    # config check and the range test's own throwaway optimizer.
     return {
-        "lr": 1.0 if o.lr == "auto" else o.lr,
+        "lr": AUTO_LR_PLACEHOLDER if o.lr == "auto" else o.lr,
         "momentum": o.momentum,
         "nesterov": o.nesterov,
         "weight_decay": o.weight_decay,

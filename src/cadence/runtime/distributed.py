@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -157,15 +156,6 @@ def all_reduce_sums(values: list[float], world: World | None) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank if it is true on any: stop decisions every rank must share."""
-    if not world.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def broadcast_object(obj: Any, world: World) -> Any:
     if not world.active:
         return obj
@@ -186,17 +176,6 @@ def full_tensor(value: Tensor) -> Tensor:
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def main_first(world: World) -> Iterator[None]:
-    """Rank 0 runs the body first (writes files), the others after it finished."""
-    if world.is_main:
-        yield
-        barrier(world)
-    else:
-        barrier(world)
-        yield
 
 
 # ---------------------------------------------------------------- whole tensors from shards

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cadence.io import atomic_write_text
+from cadence.training.rng import rng_preserved
 
 if TYPE_CHECKING:
     from cadence.runtime.distributed import World
@@ -165,17 +165,6 @@ def draw_iid(workload: Workload, gen: torch.Generator, size: int) -> tuple[Any, 
     return batch, workload.units(batch)
 
 
-@contextmanager
-def _torch_rng_kept() -> Iterator[None]:
-    """The probe's forwards may draw from torch's global stream (dropout); the run's stream
-    continues afterwards as if no measurement had been made."""
-    state = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-
-
 class NoiseProbe:
     """``B_simple`` measured every ``every`` optimizer steps, at the trainer's current weights.
 
@@ -216,7 +205,7 @@ class NoiseProbe:
         """One measurement after ``step``; returns its row (also kept in ``self.rows``)."""
         self.last = step
         size = self.b_small or max(1, batch_size // 8)
-        with _torch_rng_kept():
+        with rng_preserved():  # dropout in the probe's forwards draws from them
             drawn = [draw_iid(workload, self.gen, size) for _ in range(self.k)]
             g2s, g2b = measure_grad_norms(
                 workload.model,

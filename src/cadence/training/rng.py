@@ -6,6 +6,8 @@ Plain tensors and numbers only, so the state loads back with ``torch.load(weight
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,3 +41,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Every stream as it was once the body ends, however it ends: a probe (the LR range test,
+    a noise-scale measurement) may draw from them, and the run must continue as if it had not."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -38,6 +38,7 @@ from cadence.config import ConfigError
 from cadence.config.parts import optimizer_from
 from cadence.optim import OPTIMIZERS
 from cadence.schedules import split_micro
+from cadence.training.rng import rng_preserved
 from cadence.training.step import autocast_context, train_step
 
 if TYPE_CHECKING:
@@ -187,13 +188,6 @@ def _batch_size(cfg: Config, workload: Workload) -> int:
     return workload.n_train if cfg.batch.size == "full" else int(cfg.batch.size)
 
 
-def _fresh_optimizer(cfg: Config, model: torch.nn.Module) -> AnyOptimizer:
-    """The config's optimizer; a non-numeric lr (``auto``) is replaced by a placeholder of 1."""
-    if not isinstance(cfg.optimizer.lr, (int, float)) or isinstance(cfg.optimizer.lr, bool):
-        cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=1.0))
-    return optimizer_from(cfg, model)
-
-
 def _one_curve(
     cfg: Config,
     workload: Workload,
@@ -289,33 +283,29 @@ def lr_range_test(
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     was_training = model.training
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     ramp = np.exp(np.linspace(math.log(min_lr), math.log(max_lr), steps))
     t0 = time.perf_counter()
     curves: list[list[float]] = []
     diverged: list[int] = []
-    try:
-        for seed in seeds:
+    with rng_preserved():  # the run continues on the streams it had
+        try:
+            for seed in seeds:
+                model.load_state_dict(weights)
+                if optimizer is not None:
+                    optimizer.load_state_dict(copy.deepcopy(opt_state))
+                    opt = optimizer
+                else:
+                    opt = optimizer_from(cfg, model)  # (with lr: auto at AUTO_LR_PLACEHOLDER)
+                raw, k = _one_curve(cfg, workload, opt, ramp, seed, beta, diverge_factor, progress)
+                curves.append(raw)
+                diverged.append(k)
+        finally:
             model.load_state_dict(weights)
+            for p in model.parameters():
+                p.grad = None
             if optimizer is not None:
                 optimizer.load_state_dict(copy.deepcopy(opt_state))
-                opt = optimizer
-            else:
-                opt = _fresh_optimizer(cfg, model)
-            raw, k = _one_curve(cfg, workload, opt, ramp, seed, beta, diverge_factor, progress)
-            curves.append(raw)
-            diverged.append(k)
-    finally:
-        model.load_state_dict(weights)
-        for p in model.parameters():
-            p.grad = None
-        if optimizer is not None:
-            optimizer.load_state_dict(copy.deepcopy(opt_state))
-        model.train(was_training)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+            model.train(was_training)
 
     wall = time.perf_counter() - t0
     size = _batch_size(cfg, workload)
