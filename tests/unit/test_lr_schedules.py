@@ -28,6 +28,7 @@ from cadence.schedules import (
     step,
     warmup,
     wsd,
+    wsd_cooldown_start,
 )
 
 BASE_LR = 0.37  # not a power of two, so scaling errors would show
@@ -377,3 +378,19 @@ def test_wsd_decay_steps_is_the_cooldown_decay_fraction_gives_in_steps() -> None
         ValueError, match=r"^schedule\.decay_steps: must be an integer in \[0, 90\]"
     ):
         build_schedule("wsd", total_steps=100, warmup=10, decay_steps=91)
+
+
+@pytest.mark.parametrize(
+    "total, warm, fraction, steps",
+    [(100, 10, 0.2, None), (100, 10, 0.2, 30), (100, 0, 0.35, None), (57, 7, 0.5, None)],
+)
+def test_wsd_cooldown_start_is_the_last_step_at_the_peak(
+    total: int, warm: int, fraction: float, steps: int | None
+) -> None:
+    """What `cadence cooldown` calls the end of the stable phase is where the trained schedule
+    leaves its peak: the last step whose LR is still 1.0 (the cooldown's p = 0)."""
+    s = build_schedule(
+        "wsd", total_steps=total, warmup=warm, decay_fraction=fraction, decay_steps=steps
+    )
+    at_peak = [t for t in range(warm, total + 1) if s(t) == 1.0]
+    assert wsd_cooldown_start(total, warm, fraction, steps) == max(at_peak)

@@ -22,6 +22,7 @@ from cadence.config.parts import batch_ramp_from, steps_of
 from cadence.io import atomic_write_text
 from cadence.run.configs import load_config
 from cadence.run.session import resume
+from cadence.schedules import wsd_cooldown_start
 from cadence.schedules.checks import COOLDOWNS
 from cadence.schedules.hparams import piecewise_linear
 from cadence.track.metrics import read_metrics
@@ -86,9 +87,7 @@ def _stable_until(cfg: Config, warmup: int) -> int:
     s, total = cfg.schedule, cfg.train.max_steps
     if s.name == "constant":
         return total
-    body = total - warmup
-    decay = s.decay_steps if s.decay_steps is not None else round(s.decay_fraction * body)
-    return total - decay
+    return wsd_cooldown_start(total, warmup, s.decay_fraction, s.decay_steps)
 
 
 def _resolved_points(points: list[list[Any]] | None, total: int, key: str) -> list[list[Any]]:

@@ -17,6 +17,7 @@ from cadence.schedules.lr import (
     step,
     warmup,
     wsd,
+    wsd_cooldown_start,
 )
 from cadence.schedules.plateau import EMASmoother, Plateau
 
@@ -42,4 +43,5 @@ __all__ = [
     "step",
     "warmup",
     "wsd",
+    "wsd_cooldown_start",
 ]

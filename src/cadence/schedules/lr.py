@@ -64,6 +64,7 @@ __all__ = [
     "step",
     "warmup",
     "wsd",
+    "wsd_cooldown_start",
 ]
 
 SCHEDULES: dict[str, str] = {
@@ -157,3 +158,15 @@ def build_schedule(
     else:  # wsd
         body = wsd(body_total, decay_fraction, cooldown, min_lr_ratio, decay_steps)
     return _with_warmup(body, warmup)
+
+
+def wsd_cooldown_start(
+    total_steps: int, warmup: int = 0, decay_fraction: float = 0.2, decay_steps: int | None = None
+) -> int:
+    """The step at which a warmup-then-WSD run leaves its stable phase.
+
+    Read off the same body :func:`build_schedule` trains with, so what branches off a stable
+    phase (``cadence cooldown``) can never disagree with the run about where it ends.
+    """
+    body = wsd(total_steps - warmup, decay_fraction, decay_steps=decay_steps)
+    return warmup + body.decay_start
