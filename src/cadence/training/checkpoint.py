@@ -27,6 +27,7 @@ from torch import Tensor
 
 from cadence.io import sha256_file
 from cadence.runtime.distributed import World, barrier, broadcast_object
+from cadence.training.errors import CheckpointError  # also imported from here
 from cadence.training.sharded import DIRNAME, load_sharded, save_sharded
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
 FORMAT = 1
 SHARDED_META = f"{DIRNAME}/.metadata"
 T = TypeVar("T")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and why."""
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

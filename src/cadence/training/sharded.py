@@ -35,6 +35,7 @@ from cadence.optim import is_schedule_free
 from cadence.optim.registry import inner_optimizers
 from cadence.optim.sharded import is_sharded
 from cadence.runtime.distributed import reshard
+from cadence.training.errors import CheckpointError
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
@@ -115,8 +116,6 @@ def _load(path: Path, templates: dict[str, Tensor], distributed: bool) -> None:
 @torch.no_grad()
 def load_sharded(trainer: Trainer, path: Path, small: dict[str, Any]) -> None:
     """Fill the model, optimizer and EMA from `path`, resharded for this run's processes."""
-    from cadence.training.checkpoint import CheckpointError
-
     meta = _metadata(path)
     model = reshard(trainer.model)
     params = dict(model.named_parameters())
@@ -160,8 +159,6 @@ def _load_optimizer(
     path: Path,
 ) -> None:
     """torch's load_state_dict with the indices it expects, built from parameter names."""
-    from cadence.training.checkpoint import CheckpointError
-
     names = {id(p): n for n, p in params.items()}
     have = [names[id(p)] for g in opt.param_groups for p in g["params"]]
     saved = [n for g in saved_groups for n in g["params"]]
