@@ -15,13 +15,13 @@ from cadence.workloads.builtin import (
     val_fraction,
 )
 from cadence.workloads.dataset import DatasetWorkload
+from cadence.workloads.device import resolve_device
 from cadence.workloads.protocol import Workload, val_ranges
 from cadence.workloads.resolve import (
     build_workload,
     check_config,
     is_import_path,
     prepare,
-    resolve_device,
 )
 from cadence.workloads.tensors import (
     ClassificationWorkload,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cadence.data.digit_strings import MAX_DIGITS, load_digit_strings
+from cadence.models.asr import SpeechCTC, decode_ids, edit_distance, encode, greedy_decode
 from cadence.runtime.distributed import all_reduce_sums
 from cadence.workloads.tensors import TensorWorkload
 
@@ -25,13 +27,11 @@ if TYPE_CHECKING:
     from cadence.config import Config
     from cadence.runtime.distributed import World
 
-__all__ = ["AsrWorkload", "build_asr", "encode_targets"]
+__all__ = ["AsrWorkload", "asr_model", "build_asr", "encode_targets"]
 
 
 def encode_targets(texts: list[str], width: int) -> Tensor:
     """(N, width) int64 character ids, padded with the blank (0)."""
-    from cadence.models.asr import encode
-
     out = torch.zeros((len(texts), width), dtype=torch.int64)
     for i, text in enumerate(texts):
         ids = encode(text)
@@ -74,8 +74,6 @@ class AsrWorkload(TensorWorkload):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, world: World | None = None) -> dict[str, float]:
-        from cadence.models.asr import decode_ids, edit_distance, greedy_decode
-
         total, edits, chars, n = 0.0, 0, 0, 0
         for x, y in self._val_batches(size=128, world=world):
             log_probs = model(x)  # even when empty: under FSDP2 a forward is a collective
@@ -92,12 +90,15 @@ class AsrWorkload(TensorWorkload):
         return {"val_loss": total / max(n, 1), "val_cer": edits / max(chars, 1)}
 
 
-def build_asr(cfg: Config, device: torch.device, tokenizer_dir=None) -> AsrWorkload:
-    from cadence.data.digit_strings import MAX_DIGITS, load_digit_strings
-    from cadence.workloads.builtin import build_model
+def asr_model(cfg: Config) -> SpeechCTC:
+    """The recogniser from the config alone (``model.d_model`` wide, ``model.n_layer`` deep)."""
+    m = cfg.model
+    return SpeechCTC(dim=m.d_model, layers=m.n_layer, dropout=m.dropout, augment=m.augment)
 
+
+def build_asr(cfg: Config, device: torch.device, tokenizer_dir=None) -> AsrWorkload:
     data = load_digit_strings(cfg.train.seed, cfg.data.voices)
-    model = build_model(cfg)
+    model = asr_model(cfg)
     return AsrWorkload(
         model.to(device),
         torch.from_numpy(data.x_train).to(device),

@@ -14,8 +14,21 @@ import torch
 from torch import nn
 
 from cadence.config import Config, ConfigError
-from cadence.data import DataError
-from cadence.models import MLP, GPTConfig
+from cadence.data import (
+    DataError,
+    load_breast_cancer_split,
+    load_digits,
+    load_mnist,
+    load_tokenizer,
+    logreg_optimum,
+    split_indices,
+)
+from cadence.data.cache import cached_corpus
+from cadence.data.shards import is_prepared, open_prepared
+from cadence.data.sources import default_corpus, open_sources
+from cadence.io import sha256_file
+from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
+from cadence.workloads.asr import asr_model, build_asr
 from cadence.workloads.hf import (
     build_hf_model,
     check_hf,
@@ -23,7 +36,9 @@ from cadence.workloads.hf import (
     hf_tokenizer_dir,
     is_hf,
 )
+from cadence.workloads.prepared import PreparedLMWorkload
 from cadence.workloads.protocol import Workload
+from cadence.workloads.speech import build_speech, speech_model
 from cadence.workloads.tensors import ClassificationWorkload, LogRegWorkload
 
 
@@ -107,8 +122,6 @@ def build_model(
     without it an HF model comes from `model.hf` (pretrained) or `model.hf_config` (fresh).
     `n_classes` is the number of labels of a speech data set (22 for the synthetic one).
     """
-    from cadence.models import GPT, LogisticRegression, SmallCNN
-
     if cfg.workload not in WORKLOADS:
         # A user's own model exists only in their code: building it means running their
         # workload function (and loading their data), which export and serving do not do yet.
@@ -122,21 +135,9 @@ def build_model(
     if cfg.workload == "lm":
         return GPT(gpt_config(cfg, vocab_size or 256))
     if cfg.workload == "speech":
-        from cadence.data.speech import LABELS
-        from cadence.models.audio import SpeechCNN
-
-        m = cfg.model
-        return SpeechCNN(
-            n_classes or len(LABELS),
-            channels=tuple(m.channels or (32, 64, 128)),
-            dropout=m.dropout,
-            augment=m.augment,
-        )
+        return speech_model(cfg, n_classes)
     if cfg.workload == "asr":
-        from cadence.models.asr import SpeechCTC
-
-        m = cfg.model
-        return SpeechCTC(dim=m.d_model, layers=m.n_layer, dropout=m.dropout, augment=m.augment)
+        return asr_model(cfg)
     if cfg.workload == "logreg":
         return LogisticRegression(IN_FEATURES["logreg"]).double()
     if model_arch(cfg) == "cnn":
@@ -166,10 +167,6 @@ IN_FEATURES = {"mnist": 28 * 28, "digits": 8 * 8, "logreg": 30}
 
 def _build_prepared(cfg: Config, device: torch.device, path: Path, source: str = "") -> Workload:
     """Windows read in place from the shards of a prepared corpus (see prepared.py)."""
-    from cadence.data import load_tokenizer
-    from cadence.data.shards import open_prepared
-    from cadence.workloads.prepared import PreparedLMWorkload
-
     corpus = open_prepared(path)
     tok = load_tokenizer(corpus.path)
     check_prepared_tokenizer(cfg, corpus.path)
@@ -194,10 +191,6 @@ def _build_prepared(cfg: Config, device: torch.device, path: Path, source: str =
 def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
     """Text of any size trains from a prepared corpus: ``data.path`` names one, or text (or
     nothing, for the bundled corpus) that is prepared into the data cache on first use."""
-    from cadence.data.cache import cached_corpus
-    from cadence.data.shards import is_prepared
-    from cadence.data.sources import default_corpus, open_sources
-
     d = cfg.data
     if d.path is not None and is_prepared(d.path):
         return _build_prepared(cfg, device, Path(d.path))
@@ -225,8 +218,6 @@ def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> 
 def _same_tokenizer(run_dir: Path, corpus: Path) -> None:
     """A resumed run must read the token ids it trained on: the cached corpus (re-prepared if
     the cache was cleared) must carry the run's own tokenizer."""
-    from cadence.io import sha256_file
-
     ours, theirs = run_dir / "tokenizer.json", corpus / "tokenizer.json"
     if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
         raise DataError(
@@ -238,8 +229,6 @@ def _same_tokenizer(run_dir: Path, corpus: Path) -> None:
 
 def _build_images(loader: Callable):
     def build(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
-        from cadence.data import split_indices
-
         x, y = loader()
         tr, va = split_indices(len(x), val_fraction(cfg))
         model = build_model(cfg)
@@ -256,8 +245,6 @@ def _build_images(loader: Callable):
 
 
 def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
-    from cadence.data import load_breast_cancer_split, logreg_optimum
-
     xt, yt, xv, yv = load_breast_cancer_split(val_fraction(cfg))
     _, j_star = logreg_optimum(xt, yt, cfg.model.l2)
     model = build_model(cfg)
@@ -274,27 +261,8 @@ def _build_logreg(cfg: Config, device: torch.device, tokenizer_dir: Path | None)
 
 
 def _build_speech(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
-    from cadence.workloads.speech import build_speech
-
-    return build_speech(cfg, device, tokenizer_dir)
-
-
-def _build_asr(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> Workload:
-    from cadence.workloads.asr import build_asr
-
-    return build_asr(cfg, device, tokenizer_dir)
-
-
-def _load_mnist():
-    from cadence.data import load_mnist
-
-    return load_mnist()
-
-
-def _load_digits():
-    from cadence.data import load_digits
-
-    return load_digits()
+    """speech.py holds the workload; the registry holds its default held-out share."""
+    return build_speech(cfg, device, val_fraction(cfg))
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
@@ -316,7 +284,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "val_accuracy",
             True,
             ("cnn", "mlp"),
-            _build_images(_load_mnist),
+            _build_images(load_mnist),
         ),
         WorkloadSpec(
             "digits",
@@ -324,7 +292,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "val_accuracy",
             True,
             ("mlp",),
-            _build_images(_load_digits),
+            _build_images(load_digits),
         ),
         WorkloadSpec(
             "speech",
@@ -345,7 +313,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             "val_cer",
             False,
             ("conv",),
-            _build_asr,
+            build_asr,
         ),
         WorkloadSpec(
             "logreg",

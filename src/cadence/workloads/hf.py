@@ -9,13 +9,14 @@ config under ``hf/`` so export and serving rebuild it without the original direc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cadence.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from cadence.models.hf import HFCausalLM
+from cadence.data import has_pretrained_tokenizer
+from cadence.models.hf import HFCausalLM, hf_config_from_dict, load_hf_config
+from cadence.workloads.device import resolve_device
 
 __all__ = [
     "HF_CONFIG_DIR",
@@ -57,8 +58,6 @@ def _model_dir(cfg: Config) -> Path:
 
 
 def _config(cfg: Config, vocab_size: int | None = None, run_dir: Path | None = None) -> Any:
-    from cadence.models.hf import hf_config_from_dict, load_hf_config
-
     try:
         if run_dir is not None and (run_dir / HF_CONFIG_DIR / "config.json").is_file():
             return load_hf_config(run_dir / HF_CONFIG_DIR)
@@ -75,8 +74,6 @@ def _config(cfg: Config, vocab_size: int | None = None, run_dir: Path | None = N
 
 def check_hf(cfg: Config) -> None:
     """The model's config loads and its context holds ``model.seq_len`` (no weights read)."""
-    from cadence.models.hf import HFCausalLM
-
     config = _config(cfg)
     if cfg.model.hf_config is not None:
         _check_fits(cfg, HFCausalLM.count_parameters(config))
@@ -95,10 +92,6 @@ def _check_fits(cfg: Config, params: int) -> None:
     it would be killed by the OOM killer, with no message, minutes later. Weights, gradients
     and two Adam moments in fp32 are 16 bytes per parameter.
     """
-    import os
-
-    from cadence.workloads.resolve import resolve_device
-
     if resolve_device(cfg.train.device).type != "cpu":
         return
     try:
@@ -116,8 +109,6 @@ def _check_fits(cfg: Config, params: int) -> None:
 
 def hf_tokenizer_dir(cfg: Config) -> Path | None:
     """The model directory when it has its own tokenizer (the data is tokenized with it)."""
-    from cadence.data import has_pretrained_tokenizer
-
     if cfg.model.hf is None:
         return None
     folder = _model_dir(cfg)
@@ -127,9 +118,8 @@ def hf_tokenizer_dir(cfg: Config) -> Path | None:
 def check_prepared_tokenizer(cfg: Config, corpus: Path) -> None:
     """A model folder with its own tokenizer trains only on data prepared with that tokenizer:
     the ids of another mean other tokens, and nothing else would notice."""
+    # deferred, as everywhere in cadence: a native library that only model.hf runs need
     from tokenizers import Tokenizer
-
-    from cadence.data import has_pretrained_tokenizer
 
     if cfg.model.hf is None:
         return
@@ -152,8 +142,6 @@ def build_hf_model(cfg: Config, vocab_size: int, run_dir: Path | None = None) ->
     """The HF model for a run: pretrained weights from ``model.hf``, a fresh init from
     ``model.hf_config``, or (``run_dir``, for export and serving) the shape the run saved,
     whose weights the caller loads. Refuses a tokenizer larger than the vocabulary."""
-    from cadence.models.hf import HFCausalLM
-
     seq_len = cfg.model.seq_len
     config = _config(cfg, vocab_size, run_dir)
     if vocab_size > config.vocab_size:

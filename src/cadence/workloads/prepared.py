@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cadence.data import RandomOffsets
 from cadence.data.shards import PreparedCorpus, TokenStream
 from cadence.runtime.distributed import all_reduce_sums
 from cadence.workloads.protocol import Workload, val_ranges
@@ -76,8 +77,6 @@ class PreparedLMWorkload(NextTokenLoss, Workload):
 
     def sampler(self, seed: int, shuffle: bool = True) -> Any:
         if self.sampling == "random" and shuffle:
-            from cadence.data import RandomOffsets
-
             positions = self.corpus.train.n_tokens - self.window + 1
             return RandomOffsets(self.n_windows, positions, seed)
         return super().sampler(seed, shuffle)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from cadence.data import EpochSampler
+
 if TYPE_CHECKING:
     from cadence.runtime.distributed import World
 
@@ -64,8 +66,6 @@ class Workload:
         a workload that addresses its samples otherwise (random window offsets into a token
         stream) returns its own, with the same purity: a function of (seed, position).
         """
-        from cadence.data import EpochSampler
-
         return EpochSampler(self.n_train, seed, shuffle=shuffle)
 
     # Whether reading a batch costs host time worth overlapping with the step (data read from

@@ -20,14 +20,10 @@ import numpy as np
 import torch
 
 from cadence.config import Config, ConfigError
+from cadence.models.hf import PREFIX, HFCausalLM, freeze_parameters
 from cadence.workloads.builtin import WORKLOADS
+from cadence.workloads.device import resolve_device  # also imported from here
 from cadence.workloads.protocol import Workload
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def is_import_path(name: str) -> bool:
@@ -132,8 +128,6 @@ def prepare(w: Workload, cfg: Config, name: str | None = None) -> Workload:
 
 def _freeze(w: Workload, cfg: Config) -> None:
     """``model.freeze``: fixed parameters, named as the model itself names them."""
-    from cadence.models.hf import PREFIX, HFCausalLM, freeze_parameters
-
     if not cfg.model.freeze:
         return
     prefix = PREFIX if isinstance(w.model, HFCausalLM) else ""

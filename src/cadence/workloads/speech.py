@@ -8,19 +8,21 @@ pipeline from samples to labels.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from cadence.data import DataError
+from cadence.data.audio_files import is_speech_folder, load_speech_folder
+from cadence.data.speech import LABELS, SpeechData, load_synthetic_speech
+from cadence.models.audio import SpeechCNN
 from cadence.workloads.tensors import ClassificationWorkload
 
 if TYPE_CHECKING:
     from cadence.config import Config
-    from cadence.data.speech import SpeechData
 
-__all__ = ["SpeechWorkload", "build_speech", "speech_data"]
+__all__ = ["SpeechWorkload", "build_speech", "speech_data", "speech_model"]
 
 
 class SpeechWorkload(ClassificationWorkload):
@@ -31,13 +33,22 @@ class SpeechWorkload(ClassificationWorkload):
         return x.float() / 32768.0
 
 
-def speech_data(cfg: Config) -> SpeechData:
-    """The clips a config trains on: ``data.path`` (a Speech Commands folder) or synthetic."""
-    from cadence.data import DataError
-    from cadence.data.audio_files import is_speech_folder, load_speech_folder
-    from cadence.data.speech import load_synthetic_speech
-    from cadence.workloads.builtin import val_fraction
+def speech_model(cfg: Config, n_classes: int | None = None) -> SpeechCNN:
+    """The model from the config alone; `n_classes` is the data set's (22 for the synthetic)."""
+    m = cfg.model
+    return SpeechCNN(
+        n_classes or len(LABELS),
+        channels=tuple(m.channels or (32, 64, 128)),
+        dropout=m.dropout,
+        augment=m.augment,
+    )
 
+
+def speech_data(cfg: Config, val_fraction: float) -> SpeechData:
+    """The clips a config trains on: ``data.path`` (a Speech Commands folder) or synthetic.
+
+    `val_fraction` is the share of a folder's speakers held out when it has no
+    validation_list.txt (the registry's default unless ``data.val_fraction`` is set)."""
     path = cfg.data.path
     if path is None:
         return load_synthetic_speech(cfg.train.seed, cfg.data.voices)
@@ -46,15 +57,12 @@ def speech_data(cfg: Config) -> SpeechData:
             f"data.path: {path} is not a folder of label folders holding .wav files "
             "(the Speech Commands layout: DIR/<label>/*.wav)"
         )
-    # the speakers held out of a folder without validation_list.txt (0.1 unless set)
-    return load_speech_folder(path, val_fraction(cfg))
+    return load_speech_folder(path, val_fraction)
 
 
-def build_speech(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> SpeechWorkload:
-    from cadence.workloads.builtin import build_model
-
-    data = speech_data(cfg)
-    model = build_model(cfg, n_classes=len(data.labels))
+def build_speech(cfg: Config, device: torch.device, val_fraction: float) -> SpeechWorkload:
+    data = speech_data(cfg, val_fraction)
+    model = speech_model(cfg, n_classes=len(data.labels))
     w = SpeechWorkload(
         model.to(device),
         torch.from_numpy(data.x_train).to(device),
