@@ -12,9 +12,9 @@ import pytest
 import cadence
 from cadence.data import DataError
 from cadence.data import prepare as prepare_module
-from cadence.data.cache import CACHE_ENV, cache_root, cached_corpus, piece_bytes
+from cadence.data.cache import CACHE_ENV, cache_root, cached_corpus
 from cadence.data.shards import is_prepared, open_prepared
-from cadence.data.sources import open_sources
+from cadence.data.sources import open_sources, piece_bytes
 from cadence.workloads import build_workload
 
 

@@ -343,8 +343,11 @@ def test_bad_input_errors(tmp_path: Path) -> None:
         prepare_corpus([empty], out, progress=False)
     one = tmp_path / "one.txt"
     one.write_text("a single short document\n")  # piece 0 is always validation
-    with pytest.raises(DataError, match=r"training split empty.*more text or another"):
+    with pytest.raises(DataError, match=r"one\.txt: too little text .* smaller --chunk-bytes"):
         prepare_corpus([one], out, progress=False)
+    assert not out.exists()  # a refusal leaves nothing behind, not even the folder it made
+    with pytest.raises(DataError, match=r"training split empty.*more text or another"):
+        prepare_corpus([one], out, chunk_bytes=16, val_fraction=0.99, progress=False)
     with pytest.raises(DataError, match=r"not a UTF-8 text file"):
         prepare_corpus([empty / "x.bin"], out, progress=False)
     for vf in (0.0, 1.0, -0.5):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -34,8 +35,9 @@ def add_parsers(sub: Any) -> None:
         help="tokenize a corpus once into token shards that training reads in place (data.path: DIR)",
         description="Tokenize SRC (text files, folders, .jsonl, .parquet, datasets saved with "
         "save_to_disk) into DIR: token shards, their index and the tokenizer, split into "
-        "training and validation by document. Re-running the same command after an "
-        "interruption keeps the finished shards.",
+        "training and validation by piece: a document, or a part of one cut at line "
+        "boundaries, sized from the corpus so even a single file splits. Re-running the same "
+        "command after an interruption keeps the finished shards.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, in corpus order")
     p.add_argument("--out", required=True, metavar="DIR", help="the prepared corpus's folder")
@@ -77,10 +79,12 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "--chunk-bytes",
-        type=int,
-        metavar="N",
-        default=1 << 20,
-        help="documents longer than this are cut at line boundaries (default 1 MiB)",
+        metavar="N|auto",
+        default="auto",
+        help="the piece size: each piece goes whole to training or validation, and documents "
+        "longer than N bytes are cut at line boundaries (default auto, from the sources' total "
+        "size: total/40 within 1 KiB..16 KiB, so a single file of 40 KB gives 40 pieces; past "
+        "64 MiB of text pieces grow, up to 1 MiB at 4 GiB)",
     )
     p.add_argument(
         "--max-bytes",
@@ -104,8 +108,9 @@ def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
         val_fraction=args.val_fraction,
         workers=args.workers if args.workers is not None else default_workers(),
         shard_tokens=args.shard_tokens,
-        chunk_bytes=args.chunk_bytes,
+        chunk_bytes=_chunk_bytes(args.chunk_bytes),
         max_bytes=args.max_bytes,
+        progress=sys.stderr.isatty(),  # piped, a bar shows only its end: the summary below
     )
     seconds = time.perf_counter() - start
 
@@ -131,6 +136,22 @@ def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
         f"{index['dtype']})" + "".join(f"  ·  {n}" for n in notes)
     )
     mb = index["bytes"] / 1e6
+    chosen = "sized from the corpus" if _chunk_bytes(args.chunk_bytes) is None else "given"
+    console.print(f"pieces of at most {index['chunk_bytes']:,} bytes ({chosen})")
     console.print(f"{mb:,.2f} MB of text in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.2f} MB/s)")
     console.print(f"train on it with: --set data.path={args.out}")
     return 0
+
+
+def _chunk_bytes(value: str) -> int | None:
+    """``auto`` (sized from the corpus: None) or a number of bytes; prepare checks the range."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        from cadence.data.errors import DataError
+
+        raise DataError(
+            f"--chunk-bytes: must be 'auto' or a whole number of bytes, got {value!r}"
+        ) from None

@@ -31,16 +31,11 @@ from pathlib import Path
 
 from cadence.data.errors import DataError
 from cadence.data.shards import FORMAT, VERSION, is_prepared
-from cadence.data.sources import Source
+from cadence.data.sources import Source, piece_bytes
 
-__all__ = ["CACHE_ENV", "cache_folder", "cache_root", "cached_corpus", "piece_bytes"]
+__all__ = ["CACHE_ENV", "cache_folder", "cache_root", "cached_corpus"]
 
 CACHE_ENV = "CADENCE_CACHE"
-# Pieces (the unit of the validation split) of at most 16 KiB: fine enough that a few MB of text
-# give validation spread through the corpus, not one file's worth (prepare-data's own default,
-# 1 MiB, is for corpora of gigabytes).
-MAX_PIECE_BYTES = 16384
-PIECES_AT_LEAST = 40  # a small corpus is cut into at least this many pieces
 
 
 def cache_root() -> Path:
@@ -48,13 +43,6 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "cadence"
-
-
-def piece_bytes(total_bytes: int, window: int) -> int:
-    """The piece size for a corpus of ``total_bytes``: at most 16 KiB, small enough for at least
-    40 pieces (so a 5 % validation share is a couple of pieces, not none), and at least one
-    window of text (so a validation piece can hold a window)."""
-    return max(16, min(MAX_PIECE_BYTES, max(total_bytes // PIECES_AT_LEAST, window)))
 
 
 # Prepare's option names, as the config spells them (prepare's errors name its CLI flags).
@@ -81,7 +69,7 @@ def cached_corpus(
     total = sum(f["size"] for f in fingerprints)
     if max_bytes is not None:
         total = min(total, max_bytes)
-    chunk = piece_bytes(total, window)
+    chunk = piece_bytes(total, least=window)  # prepare-data's rule, floored at one window
     with _config_names():
         spec = tokenizer_spec(tokenizer, vocab_size)
     what = {"format": FORMAT, "version": VERSION, "tokenizer": spec, "chunk_bytes": chunk}

@@ -16,11 +16,13 @@ command does not redo finished shards:
   re-tokenizes the corpus but keeps (does not rewrite) each finished shard whose recomputed
   tokens hash to its recorded SHA-256; one that does not match is rewritten. A trained BPE
   tokenizer is kept too (its hash is in the progress file), so a rerun does not retrain it.
-  Other settings or changed sources start over.
+  Other settings or changed sources start over; the piece size, sized from the sources'
+  bytes when not given, is one of the settings. Input refused while reading leaves nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -48,7 +50,14 @@ from cadence.data.checks import check_tokenizer, check_val_fraction
 from cadence.data.errors import DataError
 from cadence.data.shard_writer import ShardWriter
 from cadence.data.shards import FORMAT, INDEX_FILE, VERSION, dtype_for, val_piece
-from cadence.data.sources import ReadStats, Source, iter_pieces, open_sources
+from cadence.data.sources import (
+    MIN_PIECE_BYTES,
+    ReadStats,
+    Source,
+    iter_pieces,
+    open_sources,
+    piece_bytes,
+)
 from cadence.data.tokenizers import (
     PRETRAINED_FILES,
     TOKENIZER_FILE,
@@ -86,7 +95,7 @@ def prepare_corpus(
     val_fraction: float = 0.05,
     workers: int = 1,
     shard_tokens: int = 2**26,
-    chunk_bytes: int = 1 << 20,
+    chunk_bytes: int | None = None,
     max_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -94,8 +103,11 @@ def prepare_corpus(
 
     ``tokenizer`` is ``"byte"``, ``"bpe"`` (trained here on training pieces only, so validation
     text never shapes the vocabulary) or a Hugging Face model folder holding tokenizer.json.
-    Rerunning after an interruption resumes (see the module docstring). ``max_bytes`` keeps
-    the first that many bytes of text, in corpus order, for quick experiments on a large corpus.
+    ``chunk_bytes`` is the piece size, the unit of the validation split; None sizes it from
+    the sources' file sizes (:func:`cadence.data.sources.piece_bytes`), so one file splits as
+    well as many. Rerunning after an interruption resumes (see the module docstring); a refusal
+    (bad input found while reading) removes what this call wrote. ``max_bytes`` keeps the first
+    that many bytes of text, in corpus order, for quick experiments on a large corpus.
     """
     _check_options(val_fraction, workers, shard_tokens, chunk_bytes)
     if max_bytes is not None and max_bytes < 1:
@@ -106,49 +118,55 @@ def prepare_corpus(
         raise DataError("prepare-data: give at least one source (a file or a folder)")
     spec = tokenizer_spec(tokenizer, vocab_size)
     fingerprint = [s.fingerprint() for s in srcs]
+    size = sum(f["size"] for f in fingerprint)  # from stat: known before a byte is read
+    if chunk_bytes is None:
+        chunk_bytes = piece_bytes(size if max_bytes is None else min(size, max_bytes))
     settings = {"format": FORMAT, "version": VERSION, "tokenizer": spec}
     settings |= {"val_fraction": val_fraction, "chunk_bytes": chunk_bytes}
     settings["shard_tokens"] = shard_tokens
     if max_bytes is not None:  # absent when unset, so earlier progress files still match
         settings["max_bytes"] = max_bytes
+    created = not out.exists()
     state = _start(out, settings, fingerprint)
-    console = Console(stderr=True, quiet=not progress)
-    tok, sep = _tokenizer(out, spec, state, srcs, (chunk_bytes, max_bytes), val_fraction, console)
-    dtype = dtype_for(tok.vocab_size)
+    with _undone_on_refusal(out, created):
+        console = Console(stderr=True, quiet=not progress)
+        limits = (chunk_bytes, max_bytes)
+        tok, sep = _tokenizer(out, spec, state, srcs, limits, val_fraction, console)
+        dtype = dtype_for(tok.vocab_size)
 
-    def commit() -> None:
-        atomic_write_json(out / PROGRESS_FILE, state)
+        def commit() -> None:
+            atomic_write_json(out / PROGRESS_FILE, state)
 
-    writers = {
-        s: ShardWriter(out, s, dtype, shard_tokens, state["shards"][s], commit) for s in SPLITS
-    }
-    counts = {s: {"documents": 0, "pieces": 0, "bytes": 0} for s in SPLITS}
-    stats = ReadStats()
-    total = None if any(s.has_unsized_text for s in srcs) else sum(f["size"] for f in fingerprint)
-    if (total is not None and total <= _TASK_BYTES) or spec["kind"] == "byte":
-        # One task, or byte "tokenizing" (a copy): worker processes would only add the cost of
-        # starting them and of pickling the text there and the tokens back.
-        workers = 1
-    tasks = _tasks(iter_pieces(srcs, chunk_bytes, stats, max_bytes), val_fraction, counts)
-    if total is not None and max_bytes is not None:
-        total = min(total, max_bytes)
-    initargs = (str(out / TOKENIZER_FILE), sep, dtype.str)
-    columns = (TextColumn("tokenizing"), BarColumn(bar_width=16), DownloadColumn())
-    columns += (TransferSpeedColumn(), TimeElapsedColumn())
-    done = 0
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task_id = bar.add_task("tokenize", total=total)
-        for train_ids, val_ids, nbytes in _tokenize(tasks, workers, initargs):
-            writers["train"].write(train_ids)
-            writers["val"].write(val_ids)
-            done += nbytes
-            bar.update(task_id, completed=done + stats.skipped_bytes)
-        bar.update(task_id, total=done, completed=done)
-    splits = {}
-    for s in SPLITS:
-        shards = writers[s].finish()
-        splits[s] = {"shards": shards, "tokens": sum(x["tokens"] for x in shards), **counts[s]}
-    _check_splits(srcs, counts, val_fraction)
+        writers = {
+            s: ShardWriter(out, s, dtype, shard_tokens, state["shards"][s], commit) for s in SPLITS
+        }
+        counts = {s: {"documents": 0, "pieces": 0, "bytes": 0} for s in SPLITS}
+        stats = ReadStats()
+        total = None if any(s.has_unsized_text for s in srcs) else size
+        if (total is not None and total <= _TASK_BYTES) or spec["kind"] == "byte":
+            # One task, or byte "tokenizing" (a copy): worker processes would only add the cost
+            # of starting them and of pickling the text there and the tokens back.
+            workers = 1
+        tasks = _tasks(iter_pieces(srcs, chunk_bytes, stats, max_bytes), val_fraction, counts)
+        if total is not None and max_bytes is not None:
+            total = min(total, max_bytes)
+        initargs = (str(out / TOKENIZER_FILE), sep, dtype.str)
+        columns = (TextColumn("tokenizing"), BarColumn(bar_width=16), DownloadColumn())
+        columns += (TransferSpeedColumn(), TimeElapsedColumn())
+        done = 0
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            task_id = bar.add_task("tokenize", total=total)
+            for train_ids, val_ids, nbytes in _tokenize(tasks, workers, initargs):
+                writers["train"].write(train_ids)
+                writers["val"].write(val_ids)
+                done += nbytes
+                bar.update(task_id, completed=done + stats.skipped_bytes)
+            bar.update(task_id, total=done, completed=done)
+        splits = {}
+        for s in SPLITS:
+            shards = writers[s].finish()
+            splits[s] = {"shards": shards, "tokens": sum(x["tokens"] for x in shards), **counts[s]}
+        _check_splits(srcs, counts, val_fraction, chunk_bytes)
     index = {
         "format": FORMAT,
         "version": VERSION,
@@ -177,7 +195,9 @@ def prepare_corpus(
 # ---------------------------------------------------------------- settings and the folder
 
 
-def _check_options(val_fraction: float, workers: int, shard_tokens: int, chunk_bytes: int) -> None:
+def _check_options(
+    val_fraction: float, workers: int, shard_tokens: int, chunk_bytes: int | None
+) -> None:
     try:
         check_val_fraction(val_fraction)
     except DataError as exc:
@@ -185,7 +205,7 @@ def _check_options(val_fraction: float, workers: int, shard_tokens: int, chunk_b
     for flag, value, least in (
         ("--workers", workers, 1),
         ("--shard-tokens", shard_tokens, 1),
-        ("--chunk-bytes", chunk_bytes, 16),  # room for whole UTF-8 characters
+        *([("--chunk-bytes", chunk_bytes, MIN_PIECE_BYTES)] if chunk_bytes is not None else []),
     ):
         if not isinstance(value, int) or value < least:
             raise DataError(f"{flag}: must be an integer >= {least}, got {value}")
@@ -216,6 +236,22 @@ def _clear_shards(out: Path) -> None:
     for pattern in ("train-*.bin", "val-*.bin", "*.tmp"):
         for f in out.glob(pattern):
             f.unlink()
+
+
+@contextlib.contextmanager
+def _undone_on_refusal(out: Path, created: bool) -> Iterator[None]:
+    """Input refused while reading it (too little text to split, a bad record): remove what
+    this call wrote, and ``out`` itself if it made it. The same input would be refused again,
+    so unlike an interruption there is nothing worth resuming."""
+    try:
+        yield
+    except DataError:
+        _clear_shards(out)
+        for name in (PROGRESS_FILE, TOKENIZER_FILE, *PRETRAINED_FILES):
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _start(out: Path, settings: dict[str, Any], fingerprint: list[dict]) -> dict[str, Any]:
@@ -322,17 +358,26 @@ def _bpe_text(srcs: list[Source], limits: tuple[int, int | None], val_fraction: 
             parts.append(text)
             nbytes += nb
     if not parts:
-        _check_splits(srcs, {"train": {"pieces": 0}, "val": {"pieces": n}}, val_fraction)
+        counts = {"train": {"pieces": 0}, "val": {"pieces": n}}
+        _check_splits(srcs, counts, val_fraction, limits[0])
     return "".join(parts)
 
 
-def _check_splits(srcs: list[Source], counts: dict[str, dict], val_fraction: float) -> None:
+def _check_splits(
+    srcs: list[Source], counts: dict[str, dict], val_fraction: float, chunk_bytes: int
+) -> None:
     n = counts["train"]["pieces"] + counts["val"]["pieces"]
     names = ", ".join(str(s.path) for s in srcs[:3]) + (", ..." if len(srcs) > 3 else "")
     if n == 0:
         raise DataError(
             f"{names}: no text found; give UTF-8 text files, .jsonl or .parquet files with a "
             '"text" field, or a dataset saved with save_to_disk'
+        )
+    if n == 1:  # piece 0 always goes to validation (val_piece), whatever the fraction
+        raise DataError(
+            f"{names}: too little text to split into training and validation (one piece of "
+            f"at most {chunk_bytes:,} bytes); give more text (a few KB), or a smaller "
+            "--chunk-bytes to cut it into more pieces"
         )
     for split in SPLITS:
         if counts[split]["pieces"] == 0:

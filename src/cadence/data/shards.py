@@ -14,8 +14,10 @@ window may span two shards. The index records, per split, the shards (file, toke
 and totals, and, for the corpus, the tokenizer, the separator id, the dtype, the validation rule
 and the sources' fingerprints (path, size, mtime) so a stale preparation can be recognised.
 
-Validation is split off by document (a document larger than ``chunk_bytes`` is cut at line
-boundaries into pieces first): piece ``i`` of the corpus, in source order, is validation when
+Validation is split off by piece: each document is cut at line boundaries into pieces of at
+most ``chunk_bytes`` (sized from the sources' bytes by :func:`cadence.data.sources.piece_bytes`
+unless the user chose it; recorded in the index, which readers never need: the streams are
+split already), and piece ``i`` of the corpus, in source order, is validation when
 ``frac(i * 2654435761 / 2**32) < val_fraction`` (Fibonacci hashing: a low-discrepancy
 sequence, so validation is spread evenly through the corpus rather than being its last files), a
 fixed rule that ignores every seed; no training window ever reads validation text.

@@ -2,10 +2,11 @@
 
 Everything is read as a stream of *documents* (a text file, a .jsonl line, a parquet row, a
 dataset row), and each document is cut into *pieces* of at most ``chunk_bytes`` UTF-8 bytes at
-line boundaries. Pieces are the unit of the validation split, so their order must never change
-for the same sources: sources in the order given, files sorted within a folder (``_walk``), rows
-in stored order. Folders skip hidden entries and files that are not text (NUL bytes or invalid
-UTF-8), so a dataset folder can hold stray binaries.
+line boundaries (:func:`cut_pieces`; ``chunk_bytes`` is sized from the corpus by
+:func:`piece_bytes` unless the user chose it). Pieces are the unit of the validation split, so
+their order must never change for the same sources: sources in the order given, files sorted
+within a folder (``_walk``), rows in stored order. Folders skip hidden entries and files that
+are not text (NUL bytes or invalid UTF-8), so a dataset folder can hold stray binaries.
 
 The bundled corpus (:func:`default_corpus`, the ``.py`` sources of the installed sympy) is one
 more source of this kind: every corpus, small or large, is read and prepared the same way.
@@ -32,6 +33,7 @@ __all__ = [
     "default_corpus",
     "iter_pieces",
     "open_sources",
+    "piece_bytes",
 ]
 
 # The default corpus: always installed (a dependency of torch), ~26 MB of real, varied code.
@@ -44,6 +46,14 @@ HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 # ones are memory-mapped and checked block by block, so a 20 GB dump does not need 20 GB of RAM.
 WHOLE_FILE_BYTES = 64 << 20
 _BOM = b"\xef\xbb\xbf"
+
+# The piece-size rule (piece_bytes). A 5 % validation share of 40 pieces is 3 of them.
+PIECES_AT_LEAST = 40
+PIECE_BYTES = 16 << 10  # what a corpus gets once it holds 40 of them ...
+PIECES_BEFORE_GROWING = 4096  # ... until it holds this many; then pieces grow
+MAX_PIECE_BYTES = 1 << 20  # ... up to this (a corpus of 4 GiB and more)
+MIN_PIECE_BYTES = 16  # room for whole UTF-8 characters: the least --chunk-bytes takes
+AUTO_LEAST_BYTES = 1 << 10  # prepare-data's floor: it does not know the training window
 
 
 @dataclass
@@ -143,6 +153,32 @@ def open_sources(
         else:
             out.append(Source(p, "file", [p]))
     return out
+
+
+def piece_bytes(total_bytes: int, least: int = AUTO_LEAST_BYTES) -> int:
+    """The piece size for a corpus of ``total_bytes`` (its files' sizes, known before reading).
+
+    One rule for ``cadence prepare-data`` and the data cache, so a file prepared either way
+    splits the same way; only sizes enter, so the split is the same on every machine and seed.
+
+    Validation is a share of the pieces, so a corpus must be cut into enough of them: at least
+    40, so that a 5 % share is 3 pieces from 3 places (a one-file corpus used to be a single
+    1 MiB piece, which left a split empty). Long pieces make a better held-out test (less of
+    their document is in training), so the size is total/40 up to 16 KiB (thousands of tokens,
+    longer than a training window; reached at 640 KiB of text). Past 64 MiB, 4,096 such pieces
+    (some 200 for validation at 5 %, beyond which more pieces barely steady the validation
+    loss), pieces grow instead, up to 1 MiB from 4 GiB on, where most documents are held out
+    whole.
+
+    ``least`` (honoured up to 16 KiB) keeps a small corpus's pieces from being fragments: the
+    cache passes the training window, so a validation piece holds one; prepare-data, which does
+    not know the window, uses 1 KiB (a dozen lines; a byte-level window of ``seq_len`` 1023).
+    A corpus under 40 of those gets fewer pieces; validation still gets one, as piece 0 always
+    goes to it.
+    """
+    small = min(PIECE_BYTES, max(total_bytes // PIECES_AT_LEAST, least))
+    size = min(MAX_PIECE_BYTES, max(small, total_bytes // PIECES_BEFORE_GROWING))
+    return max(MIN_PIECE_BYTES, size)
 
 
 def cut_pieces(buf: Any, chunk_bytes: int, start: int = 0) -> Iterator[tuple[int, int]]:
