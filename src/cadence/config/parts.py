@@ -3,7 +3,8 @@
 One place maps config keys to the builders' arguments; the trainer builds its parts with it and
 the config check builds them once on a throwaway model, so each builder's own rules refuse a bad
 config before anything is loaded or written. Step-valued schedule keys given as fractions of the
-run are resolved to steps here.
+run are resolved to steps here, against the run's horizon (`cadence.config.horizon`): each
+builder takes it as ``steps``, and left out it is the horizon as far as the config knows.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from cadence.config.horizon import batch_ramp_over, horizon, seq_len_over
 from cadence.optim import OPTIMIZERS, build_optimizer, check_hparams
-from cadence.schedules import AutoBatchRamp, BatchRamp, Plateau, Schedule, build_schedule
+from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
 from cadence.schedules.hparams import HyperSchedules, piecewise_linear
-from cadence.schedules.seq_len import SeqLenSchedule, seq_len_schedule
+from cadence.schedules.seq_len import SeqLenSchedule
 
 if TYPE_CHECKING:
     from cadence.config.schema import Config
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def steps_of(value: int | float, total: int, key: str) -> int:
-    """An integer is a number of steps; a float is a fraction of the run's `total` steps.
+    """An integer is a number of steps; a float is a fraction of the run's `total` steps (its
+    horizon).
 
     A fraction rounds to the nearest step and stays below `total`, so ``schedule.warmup: 0.1``
     works for a 20-step smoke run (2 steps) and a 300-step run (30) alike.
@@ -41,8 +44,13 @@ def steps_of(value: int | float, total: int, key: str) -> int:
     return max(0, min(round(value * total), total - 1))
 
 
-def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1) -> Schedule:
-    s, total = cfg.schedule, cfg.train.max_steps
+def _steps(cfg: Config, steps: int | None) -> int:
+    """The horizon the parts are laid out over: the one given, or the config's own."""
+    return horizon(cfg).steps if steps is None else steps
+
+
+def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1, steps: int | None = None) -> Schedule:
+    s, total = cfg.schedule, _steps(cfg, steps)
     return build_schedule(
         s.name,
         total_steps=total,
@@ -63,9 +71,9 @@ def lr_schedule_from(cfg: Config, steps_per_epoch: int = 1) -> Schedule:
     )
 
 
-def hparam_schedules_from(cfg: Config) -> HyperSchedules:
+def hparam_schedules_from(cfg: Config, steps: int | None = None) -> HyperSchedules:
     """`schedule.momentum` and `schedule.weight_decay`, checked against the optimizer."""
-    s, o, total = cfg.schedule, cfg.optimizer, cfg.train.max_steps
+    s, o, total = cfg.schedule, cfg.optimizer, _steps(cfg, steps)
     key = OPTIMIZERS[o.name].momentum_key
     momentum = None
     if s.momentum is not None:
@@ -100,28 +108,19 @@ def hparam_schedules_from(cfg: Config) -> HyperSchedules:
     )
 
 
-def seq_len_schedule_from(cfg: Config) -> SeqLenSchedule | None:
+def seq_len_schedule_from(cfg: Config, steps: int | None = None) -> SeqLenSchedule | None:
     """`schedule.seq_len` for a language model whose samples are `model.seq_len` tokens."""
-    s = cfg.schedule
-    if s.seq_len is None:
-        return None
-    if cfg.workload != "lm":
-        raise ValueError(
-            f"schedule.seq_len: sequence-length warmup is for language models (workload lm), "
-            f"not {cfg.workload!r}; remove schedule.seq_len"
-        )
-    return seq_len_schedule(
-        s.seq_len, full=cfg.model.seq_len, keep=s.seq_len_batch, total_steps=cfg.train.max_steps
-    )
+    return seq_len_over(cfg, _steps(cfg, steps))
 
 
-def lawa_every(cfg: Config) -> int:
-    """`train.lawa_every` in steps (a fraction of the run resolves against train.max_steps)."""
-    every = steps_of(cfg.train.lawa_every, cfg.train.max_steps, "train.lawa_every")
+def lawa_every(cfg: Config, steps: int | None = None) -> int:
+    """`train.lawa_every` in steps (a fraction of the run resolves against its horizon)."""
+    total = _steps(cfg, steps)
+    every = steps_of(cfg.train.lawa_every, total, "train.lawa_every")
     if every < 1:
         raise ValueError(
             f"train.lawa_every: {cfg.train.lawa_every!r} is less than one step of this "
-            f"{cfg.train.max_steps}-step run; give steps as an integer"
+            f"{total}-step run; give steps as an integer"
         )
     return every
 
@@ -137,19 +136,10 @@ def plateau_from(cfg: Config) -> Plateau:
     )
 
 
-def batch_ramp_from(cfg: Config, n_train: int) -> BatchRamp:
+def batch_ramp_from(cfg: Config, n_train: int, steps: int | None = None) -> BatchRamp:
     """`batch.size: full` is the whole training set at every step (no ramp)."""
-    b = cfg.batch
-    base = n_train if b.size == "full" else int(b.size)
-    if b.schedule == "auto":
-        top = b.max_size if b.max_size is not None else 8 * base
-        return AutoBatchRamp(base, top, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
-    if b.max_size is not None:
-        raise ValueError(
-            "batch.max_size: bounds batch.schedule: auto; remove it or set batch.schedule: auto"
-        )
-    # The stages go in as written: BatchRamp checks their shape and values itself.
-    return BatchRamp(base, b.schedule, total_steps=cfg.train.max_steps, rule=b.lr_scaling)
+    total = horizon(cfg, n_train).steps if steps is None else steps
+    return batch_ramp_over(cfg, n_train, total)
 
 
 # `optimizer.lr: auto` is resolved by the LR range test before training; until then the

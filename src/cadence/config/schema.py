@@ -1,8 +1,10 @@
 """The config's shape: typed dataclasses, one field per key, each with a default and a comment.
 
 Step-valued schedule keys (``schedule.warmup``, ``schedule.step_size``, ``schedule.milestones``)
-take an integer number of optimizer steps or a float fraction of ``train.max_steps`` in [0, 1),
-so that one recipe serves a 20-step smoke run and a full run alike.
+take an integer number of optimizer steps or a float fraction of the run in [0, 1), so that one
+recipe serves a 20-step smoke run and a full run alike. The run is its horizon: the step at which
+the first of its budgets ends (``train.max_steps``, or ``max_samples`` / ``max_tokens`` turned
+into steps; see ``cadence.config.horizon``).
 """
 
 from __future__ import annotations
@@ -101,10 +103,10 @@ class BatchConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # optimizer steps; also the horizon of the lr schedule
-    max_samples: int | None = None  # stop after this many training samples
-    max_tokens: int | None = None  # stop after this many training tokens (lm)
-    max_time_s: float | None = None  # stop after this much wall time
+    max_steps: int = 1000  # optimizer steps; the schedules' horizon unless a budget ends first
+    max_samples: int | None = None  # stop after this many training samples (then the horizon)
+    max_tokens: int | None = None  # stop after this many training tokens (lm; then the horizon)
+    max_time_s: float | None = None  # stop after this much wall time; the schedules follow it
     eval_every: int = 100  # evaluate every N steps (and at the end)
     eval_samples: int | None = 512  # cap on validation samples per evaluation (null = all)
     log_every: int = 10  # write a metrics row every N steps

@@ -5,10 +5,18 @@ schedules', plateau's and batch ramp's in ``cadence.schedules``. This module hol
 builder knows: budgets, cadences, the run's files and devices, and rules that tie sections
 together (full-batch GD needs ``batch.size: full``). Rules about the workload (its name, the
 architectures and model shapes it supports) are ``cadence.workloads.check_config``'s.
+
+The schedules are built against the run's horizon (`cadence.config.horizon`). The config check
+sees the horizon as far as the config knows it; a run checks again with its workload's sample
+and token counts (`check_horizon`) before it writes anything, and warns there, once, of every
+setting that puts a change of a schedule outside the run.
 """
 
 from __future__ import annotations
 
+import warnings
+
+from cadence.config.horizon import STEPS, Horizon, horizon
 from cadence.config.parts import (
     batch_ramp_from,
     check_optimizer,
@@ -18,7 +26,7 @@ from cadence.config.parts import (
     plateau_from,
     seq_len_schedule_from,
 )
-from cadence.config.schema import Config, ConfigError
+from cadence.config.schema import Config, ConfigError, ConfigWarning
 from cadence.data.checks import (
     check_max_bytes,
     check_text_path,
@@ -96,15 +104,81 @@ def _check_builders(cfg: Config) -> None:
     each raises ValueError naming its key, which becomes the config's error."""
     try:
         check_optimizer(cfg)
-        lr_schedule_from(cfg)
-        hparam_schedules_from(cfg)
-        seq_len_schedule_from(cfg)
+        check_horizon(cfg)
         plateau_from(cfg)
-        if cfg.batch.size != "full":
-            batch_ramp_from(cfg, n_train=1)
         split_micro(1 if cfg.batch.size == "full" else int(cfg.batch.size), cfg.batch.micro_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_horizon(
+    cfg: Config,
+    n_train: int | None = None,
+    tokens_per_sample: int | None = None,
+    *,
+    warn: bool = False,
+) -> Horizon:
+    """The run's horizon, with every schedule built against it (ConfigError, one line, where
+    one cannot be); with ``warn``, a ConfigWarning for each setting that puts a change of a
+    schedule outside the run. The counts are the workload's (None: as the config knows)."""
+    try:
+        h = horizon(cfg, n_train, tokens_per_sample)
+        warmup = cfg.schedule.warmup
+        if h.budget != STEPS and type(warmup) is int and warmup >= h.steps:
+            raise ConfigError(
+                f"{h.budget}: the budget ends at step {h.steps}, before the warmup of {warmup} "
+                f"steps (schedule.warmup) is over; give the warmup as a fraction of the run "
+                f"(e.g. schedule.warmup=0.1), shorten it, or raise {h.budget}"
+            )
+        lr_schedule_from(cfg, steps=h.steps)
+        hparam_schedules_from(cfg, h.steps)
+        seq_len_schedule_from(cfg, h.steps)
+        ramp = None if cfg.batch.size == "full" else batch_ramp_from(cfg, 1, h.steps)
+        every = lawa_every(cfg, h.steps) if cfg.train.lawa is not None else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if warn:
+        starts = () if ramp is None else ramp.stage_starts
+        for line in _outside_the_run(cfg, h, starts, every):
+            warnings.warn(line, ConfigWarning, stacklevel=2)
+    return h
+
+
+def _outside_the_run(
+    cfg: Config, h: Horizon, stage_starts: tuple[int, ...], lawa: int | None
+) -> list[str]:
+    """One line for each change a schedule would make at or after the horizon: the run ends
+    before it, so the setting does nothing, or not what it says."""
+    s, end = cfg.schedule, f"the horizon (step {h.steps}, {h.budget})"
+    lines = []
+    if s.name == "multistep":
+        late = [m for m in s.milestones if type(m) is int and m >= h.steps]
+        if late:
+            lines.append(f"schedule.milestones: {late} at or past {end}; the LR never decays there")
+    if s.name == "step" and type(s.step_size) is int and s.step_size >= h.steps:
+        lines.append(f"schedule.step_size: {s.step_size} steps reach {end}; the LR never decays")
+    if s.name == "inverse-sqrt" and s.timescale is not None and s.timescale >= h.steps:
+        lines.append(f"schedule.timescale: {s.timescale} steps reach {end}; the LR never decays")
+    for key in ("momentum", "weight_decay", "seq_len"):
+        points = getattr(s, key)
+        late = (
+            [p[0] for p in points if type(p[0]) is int and p[0] > h.steps]
+            if isinstance(points, list)
+            else []
+        )
+        if late:
+            lines.append(
+                f"schedule.{key}: points at steps {late} lie past {end}; the run ends first"
+            )
+    for i, start in enumerate(stage_starts):
+        if start >= h.steps:
+            lines.append(
+                f"batch.schedule[{i}]: starts at step {start}, at or past {end}; "
+                "that stage never trains"
+            )
+    if lawa is not None and lawa > h.steps:
+        lines.append(f"train.lawa_every: {lawa} steps is longer than {end}; LAWA takes no snapshot")
+    return lines
 
 
 def _check_batch(cfg: Config) -> None:

@@ -8,8 +8,8 @@ same way (:func:`~cadence.schedules.compose.warmup` and :func:`~cadence.schedule
 take them as they take an LR schedule).
 
 A schedule is written as piecewise-linear points ``[[position, value], ...]``: an integer
-position is a step, a float in [0, 1] a fraction of the run (1.0 = its end, step max_steps, as
-for the LR schedules, whose horizon is the same), and the value
+position is a step, a float in [0, 1] a fraction of the run (1.0 = its end, the run's horizon,
+as for the LR schedules, whose horizon is the same), and the value
 is held flat before the first point and after the last. Two points at one position make a jump.
 Points rather than a named family because the published recipes are exactly this shape (linear
 ramps and holds), and because any curve can be approximated by enough of them.
@@ -78,7 +78,7 @@ def _position(pos: object, total_steps: int, key: str) -> int:
                 key,
                 f"a fraction of the run must be in [0, 1], got {pos}; give a step as an integer",
             )
-        # as the LR schedules count it: 1.0 is the end of the run, t = max_steps
+        # as the LR schedules count it: 1.0 is the end of the run, t = its horizon
         return round(pos * total_steps)
     raise fail(key, f"a position must be a step (integer) or a run fraction, got {pos!r}")
 
