@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cadence.config import Config, ConfigError, dump_config
+from cadence.config.horizon import horizon
 from cadence.config.parts import batch_ramp_from, steps_of
 from cadence.io import atomic_write_text
 from cadence.run.configs import load_config
@@ -82,9 +83,9 @@ def _verifies(path: Path) -> bool:
     return True
 
 
-def _stable_until(cfg: Config, warmup: int) -> int:
-    """The first step of the source's own cooldown (its max_steps for a constant LR)."""
-    s, total = cfg.schedule, cfg.train.max_steps
+def _stable_until(cfg: Config, warmup: int, total: int) -> int:
+    """The first step of the source's own cooldown (its horizon for a constant LR)."""
+    s = cfg.schedule
     if s.name == "constant":
         return total
     return wsd_cooldown_start(total, warmup, s.decay_fraction, s.decay_steps)
@@ -115,14 +116,22 @@ def plan_cooldown(
     if shape is not None and shape not in COOLDOWNS:
         raise ConfigError(f"--shape: one of {', '.join(COOLDOWNS)}, got {shape!r}")
     cfg = load_config(source / "config.yaml")
-    s, total = cfg.schedule, cfg.train.max_steps
+    # the source's schedule was laid out over its horizon, which a budget in samples or
+    # tokens may have put before train.max_steps
+    span = horizon(cfg)
+    if not span.exact:
+        raise ConfigError(
+            f"cooldown: {source} ends on {', '.join(span.pending)}, which its workload turns "
+            "into steps; branch from a run whose budget is train.max_steps"
+        )
+    s, total = cfg.schedule, span.steps
     if s.name not in ("wsd", "constant"):
         raise ConfigError(
             f"cooldown: {source} trains with schedule.name={s.name}, whose LR is not flat "
             "before its end; branch from a wsd or constant-LR run"
         )
     warmup = steps_of(s.warmup, total, "schedule.warmup")
-    stable_end = _stable_until(cfg, warmup)
+    stable_end = _stable_until(cfg, warmup, total)
     checkpoint, step = _checkpoint(source, at, stable_end)
     if step < warmup:
         raise ConfigError(

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 
 from cadence.config import Config, ConfigError, dump_config, flatten
+from cadence.config.horizon import Horizon
+from cadence.config.horizon import horizon as config_horizon
 from cadence.config.parts import lawa_every
+from cadence.config.validate import check_horizon
 from cadence.data import DataError
 from cadence.io import atomic_write_text
 from cadence.run.configs import load_config
@@ -92,6 +95,8 @@ def train(
 
         def prepare() -> None:
             holder["w"] = _workload(cfg, workload)
+            # a budget the workload's counts make impossible fails before anything is written
+            check_horizon(cfg, holder["w"].n_train, holder["w"].tokens_per_sample)
             prepare_run_dir(run_dir)
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
@@ -212,13 +217,17 @@ def _main_first(world: World, fn: Callable[[], None]) -> None:
         raise ConfigError(error)
 
 
-def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
+def run_callbacks(
+    cfg: Config, run_dir: Path, world: World, horizon: Horizon | None = None
+) -> list[Callback]:
     """The callbacks a run attaches for its config: on every rank the measuring ones (a
-    measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show."""
+    measurement under FSDP2 is a collective), on rank 0 alone the ones that write or show.
+    ``horizon``: the run's (None: as far as the config knows it)."""
     cbs: list[Callback] = []
     t = cfg.train
+    steps = (config_horizon(cfg) if horizon is None else horizon).steps
     if t.lawa is not None:  # on every rank: its evaluation is a collective under DDP
-        cbs.append(LAWA(t.lawa, lawa_every(cfg)))
+        cbs.append(LAWA(t.lawa, lawa_every(cfg, steps)))
     # batch.schedule: auto measures and logs the noise scale itself (Trainer.decide_batch)
     if t.log_noise_scale and cfg.batch.schedule != "auto":
         every = t.noise_scale_every or t.eval_every
@@ -226,7 +235,7 @@ def run_callbacks(cfg: Config, run_dir: Path, world: World) -> list[Callback]:
     if world.is_main:
         cbs.append(TensorBoardLogger(run_dir / "tensorboard"))
         if t.progress:
-            cbs.append(ProgressBar(t.max_steps))
+            cbs.append(ProgressBar(steps))
     return cbs
 
 
@@ -240,10 +249,15 @@ def _execute(
     plots: bool = True,
 ) -> dict[str, Any]:
     main = world.is_main
+    # Checked before config.yaml is written, so a resume with a budget that cannot be a horizon
+    # leaves the run as it was; its warnings and the line naming it come once, from rank 0.
+    horizon = check_horizon(cfg, workload.n_train, workload.tokens_per_sample, warn=main)
+    if main and len(horizon.given) > 1:
+        print(f"cadence: {horizon.describe()}", flush=True)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     if main:  # logs, plots and progress come from rank 0 only
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    cbs = run_callbacks(cfg, run_dir, world)
+    cbs = run_callbacks(cfg, run_dir, world, horizon)
     # metrics.jsonl first, so a row is on disk before anyone else sees it; the user's last.
     cbs = ([writer] if main else []) + cbs + (list(callbacks) if main else [])
     trainer = Trainer(cfg, workload, cbs, run_dir=run_dir, world=world)

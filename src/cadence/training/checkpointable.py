@@ -27,6 +27,9 @@ class Checkpointable:
         if self.run_dir is None:
             return None
         keep = self.cfg.train.keep_checkpoints
+        # The run's time as of the save, not of the last step: a resumed run goes on from it,
+        # and a time budget (which the schedules may follow) loses nothing across a restart.
+        self.clock.tick()
         with self.clock.excluded("checkpoint"):
             path = checkpoint.save_checkpoint(self, self.run_dir / "checkpoints", keep_last=keep)
         if self.world.is_main:

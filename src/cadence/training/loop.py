@@ -25,7 +25,7 @@ def fit(trainer: Trainer) -> dict[str, Any]:
                 t.handle_nonfinite(size)  # the update is not applied
                 continue
             t.optimizer.step()
-            t.advance(size)
+            t.advance(size, read)  # the counters, and the time the schedules follow
             t.decide_batch()  # batch.schedule: auto: the measured noise scale may grow the batch
             t.emit("on_step")
             t.check_stops(read)

@@ -22,6 +22,9 @@ class TrainState:
     eval_time_s: float = 0.0  # part of elapsed_s spent evaluating
     checkpoint_time_s: float = 0.0  # part of elapsed_s spent writing checkpoints
     train_time_s: float = 0.0  # elapsed_s minus the two above, as of the last completed step
+    # elapsed_s as every process agreed at the last completed step: under train.max_time_s the
+    # schedules follow it (Horizon.position), so it is checkpointed like the step
+    clock_s: float = 0.0
     # The same three on the process's CPU clock: what a run costs however busy the machine is
     # (a contended process waits, and waiting is not CPU time), so compare ranks by these.
     cpu_s: float = 0.0

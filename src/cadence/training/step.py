@@ -117,6 +117,7 @@ class StepRead:
     grad_norm: float  # the global gradient norm before clipping
     signal: bool = False  # some process received SIGTERM/SIGINT
     time_up: bool = False  # some process is past train.max_time_s
+    elapsed_s: float | None = None  # the run's seconds as all processes agree (time budgets)
 
     @property
     def finite(self) -> bool:
@@ -130,20 +131,25 @@ def read_step(
     *,
     signal: bool = False,
     time_up: bool = False,
+    elapsed_s: float | None = None,
 ) -> StepRead:
     """The step's host read. Under torch.distributed one all-reduce (SUM) carries the loss
     shares and the stop flags of every process, so all ranks decide alike; alone, no reduce.
-    Float64 throughout, so a float64 loss is read at full precision."""
+    Float64 throughout, so a float64 loss is read at full precision.
+
+    ``elapsed_s`` (given when time is a budget) rides in the same all-reduce and comes back as
+    the mean over processes: the schedules follow time then, and every rank must take the same
+    LR, which its own clock alone would not give."""
     if not world.active:
         loss, norm = torch.stack([local_loss.double(), grad_norm.double()]).tolist()
-        return StepRead(loss, norm, signal, time_up)
-    flags = torch.tensor(
-        [float(signal), float(time_up)], dtype=torch.float64, device=local_loss.device
-    )
+        return StepRead(loss, norm, signal, time_up, elapsed_s)
+    values = [float(signal), float(time_up)] + ([] if elapsed_s is None else [elapsed_s])
+    flags = torch.tensor(values, dtype=torch.float64, device=local_loss.device)
     reduced = torch.cat([local_loss.double().reshape(1), flags])
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    loss, sig, late, norm = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
-    return StepRead(loss / world.size, norm, sig > 0, late > 0)
+    loss, sig, late, *rest = torch.cat([reduced, grad_norm.double().reshape(1)]).tolist()
+    agreed = None if elapsed_s is None else rest[0] / world.size
+    return StepRead(loss / world.size, rest[-1], sig > 0, late > 0, agreed)
 
 
 def train_step(

@@ -3,7 +3,9 @@
 `fit()` in loop.py reads top to bottom on one screen and calls these. Each concern lives in its
 own module as plain functions a custom loop can use too: stopping rules (stopping.py), the
 non-finite policy (nonfinite.py), evaluation bookkeeping (evaluation.py), metrics rows
-(rows.py), the step and its one host read (step.py), which samples a step sees (batches.py).
+(rows.py), the step and its one host read (step.py), which samples a step sees (batches.py),
+what the schedules say for a step (scheduled.py), laid out over the run's horizon
+(``cadence.config.horizon``: the step at which its first budget ends).
 Checkpoints go through `state_dict()` / `load_state_dict()` and the weight methods of
 checkpointable.py.
 """
@@ -27,6 +29,7 @@ from cadence.config.parts import (
     plateau_from,
     seq_len_schedule_from,
 )
+from cadence.config.validate import check_horizon
 from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
@@ -38,6 +41,7 @@ from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
 from cadence.training.noise import NoiseProbe
 from cadence.training.rows import RowLogger, run_summary
+from cadence.training.scheduled import ScheduledReads
 from cadence.training.state import RunClock, TrainState
 from cadence.training.step import StepRead, autocast_context, backward_step, read_step
 from cadence.training.stopping import StopDecisions, time_up
@@ -76,7 +80,7 @@ def _check_batches(ramp: Any, seq_len: Any, workload: Workload, world: World) ->
         )
 
 
-class Trainer(Checkpointable, StopDecisions):
+class Trainer(Checkpointable, StopDecisions, ScheduledReads):
     def __init__(
         self,
         cfg: Config,
@@ -97,17 +101,19 @@ class Trainer(Checkpointable, StopDecisions):
         wrapped = distributed.wrap(self.model, world, t.precision)
         self.optimizer = optimizer_from(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ramp = batch_ramp_from(cfg, workload.n_train)
+        # the step at which the first budget ends: every schedule is laid out over it
+        self.horizon = check_horizon(cfg, workload.n_train, workload.tokens_per_sample)
+        steps = self.horizon.steps
+        self.ramp = batch_ramp_from(cfg, workload.n_train, steps)
         # batch.schedule: auto decides from the noise scale this probe measures (decide_batch)
         every = t.noise_scale_every or t.eval_every
         auto = isinstance(self.ramp, AutoBatchRamp)
         self.noise = NoiseProbe(every, seed=t.seed) if auto else None
-        self.schedule = lr_schedule_from(
-            cfg, steps_per_epoch=max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
-        )
-        self.hparams = hparam_schedules_from(cfg)
+        epoch = max(1, math.ceil(workload.n_train / self.ramp.size_at(0)))
+        self.schedule = lr_schedule_from(cfg, epoch, steps)
+        self.hparams = hparam_schedules_from(cfg, steps)
         self.scheduled: dict[str, float] = {}  # this step's momentum / weight decay, for its row
-        self.seq_len = seq_len_schedule_from(cfg)
+        self.seq_len = seq_len_schedule_from(cfg, steps)
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
@@ -125,9 +131,7 @@ class Trainer(Checkpointable, StopDecisions):
         on = workload.prefetch and self.device.type == "cuda" if t.prefetch is None else t.prefetch
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
         _check_batches(self.ramp, self.seq_len, workload, world)
-        self.compiler = Compiler(
-            t.compile, self.model, wrapped, self.device, t.max_steps, self.sharded
-        )
+        self.compiler = Compiler(t.compile, self.model, wrapped, self.device, steps, self.sharded)
 
     # ------------------------------------------------------------ events
 
@@ -140,26 +144,6 @@ class Trainer(Checkpointable, StopDecisions):
         self.pending.update(values)
 
     # ------------------------------------------------------------ per-step decisions
-
-    def lr_multiplier(self, step: int) -> float:
-        """warmup -> schedule, times the plateau factor, times the batch-ramp LR rule."""
-        scale = self.plateau.scale if self.plateau is not None else 1.0
-        return self.schedule(step) * scale * self.ramp.lr_scale_at(step) * self.state.lr_scale
-
-    def apply_lr(self) -> float:
-        """Set the step's LR in every group, and its momentum and weight decay where those are
-        scheduled; returns the config-level LR for the metrics row."""
-        mult = self.lr_multiplier(self.state.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * mult
-        if self.hparams.active:
-            self.scheduled = self.hparams.apply(self.optimizer, self.state.step, mult)
-        if self.seq_len is not None:
-            self.scheduled["seq_len"] = self.seq_len.length_at(self.state.step)
-        return self.cfg.optimizer.lr * mult
-
-    def batch_size(self) -> int:
-        return self.ramp.size_at(self.state.step)
 
     def decide_batch(self) -> None:
         """batch.schedule: auto. After each measurement of the noise scale, grow the batch when
@@ -186,11 +170,11 @@ class Trainer(Checkpointable, StopDecisions):
         if self.prefetcher is None:
             micro, units = self._read_batches(self.state.samples, size)
         else:
-            following = self.ramp.size_at(self.state.step + 1)
+            following = self.ramp.size_at(self.position + 1)
             micro, units = self.prefetcher.get(self.state.samples, size, following)
         # Shortened after the read, so which samples a step sees (and the prefetch) is the
         # same with and without the warmup.
-        return cut_to_length(micro, units, self.seq_len, self.state.step)
+        return cut_to_length(micro, units, self.seq_len, self.position)
 
     def backward(self, micro_batches: list[Any], units: int) -> tuple[Tensor, Tensor]:
         """Forward and backward of a global batch: (loss, grad norm), on the device."""
@@ -225,15 +209,20 @@ class Trainer(Checkpointable, StopDecisions):
     def read(self, local_loss: Tensor, grad_norm: Tensor) -> StepRead:
         """The step's one host read, with this process's signal and time flags agreed."""
         signal = self.signals is not None and self.signals.received is not None
-        late = time_up(self.cfg.train, self.clock.now())
-        return read_step(local_loss, grad_norm, self.world, signal=signal, time_up=late)
+        now = self.clock.now()
+        late = time_up(self.cfg.train, now)
+        timed = now if self.horizon.time_s is not None else None  # agreed where it steers
+        return read_step(
+            local_loss, grad_norm, self.world, signal=signal, time_up=late, elapsed_s=timed
+        )
 
-    def advance(self, size: int) -> None:
+    def advance(self, size: int, read: StepRead) -> None:
         st = self.state
         st.consecutive_skips = 0
-        st.tokens += size * trained_tokens(self.workload, self.seq_len, st.step)
+        st.tokens += size * trained_tokens(self.workload, self.seq_len, self.position)
         st.step += 1
         st.samples += size
+        st.clock_s = st.clock_s if read.elapsed_s is None else read.elapsed_s
         if self.ema is not None:
             self.ema.update(self.model)
         self.clock.tick()
@@ -256,7 +245,7 @@ class Trainer(Checkpointable, StopDecisions):
                 self.state,
                 policy=t.on_nonfinite,
                 size=size,
-                tokens_per_sample=trained_tokens(self.workload, self.seq_len, self.state.step),
+                tokens_per_sample=trained_tokens(self.workload, self.seq_len, self.position),
                 rollback_lr_factor=t.rollback_lr_factor,
                 latest_checkpoint=latest,
                 restore=lambda path: checkpoint.restore(self, path, verified=True),
@@ -316,6 +305,7 @@ class Trainer(Checkpointable, StopDecisions):
     # ------------------------------------------------------------ results
 
     def summary(self) -> dict[str, Any]:
-        return run_summary(
+        done = run_summary(
             self.cfg, self.workload, self.state, self.last_metrics, self.params, self.target
         )
+        return {**done, **self.horizon.summary()}  # horizon_steps, horizon_budget
