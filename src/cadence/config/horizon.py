@@ -163,6 +163,8 @@ def horizon(
     for key, budget in ((SAMPLES, t.max_samples), (TOKENS, t.max_tokens)):
         if budget is None:
             continue
+        if budget <= 0:  # (the config check's own rule, needed here first)
+            raise ConfigError(f"{key}: must be > 0 or null, got {budget}")
         per_sample = 1 if key == SAMPLES else tokens
         if key == TOKENS and per_sample == 0:
             raise ConfigError(
