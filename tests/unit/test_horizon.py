@@ -167,6 +167,7 @@ def test_the_line_names_the_budget_that_ends_first_and_the_others():
         ({"workload": "digits", "train__max_tokens": 1000}, "train.max_tokens"),
         ({"batch__schedule": "auto", "train__max_samples": 1000}, "train.max_samples"),
         ({"schedule__warmup": 100, "train__max_samples": 32 * 50}, "train.max_samples"),
+        ({"train__max_tokens": 0}, "train.max_tokens"),
     ],
 )
 def test_a_budget_that_cannot_be_the_horizon_is_one_line(changes, key):
