@@ -10,37 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from resume_helpers import no_plots, train_tiny_lm
+from resume_helpers import TINY_LM, no_plots, train_tiny_lm
 from serve_helpers import LIMIT, Server, serve
+from trainer_helpers import TINY
 
 import cadence
 from cadence.config import Config
-
-# Tiny models per workload: every test trains for well under a second per step on one core.
-TINY: dict[str, list[str]] = {
-    "lm": [
-        "model.n_layer=1",
-        "model.d_model=32",
-        "model.n_head=2",
-        "model.seq_len=16",
-        "data.max_bytes=200000",
-        "train.eval_samples=16",
-    ],
-    "mnist": ["model.arch=mlp", "model.hidden=[32]"],
-    "mnist-cnn": ["model.arch=cnn"],
-    "digits": ["model.hidden=[32]"],
-    "logreg": [],
-    # 2 of the 160 synthetic voices (44 clips); a narrow CNN
-    "speech": ["data.voices=2", "model.channels=[8,16]", "train.eval_samples=64"],
-    # clipped as in the recipe: plain SGD at 0.1 on CTC diverges within 25 steps without it
-    "asr": [
-        "data.voices=2",
-        "model.d_model=32",
-        "model.n_layer=1",
-        "train.eval_samples=32",
-        "train.clip_grad_norm=1.0",
-    ],
-}
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -74,6 +49,17 @@ def make_config(empty_yaml: Path) -> Callable[..., Config]:
         return cadence.load_config(empty_yaml, [*base, *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_cached() -> None:
+    """TINY_LM's corpus in the data cache before a test that counts the lines the CLI prints:
+    the first run to read a corpus says that it prepares it, and which test comes first depends
+    on how xdist spreads them."""
+    from cadence.config import parse_config
+    from cadence.workloads import build_workload
+
+    build_workload(parse_config(None, TINY_LM))
 
 
 @pytest.fixture(scope="session")

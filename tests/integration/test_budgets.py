@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from resume_helpers import WALL_FIELDS, Crash, CrashAt, assert_same_run, crash_then_resume, rows
-from trainer_helpers import run_fit
+from trainer_helpers import TINY, run_fit
 
 import cadence
 from cadence.cli import main
@@ -168,8 +168,6 @@ def test_the_elapsed_time_rides_in_the_step_read_and_is_agreed(monkeypatch):
 
 
 def _cli(tmp_path, capsys, *sets: str) -> tuple[int, list[str], list[str]]:
-    from conftest import TINY
-
     argv = ["train", *as_sets([*TINY["lm"], "train.progress=false", *sets])]
     capsys.readouterr()
     code = main([*argv, "--run-dir", str(tmp_path / "run")])

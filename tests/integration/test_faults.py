@@ -218,6 +218,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_and_no_temporaries(
     ).read_bytes()
 
 
+@pytest.mark.usefixtures("tiny_lm_cached")
 def test_disk_full_during_a_save_is_one_line_exit_1_and_earlier_checkpoints_load(
     tmp_path, monkeypatch, capsys
 ):
@@ -244,6 +245,7 @@ def test_disk_full_during_a_save_is_one_line_exit_1_and_earlier_checkpoints_load
     assert steps_of(run_dir)[-1] == 8
 
 
+@pytest.mark.usefixtures("tiny_lm_cached")
 def test_safetensors_write_error_reaches_the_user_as_an_os_error(tmp_path, monkeypatch, capsys):
     """safetensors reports a failed write as its own SafetensorError, not OSError."""
     from safetensors import SafetensorError
@@ -385,6 +387,7 @@ def test_nonfinite_rollback_rewinds_lowers_lr_and_keeps_steps_unique(tmp_path, m
 # ---------------------------------------------------------------- bad input never costs data
 
 
+@pytest.mark.usefixtures("tiny_lm_cached")
 @pytest.mark.parametrize(
     "extra, key",
     [
