@@ -141,6 +141,14 @@ def test_a_recordings_folder_is_read_and_split_by_speaker(tmp_path) -> None:
     assert data.x_train.shape[1] == sp.CLIP
 
 
+def test_a_recordings_folder_under_home_is_read_as_written(tmp_path, monkeypatch) -> None:
+    """data.path=~/... reaches the reader unexpanded (a shell leaves '~' after '=' alone)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _folder(tmp_path / "speech", speakers=4)
+    assert is_speech_folder("~/speech")
+    assert load_speech_folder("~/speech", 0.3).labels == ("left", "right")
+
+
 def test_validation_list_is_obeyed(tmp_path) -> None:
     _folder(tmp_path, speakers=3)
     (tmp_path / "validation_list.txt").write_text("left/spk00_nohash_0.wav\n")

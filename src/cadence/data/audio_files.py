@@ -68,7 +68,7 @@ def _labels(root: Path) -> list[str]:
 
 def is_speech_folder(path: str | Path) -> bool:
     """A folder of label folders holding .wav files."""
-    root = Path(path)
+    root = Path(path).expanduser()
     if not root.is_dir():
         return False
     return any(any((root / label).glob("*.wav")) for label in _labels(root))
@@ -93,7 +93,7 @@ def _held_out(root: Path, val_fraction: float) -> set[str]:
 
 def load_speech_folder(path: str | Path, val_fraction: float) -> SpeechData:
     """Every .wav of every label folder, as one-second int16 clips, split by speaker."""
-    root = Path(path)
+    root = Path(path).expanduser()  # data.path=~/... as the config check reads it
     labels = _labels(root)
     if not labels:
         raise DataError(f"data.path: {root} has no label folders of .wav files (DIR/<label>/*.wav)")
