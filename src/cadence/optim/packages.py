@@ -16,12 +16,11 @@ run as on one process.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 from collections.abc import Callable
 from typing import Any
 
-import prodigyopt
-import pytorch_optimizer
 from torch import nn
 
 from cadence.optim.base import OptimizerSpec, trainable_groups
@@ -29,6 +28,18 @@ from cadence.optim.base import OptimizerSpec, trainable_groups
 __all__ = ["PACKAGE_OPTIMIZERS"]
 
 DEFAULT_KRON_MOMENTUM = 0.9  # the package's default; 0 would switch off its momentum
+
+
+def _from_package(name: str) -> Callable[..., Any]:
+    """``pytorch_optimizer.<name>``, imported when an optimizer is built, not when cadence is:
+    the package pulls in transformers and torch.distributed.tensor at import, seconds that every
+    ``cadence`` command (``--help`` included) and every run of another optimizer would pay."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module("pytorch_optimizer"), name)(*args, **kwargs)
+
+    make.__name__ = name
+    return make
 
 
 def _adam_like(
@@ -68,6 +79,8 @@ def _adam_like(
 def _quiet_prodigy(*args: Any, **kwargs: Any) -> Any:
     # prodigyopt prints a line about weight decay at every construction; cadence reports its
     # settings in config.yaml, so the print is swallowed rather than shown once per run/trial.
+    import prodigyopt  # imported when a Prodigy run is built, as pytorch_optimizer is
+
     with contextlib.redirect_stdout(io.StringIO()):
         return prodigyopt.Prodigy(*args, **kwargs)
 
@@ -77,7 +90,7 @@ def _build_kron(
 ) -> Any:
     # Preconditioner updates are drawn with NumPy's global RNG, which checkpoints hold and
     # build_workload seeds, so a run is reproducible and an interrupted one resumes exactly.
-    return pytorch_optimizer.Kron(
+    return _from_package("Kron")(
         trainable_groups(model, lr, weight_decay),
         lr=lr,
         momentum=momentum if momentum > 0 else DEFAULT_KRON_MOMENTUM,
@@ -100,7 +113,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "dadapt-adam",
             "D-Adaptation Adam (pytorch-optimizer): learning-rate-free; lr multiplies its estimate.",
-            _adam_like(pytorch_optimizer.DAdaptAdam, weight_decouple=True),
+            _adam_like(_from_package("DAdaptAdam"), weight_decouple=True),
             lr_free=True,
             momentum_key="betas",
             shardable=False,
@@ -109,7 +122,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "soap",
             "SOAP (pytorch-optimizer): Adam in Shampoo's eigenbasis, preconditioner every 10 steps.",
-            _adam_like(pytorch_optimizer.SOAP),  # the paper's betas: [0.95, 0.95]
+            _adam_like(_from_package("SOAP")),  # the paper's betas: [0.95, 0.95]
             momentum_key="betas",
             shardable=False,
         ),
@@ -124,7 +137,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
             "ademamix",
             "AdEMAMix (pytorch-optimizer): AdamW plus a slow EMA of gradients (beta3 0.9999).",
             # beta3 = 0.9999 and the mixing weight alpha = 5 are the paper's defaults
-            _adam_like(pytorch_optimizer.AdEMAMix, beta3=0.9999, weight_decouple=True),
+            _adam_like(_from_package("AdEMAMix"), beta3=0.9999, weight_decouple=True),
             momentum_key="betas",
             shardable=False,
             width_rule=True,
@@ -132,7 +145,7 @@ PACKAGE_OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "mars",
             "MARS (pytorch-optimizer): variance-reduced AdamW (gradient correction, gamma 0.025).",
-            _adam_like(pytorch_optimizer.MARS, lr_1d=True),
+            _adam_like(_from_package("MARS"), lr_1d=True),
             momentum_key="betas",
             shardable=False,
             width_rule=True,

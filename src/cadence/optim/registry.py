@@ -174,6 +174,9 @@ def _build_muon(
                 momentum=momentum if momentum > 0 else DEFAULT_MUON_MOMENTUM,
                 nesterov=True,
                 adjust_lr_fn="match_rms_adamw",
+                # torch's bf16 Newton–Schulz where matrix units run bf16; float32 on CPU,
+                # where bf16 matmuls are many times slower (optim/sharded.py says more)
+                ns_dtype=torch.float32 if matrices[0].device.type == "cpu" else None,
             )
         )
     if rest:
