@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from cadence.io import atomic_path
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-from cadence.io import atomic_path  # noqa: E402
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported at the first plot: its import
+    costs most of a second, which runs that write no plot (and ``cadence --help``) need not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -21,7 +27,7 @@ def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], li
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
@@ -32,6 +38,7 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> list
         ("tokens" if rows and "tokens" in rows[0] else "samples", ""),
     ]
     written = []
+    plt = _pyplot()
     for name, keys, ylabel, logy in (
         ("loss.png", ("train_loss", "val_loss"), "loss", True),
         ("lr.png", ("lr", "batch_size"), "learning rate / batch size", False),

@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from cadence.optim import is_schedule_free
 from cadence.optim.registry import inner_optimizers
@@ -43,6 +41,15 @@ if TYPE_CHECKING:
 __all__ = ["DIRNAME", "consolidate", "load_sharded", "save_sharded"]
 
 DIRNAME = "sharded"
+
+
+def _dcp() -> Any:
+    """torch.distributed.checkpoint, imported at the first sharded save or load: its import
+    (DTensor's op tables) costs over a second, and most runs (one process, DDP) never shard."""
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.metadata  # noqa: F401 - read as dcp.metadata
+
+    return dcp
 
 
 def _names(trainer: Trainer) -> dict[int, str]:
@@ -77,7 +84,7 @@ def save_sharded(trainer: Trainer, path: Path) -> dict[str, Any]:
     with trainer.averaged_weights():
         tensors.update({f"model/{k}": v for k, v in reshard(model).state_dict().items()})
         with _single_process_ok():
-            dcp.save(tensors, checkpoint_id=path, no_dist=not trainer.world.active)
+            _dcp().save(tensors, checkpoint_id=path, no_dist=not trainer.world.active)
     small: dict[str, Any] = {"optimizer_groups": groups, "optimizer_extra": extra}
     if trainer.ema is not None:
         small["ema_decay"] = trainer.ema.decay
@@ -87,7 +94,7 @@ def save_sharded(trainer: Trainer, path: Path) -> dict[str, Any]:
 def _metadata(path: Path) -> dict[str, Any]:
     # DCP's metadata file is a pickle; callers read it only after its SHA-256 matched the
     # manifest rank 0 wrote when saving (checkpoint.verify).
-    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return _dcp().FileSystemReader(path).read_metadata().state_dict_metadata
 
 
 def _template(meta: Any, like: Tensor | None) -> Tensor:
@@ -110,7 +117,7 @@ def _single_process_ok() -> Iterator[None]:
 
 def _load(path: Path, templates: dict[str, Tensor], distributed: bool) -> None:
     with _single_process_ok():
-        dcp.load(templates, checkpoint_id=path, no_dist=not distributed)
+        _dcp().load(templates, checkpoint_id=path, no_dist=not distributed)
 
 
 @torch.no_grad()
@@ -184,7 +191,7 @@ def consolidate(path: Path, prefix: str = "model/") -> dict[str, Tensor]:
     templates = {
         k: _template(m, None)
         for k, m in meta.items()
-        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+        if k.startswith(prefix) and isinstance(m, _dcp().metadata.TensorStorageMetadata)
     }
     _load(path, templates, distributed=False)
     return {k[len(prefix) :]: v for k, v in templates.items()}
