@@ -36,6 +36,7 @@ from cadence.training.rng import rng_preserved
 
 if TYPE_CHECKING:
     from cadence.runtime.distributed import World
+    from cadence.runtime.events import TrainerView
     from cadence.workloads import Workload
 
 __all__ = [
@@ -222,6 +223,18 @@ class NoiseProbe:
             "grad_trace": self.estimator.trace,
         }
         self.rows.append(row)
+        return row
+
+    def observe(self, trainer: TrainerView) -> dict[str, float] | None:
+        """Measure when due after the trainer's current step, log the row into that step's
+        metrics and append it to ``noise_scale.jsonl``; None when no measurement was due. The
+        one path both the observing monitor and the loop's batch decision go through."""
+        step = int(trainer.state.step)
+        if not self.due(step):
+            return None
+        row = self.measure(trainer.workload, trainer.batch_size(), step, trainer.autocast)
+        trainer.log_metrics({k: v for k, v in row.items() if k != "step"})
+        self.write(row, trainer.run_dir, trainer.world)
         return row
 
     def write(self, row: dict[str, float], run_dir: Path | None, world: World) -> None:

@@ -150,14 +150,12 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         the critical batch (the measurements' EMA) is at least twice it; the first
         AUTO_BATCH_WARMUP measurements only warm the EMA up. Rank 0's decision holds on every
         rank, so all take the same batch where their estimates differ in the last bits."""
-        step, probe = self.state.step, self.noise
-        if probe is None or not probe.due(step):
+        probe = self.noise
+        if probe is None or probe.observe(self) is None:
             return
-        row = probe.measure(self.workload, self.batch_size(), step, self.autocast)
-        probe.write(row, self.run_dir, self.world)
-        self.log_metrics({k: v for k, v in row.items() if k != "step"})
         if probe.estimator.count < AUTO_BATCH_WARMUP:
             return
+        step = self.state.step
         size = distributed.broadcast_object(
             self.ramp.propose(step, probe.estimator.b_simple), self.world
         )

@@ -194,12 +194,7 @@ class NoiseScaleMonitor(Callback):
         self.probe.keep_until(step, trainer.run_dir, trainer.world)
 
     def on_step(self, trainer: TrainerView) -> None:
-        step = int(trainer.state.step)
-        if not self.probe.due(step):
-            return
-        row = self.probe.measure(trainer.workload, trainer.batch_size(), step, trainer.autocast)
-        trainer.log_metrics({k: v for k, v in row.items() if k != "step"})
-        self.probe.write(row, trainer.run_dir, trainer.world)
+        self.probe.observe(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return self.probe.state_dict()
