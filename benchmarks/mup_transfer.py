@@ -79,7 +79,16 @@ def _tune_lr(width: int, args: argparse.Namespace, out: Path) -> float:
     )
     run_dir = Path(tempfile.mkdtemp(prefix="mup-tune-"))
     sets = [x for o in _overrides(width, "mup", args.lrs[0], args) for x in ("--set", o)]
-    cmd = ["cadence", "tune", "--trials", str(args.tune_trials), "--space", str(space)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cadence",
+        "tune",
+        "--trials",
+        str(args.tune_trials),
+        "--space",
+        str(space),
+    ]
     cmd += ["--pruner", "none", "--run-dir", str(run_dir), *sets]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     space.unlink()
