@@ -9,9 +9,10 @@ one shard file per rank, and must
 - consolidate into one safetensors file equal to the weights the run itself gathered,
 - be passed over with a warning when a shard file is damaged.
 
-Tolerance against a one-process run: Muon orthogonalises in bfloat16, so the last-bit
-differences that the order of the gradient reduction makes (see test_ddp_fsdp.py, 1e-5) can move
-an orthogonalised entry by one bf16 step, 2**-8 relative; losses are compared at that precision.
+Tolerance against a one-process run: Muon orthogonalises in bfloat16 on accelerators (float32
+on CPU), so the last-bit differences that the order of the gradient reduction makes (see
+test_ddp_fsdp.py, 1e-5) can move an orthogonalised entry by one bf16 step, 2**-8 relative; losses
+are compared at that precision, which holds on either device.
 """
 
 from __future__ import annotations

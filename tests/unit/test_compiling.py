@@ -26,9 +26,10 @@ TINY = [
     "train.eval_samples=8",
     "train.log_every=1",
     "train.progress=false",
-    # AdamW, not the default Muon: Muon's bf16 Newton-Schulz turns the ulp-level differences
-    # of compiled kernels into 4e-4 weight differences (seen on the CI machine, 2026-12-02), which
-    # says nothing about whether compiling changed the math.
+    # AdamW, not the default Muon: Muon's Newton-Schulz (bf16 on accelerators) turns the
+    # ulp-level differences of compiled kernels into 4e-4 weight differences (seen on the CI
+    # machine, 2026-12-02, when CPUs ran it in bf16 too), which says nothing about whether
+    # compiling changed the math.
     "optimizer.name=adamw",
 ]
 
