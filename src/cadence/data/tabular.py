@@ -40,11 +40,11 @@ def load_breast_cancer_split(
     information leaks into training; the split is the fixed one of
     :func:`split_indices` (seed 0).
     """
-    from sklearn.datasets import load_breast_cancer
+    from cadence.data import sklearn_files
 
-    bunch = load_breast_cancer()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    y = np.asarray(bunch.target, dtype=np.float64)
+    features, labels = sklearn_files.breast_cancer()
+    x = features
+    y = labels.astype(np.float64)
     train_idx, val_idx = split_indices(x.shape[0], val_fraction)
     tr, va = train_idx.numpy(), val_idx.numpy()
     mean = x[tr].mean(axis=0)

@@ -48,11 +48,11 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits (1,797 images): X float32 [N, 64] in [0, 1], y int64."""
-    from sklearn.datasets import load_digits as _sk_load_digits
+    from cadence.data import sklearn_files
 
-    bunch = _sk_load_digits()
-    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    pixels, labels = sklearn_files.digits()
+    x = torch.from_numpy(pixels.astype(np.float32) / 16.0)
+    y = torch.from_numpy(labels)
     return x, y
 
 
