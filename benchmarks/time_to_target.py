@@ -14,6 +14,7 @@ the plain loop's clock stopped while it evaluates) at the first evaluation with 
 
     python benchmarks/time_to_target.py                 # 120 s budget (about 5 minutes)
     python benchmarks/time_to_target.py --budget 20     # a quick look
+    python benchmarks/time_to_target.py --set model.n_layer=2   # the recipe, changed
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ from overhead import Windows, hardware, loadavg  # noqa: E402
 PLAIN_LR = 1e-3
 
 
-def plain_curve(budget_s: float, eval_every: int, seed: int) -> list[tuple[int, float, float]]:
+def plain_curve(
+    budget_s: float, eval_every: int, seed: int, sets: list[str] = ()
+) -> list[tuple[int, float, float]]:
     """(step, training seconds, val_loss) of the plain loop, evaluated every `eval_every` steps
-    until `budget_s` seconds of training have passed (and once more at that point)."""
-    cfg = cadence.load_config(None, ["train.progress=false", f"train.seed={seed}"])
+    until `budget_s` seconds of training have passed (and once more at that point). `sets`
+    (--set) shape its model and data as they shape cadence's run, so both stay comparable."""
+    cfg = cadence.load_config(None, [*sets, "train.progress=false", f"train.seed={seed}"])
     workload = build_workload(cfg)
     model = workload.model
     data = Windows(workload)
@@ -83,9 +87,12 @@ class Evals(Callback):
         )
 
 
-def cadence_curve(target: float, eval_every: int, seed: int) -> list[tuple[int, float, float]]:
+def cadence_curve(
+    target: float, eval_every: int, seed: int, sets: list[str] = ()
+) -> list[tuple[int, float, float]]:
     evals = Evals()
     overrides = [
+        *sets,
         f"train.target={target}",
         f"train.eval_every={eval_every}",
         f"train.seed={seed}",
@@ -108,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=120.0, help="plain loop's training seconds")
     ap.add_argument("--eval-every", type=int, default=20, help="steps between evaluations")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the recipe (repeatable): the model and data of both loops, and cadence's "
+        "settings, e.g. train.compile=false",
+    )
     args = ap.parse_args(argv)
     hw = hardware(torch.device("cpu"))
     now = datetime.datetime.now(datetime.UTC)
@@ -115,15 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         f"# time_to_target {now:%Y-%m-%d %H:%M} UTC, {hw['cpu']}, {hw['cores']} cores, "
         f"torch {hw['torch']}, {hw['threads']} threads, load {loadavg()}"
     )
-    plain = plain_curve(args.budget, args.eval_every, args.seed)
+    plain = plain_curve(args.budget, args.eval_every, args.seed, args.set)
     target = plain[-1][2]
     print(
         f"plain AdamW lr {PLAIN_LR:g}: {plain[-1][0]} steps in {plain[-1][1]:.1f} s of training, "
         f"val_loss {target:.4f} = L"
     )
-    ours = cadence_curve(target, args.eval_every, args.seed)
+    ours = cadence_curve(target, args.eval_every, args.seed, args.set)
     p, c = first_at(plain, target), first_at(ours, target)
-    tokens = 32 * 128  # both train the default recipe's batch of 32 windows of 128 tokens
+    recipe = cadence.load_config(None, args.set)  # both train its batch of windows
+    tokens = recipe.batch.size * recipe.model.seq_len
     print(
         "\n| loop | steps to L | training s to L | best val_loss | tokens/s |\n"
         "|---|---:|---:|---:|---:|"
