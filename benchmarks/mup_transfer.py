@@ -66,7 +66,7 @@ def _overrides(width: int, parametrization: str, lr: float, args: argparse.Names
 def _train(overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = cadence.load_config("default", overrides=overrides)
-        summary = cadence.train(cfg, run_dir=run_dir)
+        summary = cadence.train(cfg, run_dir=run_dir, plots=False)  # a temporary run
     loss = summary["final_metrics"]["val_loss"]
     return {"val_loss": loss if math.isfinite(loss) else None, "wall_s": summary["wall_time_s"]}
 

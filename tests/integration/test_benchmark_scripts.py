@@ -57,11 +57,13 @@ def test_lr_methods_runs_at_tiny_sizes() -> None:
 def test_mup_transfer_runs_at_tiny_sizes(tmp_path) -> None:
     out = _run(
         str(BENCHMARKS / "mup_transfer.py"),
-        *("--widths", "64,128", "--lrs", "0.002,0.008", "--steps", "2", "--tune-trials", "1"),
+        *("--widths", "32,64", "--lrs", "0.002,0.008", "--steps", "2", "--tune-trials", "1"),
+        *("--base-width", "32", "--n-layer", "1", "--seq-len", "16", "--batch", "4"),
+        *("--set", "train.eval_samples=16"),
         *("--out", str(tmp_path)),
         timeout=600,
     )
-    assert "best LR per width" in out and "cadence tune at d_model 64" in out
+    assert "best LR per width" in out and "cadence tune at d_model 32" in out
     assert len(list(tmp_path.glob("mup_transfer-*.png"))) == 1
 
 
