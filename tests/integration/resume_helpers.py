@@ -188,6 +188,14 @@ def train_tiny_lm(run_dir: Path, *extra: str) -> Path:
     return run_dir
 
 
+def train_reference(overrides: Sequence[str], run_dir: Path) -> Path:
+    """The uninterrupted run of a CLI run's overrides, trained in this process: what
+    `cadence train --set ...` computes (the CLI calls the same load_config and train), without
+    a fresh interpreter's imports; no PNGs, which the comparison does not read."""
+    cadence.train(cadence.load_config(None, list(overrides)), run_dir=run_dir, plots=False)
+    return run_dir
+
+
 def kill_twice_then_resume(cmd: list[str], run_dir: Path, seed: int) -> None:
     """Start `cadence CMD`, SIGKILL it at a random logged step, resume and kill it again, then
     resume to the end: the interrupted run, to compare with an uninterrupted one."""

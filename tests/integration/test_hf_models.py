@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from resume_helpers import assert_same_run, kill_twice_then_resume, run_cli
+from resume_helpers import assert_same_run, kill_twice_then_resume, train_reference
 from safetensors.torch import load_file
 from torch import nn
 
@@ -109,7 +109,7 @@ def test_accumulation_equals_one_large_batch(tmp_path, arch):
 def test_sigkill_then_resume_gives_bitwise_the_uninterrupted_weights(tmp_path, llama_dir):
     args = [*HF_RUN, f"model.hf={llama_dir}", "optimizer.name=muon", "train.max_steps=24"]
     args += ["train.checkpoint_every=3"]
-    assert run_cli("train", *as_sets(args), "--run-dir", str(tmp_path / "straight")).returncode == 0
+    train_reference(args, tmp_path / "straight")
     cmd = ["train", *as_sets(args), "--run-dir", str(tmp_path / "run")]
     kill_twice_then_resume(cmd, tmp_path / "run", seed=3)
     assert_same_run(tmp_path / "straight", tmp_path / "run", range(1, 25))
