@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from optim_step import step_time
 from overhead import hardware, loadavg, matmul_rate
 
 import cadence
@@ -26,17 +26,6 @@ from cadence.optim.sharded import ShardedMuon
 from cadence.workloads import build_workload
 
 HYPER = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "adjust_lr_fn": "match_rms_adamw"}
-
-
-def step_time(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        for p in params:
-            p.grad.neg_()  # outside the timed region; no step's cost depends on the sign
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,15 +56,15 @@ def main() -> None:
         params = [torch.nn.Parameter(m.detach().clone()) for m in matrices]
         for p in params:
             p.grad = torch.randn_like(p)
-        variants[name] = (make(params), params)
+        variants[name] = make(params)
     shapes = sorted({tuple(m.shape) for m in matrices})
     print(
         f"\n{len(matrices)} matrices of shapes {shapes}, {args.steps} steps x {args.rounds} rounds"
     )
     rounds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved, so drifting load hits both alike
-        for name, (opt, params) in variants.items():
-            rounds[name].append(step_time(opt, params, args.steps))
+        for name, opt in variants.items():
+            rounds[name].append(step_time(opt, args.steps))
     print("\n| variant | step ms per round | median ms |\n|---|---|---:|")
     med = {}
     for name, times in rounds.items():
