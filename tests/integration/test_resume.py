@@ -21,12 +21,12 @@ from resume_helpers import (
     assert_same_run,
     checkpoint_steps,
     crash_then_resume,
-    no_plots,
     rows,
     run_cli,
     start_cli,
     steps_of,
     tail_lines,
+    train_reference,
     wait_for_step,
     weights,
 )
@@ -138,11 +138,7 @@ CLI_RUN = [
 @pytest.fixture(scope="module")
 def cli_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run, trained in process from the same recipe + overrides as the CLI."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        no_plots(mp)
-        cadence.train(cadence.load_config(None, CLI_RUN), run_dir=run_dir)
-    return run_dir
+    return train_reference(CLI_RUN, tmp_path_factory.mktemp("reference") / "run")
 
 
 def test_sigkill_at_random_steps_then_resume_matches(cli_reference, tmp_path):

@@ -42,8 +42,7 @@ def load_breast_cancer_split(
     """
     from cadence.data import sklearn_files
 
-    features, labels = sklearn_files.breast_cancer()
-    x = features
+    x, labels = sklearn_files.breast_cancer()
     y = labels.astype(np.float64)
     train_idx, val_idx = split_indices(x.shape[0], val_fraction)
     tr, va = train_idx.numpy(), val_idx.numpy()
