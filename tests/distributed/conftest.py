@@ -1,17 +1,22 @@
 """Helpers for the multi-process tests: tiny configs, the CLI under torchrun, run comparisons.
 
-Every 2-process run is a real `torchrun` launch (gloo on CPU) of the CLI, and costs several
-seconds of imports, so the tests share runs through module-scoped fixtures. One-process reference
-runs go through the same CLI entry point in this process (`cadence.cli.main`), which skips the
-imports of a fresh interpreter.
+Most 2-process runs are `cadence train --nproc 2` called in this process (`launch_here`):
+torchrun's agent, with its rendezvous and monitoring, forks the two ranks (gloo on CPU) from
+this interpreter, so they skip the seconds of imports a fresh one pays. A few tests launch
+`torchrun` itself, or the CLI as a child process, where that path is what they test. The tests
+still share runs through module-scoped fixtures. One-process reference runs go through the same
+CLI entry point in this process (`cadence.cli.main`).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +103,39 @@ def run_in_process(*args: str) -> None:
     """One process, through the CLI's entry point (no interpreter start-up)."""
     rc = cadence_main(list(args))
     assert rc == 0, f"cadence {' '.join(args)} exited {rc}"
+
+
+def launch_here(*args: str) -> str:
+    """`cadence ARGS` (with `--nproc N`) in this process; its output and its ranks'.
+
+    The ranks are forked from this process and write to the inherited descriptors and to the
+    inherited `sys.stdout`/`sys.stderr` objects, both of which point at one temporary file for
+    the duration (pytest's own capture replaces `sys.stdout`, so descriptors alone would miss
+    what the ranks print).
+    """
+    with tempfile.TemporaryFile() as sink:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        streams = sys.stdout, sys.stderr
+        text = io.TextIOWrapper(os.fdopen(os.dup(sink.fileno()), "wb"), write_through=True)
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            sys.stdout = sys.stderr = text
+            rc = cadence_main(list(args))
+        finally:
+            text.flush()
+            sys.stdout, sys.stderr = streams
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            text.close()
+        sink.seek(0)
+        output = sink.read().decode(errors="replace")
+    assert rc == 0, f"cadence {' '.join(args[:4])} ... exited {rc}\n{output[-5000:]}"
+    return output
 
 
 def rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from cli_helpers import as_sets, cadence_cmd
+from cli_helpers import as_sets
 from hf_models import GPT2, LLAMA, hf_config_set
 
-from .conftest import assert_same_rows, assert_same_weights, rows, run, run_in_process
+from .conftest import assert_same_rows, assert_same_weights, launch_here, rows, run_in_process
 
 # batch.size=7 with micro_size=2: uneven shares (4/3), two micro-batches on each rank.
 HF = [
@@ -54,7 +54,7 @@ def test_two_processes_match_one(tmp_path, case: str) -> None:
         cfg += ["optimizer.lr=0.002"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_in_process("train", *as_sets(cfg), "--run-dir", str(one))
-    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
+    launch_here("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2")
     # Muon: gradient norms 3.9e-4 (here, AMD) and 8.7e-4 (the CI machine) apart by step 6 at lr 0.02,
     # hence 2e-3 for Muon only.
     assert_same_rows(rows(two), rows(one), rtol=2e-3 if opt == "muon" else 1e-4)

@@ -9,9 +9,16 @@ from __future__ import annotations
 import pytest
 
 from cadence.data.prepare import prepare_corpus
-from cli_helpers import as_sets, cadence_cmd
+from cli_helpers import as_sets
 
-from .conftest import LM, assert_same_rows, assert_same_weights, rows, run, run_in_process
+from .conftest import (
+    LM,
+    assert_same_rows,
+    assert_same_weights,
+    launch_here,
+    rows,
+    run_in_process,
+)
 
 
 @pytest.mark.parametrize("sampling", ["packed", "random"])
@@ -24,6 +31,6 @@ def test_two_processes_match_one_on_prepared_data(tmp_path, sampling: str) -> No
     cfg += ["train.eval_every=3"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_in_process("train", *as_sets(cfg), "--run-dir", str(one))
-    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
+    launch_here("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2")
     assert_same_rows(rows(two), rows(one))
     assert_same_weights(two / "model.safetensors", one / "model.safetensors")

@@ -26,12 +26,13 @@ import torch
 from safetensors.torch import load_file
 
 from cadence.cli import main as cadence_main
-from cli_helpers import as_sets, cadence_cmd
+from cli_helpers import as_sets
 
 from .conftest import (
     LM,
     assert_same_rows,
     assert_same_weights,
+    launch_here,
     rows,
     run,
     run_in_process,
@@ -57,7 +58,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sharded")
     one, two = root / "one", root / "two"
     run_in_process("train", *as_sets(CFG), "--run-dir", str(one))
-    run(cadence_cmd("train", *as_sets(CFG), "--run-dir", str(two), "--nproc", "2"))
+    launch_here("train", *as_sets(CFG), "--run-dir", str(two), "--nproc", "2")
     return {"root": root, "one": one, "two": two}
 
 
@@ -113,7 +114,7 @@ def test_resume_on_other_processes(runs: dict[str, Path], tmp_path: Path, direct
     if direction == "2->1":
         run_in_process("train", "--resume", str(resumed))
     else:
-        run(cadence_cmd("train", "--resume", str(resumed), "--nproc", "2"))
+        launch_here("train", "--resume", str(resumed), "--nproc", "2")
     got = rows(resumed)
     assert [r["step"] for r in got] == list(range(1, 9))
     assert_same_rows(got, rows(other or runs["two"]), rtol=BF16_RTOL)
@@ -174,7 +175,7 @@ def test_adafactor_state_resumes_from_shards_on_one_process(tmp_path: Path) -> N
     cfg = [*LM, "optimizer.name=adafactor", "train.distributed=fsdp", "train.max_steps=6"]
     cfg += ["train.eval_every=3", "train.checkpoint_every=3"]
     two = tmp_path / "two"
-    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2"))
+    launch_here("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2")
     resumed = truncated_copy(two, tmp_path / "resumed", step=3)
     run_in_process("train", "--resume", str(resumed))
     assert_same_rows(rows(resumed), rows(two))

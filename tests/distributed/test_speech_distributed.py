@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import as_sets, cadence_cmd
+from cli_helpers import as_sets
 
-from .conftest import assert_same_rows, assert_same_weights, rows, run, run_in_process
+from .conftest import assert_same_rows, assert_same_weights, launch_here, rows, run_in_process
 
 COMMON = [
     "data.voices=2",
@@ -42,7 +42,7 @@ CASES = {
 def test_two_processes_match_one(workload: str, tmp_path: Path) -> None:
     cfg = [*CASES[workload], *COMMON]
     run_in_process("train", *as_sets(cfg), "--run-dir", str(tmp_path / "one"))
-    run(cadence_cmd("train", *as_sets(cfg), "--run-dir", str(tmp_path / "two"), "--nproc", "2"))
+    launch_here("train", *as_sets(cfg), "--run-dir", str(tmp_path / "two"), "--nproc", "2")
     got, want = rows(tmp_path / "two"), rows(tmp_path / "one")
     assert [r["step"] for r in got] == list(range(1, 7))
     assert_same_rows(got, want, rtol=1e-4)

@@ -141,11 +141,19 @@ def _one_line_warnings() -> Iterator[None]:
         yield
 
 
+def rank_main(argv: list[str]) -> None:
+    """One rank of `cadence train --nproc N` (cli/launch.py): the CLI, its status as exit code."""
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    args.argv = argv  # `--nproc` re-runs the same command line under torchrun
+    args.argv = argv  # `--nproc` re-runs the same command line on each rank
+    args.rank_entry = rank_main
     if args.command is None:
         parser.print_help()
         return 0

@@ -123,15 +123,18 @@ def report(summary: dict, console: Console) -> int:
 
 
 def launch(args: argparse.Namespace) -> int:
-    """`--nproc N`: run this same command under torchrun on N local processes."""
-    import subprocess
+    """`--nproc N`: this same command line on N local ranks (torchrun's agent, see cli/launch.py)."""
+    from cadence.cli.launch import launch as launch_ranks
+    from cadence.run import load_config, resume_config
 
-    from cadence.run import load_config
-
-    if args.nproc < 1:
-        raise ConfigError(f"--nproc: must be >= 1, got {args.nproc}")
+    # a bad config (or a resume of nothing) fails here, once, not on every rank
     if args.resume is None:
-        load_config(args.config, args.overrides)  # a bad config fails here, once, not N times
+        load_config(args.config, args.overrides)
+    else:
+        run_dir = args.run_dir if args.resume is True else args.resume
+        if run_dir is None:
+            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
+        resume_config(run_dir, args.config, args.overrides)
     rest, skip = [], False
     for a in args.argv:
         if skip:
@@ -143,17 +146,7 @@ def launch(args: argparse.Namespace) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc}",
-        "-m",
-        "cadence",
-        *rest,
-    ]
-    return subprocess.call(cmd)
+    return launch_ranks(args.nproc, rest, args.rank_entry)
 
 
 def _num(value: float | None) -> str:

@@ -7,7 +7,7 @@ range test and attaches the gradient-noise monitor); ``cadence.train`` and
 
 from cadence.run.configs import load_config
 from cadence.run.rundir import default_run_dir, prepare_run_dir
-from cadence.run.session import RESUMABLE_KEYS, resume, run_callbacks, train
+from cadence.run.session import RESUMABLE_KEYS, resume, resume_config, run_callbacks, train
 
 __all__ = [
     "RESUMABLE_KEYS",
@@ -15,6 +15,7 @@ __all__ = [
     "load_config",
     "prepare_run_dir",
     "resume",
+    "resume_config",
     "run_callbacks",
     "train",
 ]

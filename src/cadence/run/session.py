@@ -139,6 +139,32 @@ def resume(
     (FSDP) checkpoints are resharded on load.
     """
     run_dir = Path(run_dir)
+    cfg = resume_config(run_dir, config, overrides)
+    with _process_group(cfg) as world:
+        # Rank 0 checks the checksums; every rank resumes from the checkpoint it chose.
+        checkpoint, warnings = agreed(lambda: latest_valid(run_dir / "checkpoints"), world)
+        if world.is_main:
+            for line in warnings:
+                print(f"cadence: warning: {line}", flush=True)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume {run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}; "
+                "start a new run instead"
+            )
+        _set_threads(cfg)
+        built = _workload(cfg, workload, tokenizer_dir=run_dir)
+        summary = _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
+    return summary
+
+
+def resume_config(
+    run_dir: str | Path,
+    config: Config | str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """The config a resume of `run_dir` would run with; a ConfigError if there is no run or the
+    config changes more than RESUMABLE_KEYS. (`--nproc` checks this once before any rank starts.)"""
+    run_dir = Path(run_dir)
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no run there (config.yaml not found)")
@@ -157,21 +183,7 @@ def resume(
             f"--resume {run_dir}: the config differs from the run's in {', '.join(changed)}; "
             "only budgets, evaluation/logging/checkpoint cadence and targets may change"
         )
-    with _process_group(cfg) as world:
-        # Rank 0 checks the checksums; every rank resumes from the checkpoint it chose.
-        checkpoint, warnings = agreed(lambda: latest_valid(run_dir / "checkpoints"), world)
-        if world.is_main:
-            for line in warnings:
-                print(f"cadence: warning: {line}", flush=True)
-        if checkpoint is None:
-            raise ConfigError(
-                f"--resume {run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}; "
-                "start a new run instead"
-            )
-        _set_threads(cfg)
-        built = _workload(cfg, workload, tokenizer_dir=run_dir)
-        summary = _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
-    return summary
+    return cfg
 
 
 @contextlib.contextmanager
