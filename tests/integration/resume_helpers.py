@@ -1,4 +1,4 @@
-"""Shared pieces of the resume and fault tests: tiny configs, the CLI as a subprocess, crashes.
+"""Shared pieces of the resume and fault tests: tiny configs, the CLI as a child process, crashes.
 
 Runs are compared on their final weights (bytes of model.safetensors) and on metrics.jsonl with
 the wall-time-derived fields left out.
@@ -18,7 +18,7 @@ import torch
 
 import cadence
 from cadence.runtime.events import Callback
-from cli_helpers import cadence_cmd, cli_env
+from cli_helpers import ForkedCLI, run_forked
 
 # Fields that depend on the clock, not on the computation.
 WALL_FIELDS = frozenset({"time_s", "train_time_s", "train_cpu_s", "samples_per_s", "tokens_per_s"})
@@ -56,23 +56,13 @@ DIGITS_CONTROLLED = [
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        cadence_cmd(*args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
+    """`cadence ARGS` to the end, in a child forked from this process (cli_helpers.ForkedCLI)."""
+    return run_forked(*args, timeout=timeout)
 
 
-def start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        cadence_cmd(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-    )
+def start_cli(*args: str) -> ForkedCLI:
+    """`cadence ARGS` started in a child forked from this process, to be killed or waited for."""
+    return ForkedCLI(*args)
 
 
 def last_logged_step(metrics: Path) -> int:
@@ -85,9 +75,7 @@ def last_logged_step(metrics: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def wait_for_step(
-    proc: subprocess.Popen[str], metrics: Path, step: int, timeout: float = 180
-) -> int:
+def wait_for_step(proc: ForkedCLI, metrics: Path, step: int, timeout: float = 180) -> int:
     """Poll until metrics.jsonl logs a step >= `step`; returns it. Fails if the run ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

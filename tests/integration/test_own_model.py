@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import cadence
-from cli_helpers import as_sets, cadence_cmd, cli_env
+from cli_helpers import ForkedCLI, as_sets, cadence_cmd, cli_env, run_forked
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -100,6 +100,14 @@ def project(tmp_path: Path) -> Path:
 
 
 def cli(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`cadence ARGS` run from the project folder, forked from this process (ForkedCLI: no
+    fresh interpreter's imports; `python -m`'s sys.path). The user module is imported in the
+    child only, so every test's `mymodel` is its own."""
+    return run_forked(*args, timeout=timeout, cwd=project)
+
+
+def real_cli(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m cadence ARGS` in a fresh interpreter, started in the project folder."""
     return subprocess.run(
         cadence_cmd(*args), capture_output=True, text=True, cwd=project, env=cli_env(),
         timeout=timeout,
@@ -107,7 +115,7 @@ def cli(project: Path, *args: str, timeout: float = 300) -> subprocess.Completed
 
 
 def test_a_user_module_trains_through_the_cli(project):
-    res = cli(project, "train", *as_sets(RUN), "--run-dir", "run")
+    res = real_cli(project, "train", *as_sets(RUN), "--run-dir", "run")
     assert res.returncode == 0, res.stderr
     summary = json.loads((project / "run" / "summary.json").read_text())
     assert summary["workload"] == "mymodel:build" and summary["metric"] == "val_accuracy"
@@ -157,10 +165,7 @@ def test_sigkill_then_resume_is_the_uninterrupted_run(project):
     reached = 0
     for _ in range(2):
         target = reached + rng.randint(4, 9)
-        proc = subprocess.Popen(
-            cadence_cmd(*args), cwd=project, env=cli_env(), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        proc = ForkedCLI(*args, cwd=project)
         reached = wait_for_step(proc, project / "run" / "metrics.jsonl", target)
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -241,7 +246,9 @@ def test_find_lr_and_compare_take_the_user_module(project):
         "  sgd: {set: {optimizer.name: sgd, optimizer.lr: 0.2, batch.size: 16}}\n"
         "  adamw: {set: {optimizer.name: adamw, optimizer.lr: 0.01, batch.size: 16}}\n"
     )
-    res = cli(project, "compare", "spec.yaml", "--out", "cmp")
+    # a fresh interpreter: compare's pool starts its fork server from the project folder, as a
+    # user's would (a fork of this process would find the server an earlier test started)
+    res = real_cli(project, "compare", "spec.yaml", "--out", "cmp")
     assert res.returncode == 0, res.stdout + res.stderr
     results = json.loads((project / "cmp" / "results.json").read_text())
     rows = [r for r in results["table"] if r["workload"] == "blobs"]
