@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import io
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 
 def as_sets(overrides: Iterable[str]) -> list[str]:
@@ -37,23 +39,23 @@ def cadence_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cadence", *args]
 
 
-class ForkedCLI:
-    """`cadence ARGS` in a child process forked from this one: a `subprocess.Popen` look-alike
-    (pid, poll, send_signal, kill, communicate, returncode) for the tests that kill a run.
+class Forked:
+    """`target()` in a child process forked from this one: a `subprocess.Popen` look-alike
+    (pid, poll, send_signal, kill, wait, communicate, returncode) whose child needs no fresh
+    interpreter.
 
-    A fresh `python -m cadence` pays several seconds of imports (torch, its compiler stack,
-    transformers); a fork of the test process, which has them already, starts training at once.
-    The child is a real process all the same, so SIGKILL stops it at an arbitrary instruction,
-    and it starts as a fresh interpreter would where that matters: default signal handlers,
-    output to its own files (read back by `communicate`), `cadence.cli.main`'s status as its
-    exit code. Tests of the entry point itself (argument parsing, one-line errors from a real
-    interpreter) still start `python -m cadence` (`cadence_cmd`).
+    A fresh `python -m cadence` (or benchmark script) pays several seconds of imports (torch,
+    its compiler stack, transformers); a fork of the test process, which has them already,
+    starts at once. The child is a real process all the same, so SIGKILL stops it at an
+    arbitrary instruction, and it starts as a fresh interpreter would where that matters:
+    default SIGINT/SIGTERM handling, its own process group, output to its own files (read back
+    by `communicate`), `target`'s return value (or SystemExit code) as its exit status, and
+    with `cwd`, that folder as working directory and first on sys.path, as `python -m` has it.
     """
 
-    def __init__(self, *args: str, cwd: str | os.PathLike[str] | None = None) -> None:
-        from cadence.cli import main
-
-        self.args = list(args)
+    def __init__(
+        self, target: Callable[[], int | None], cwd: str | os.PathLike[str] | None = None
+    ) -> None:
         self.returncode: int | None = None
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 (closed by communicate)
         self._err = tempfile.TemporaryFile()  # noqa: SIM115
@@ -63,7 +65,7 @@ class ForkedCLI:
         if pid == 0:  # the child: never returns into the test process
             code = 1
             try:
-                os.setpgid(0, 0)  # its own group, as a launched command has
+                os.setpgid(0, 0)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.dup2(self._out.fileno(), 1)
@@ -73,12 +75,12 @@ class ForkedCLI:
                     for fd in (1, 2)
                 )
                 os.environ.pop("WORLD_SIZE", None)
-                if cwd is not None:  # `python -m` puts the directory it starts in on sys.path
+                if cwd is not None:
                     os.chdir(cwd)
                     sys.path.insert(0, os.getcwd())
-                code = main(self.args)
+                code = target() or 0
             except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -86,6 +88,7 @@ class ForkedCLI:
                     stream.flush()
                 os._exit(code)
         self.pid = pid
+        self.args: list[str] = []
 
     def _reap(self, flags: int) -> int | None:
         if self.returncode is None:
@@ -127,6 +130,37 @@ class ForkedCLI:
             texts.append(f.read().decode(errors="replace"))
             f.close()
         return texts[0], texts[1]
+
+
+class ForkedCLI(Forked):
+    """`cadence ARGS` (cadence.cli.main) in a forked child; see Forked. Tests of the entry point
+    itself (argument parsing, one-line errors from a real interpreter) still start `python -m
+    cadence` (`cadence_cmd`)."""
+
+    def __init__(self, *args: str, cwd: str | os.PathLike[str] | None = None) -> None:
+        from cadence.cli import main
+
+        super().__init__(lambda: main(list(args)), cwd=cwd)
+        self.args = list(args)
+
+
+def run_script_forked(
+    script: str | os.PathLike[str], *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python SCRIPT ARGS` to the end in a forked child (runpy, `__main__` as its name), with
+    `env` added to its environment."""
+
+    def target() -> None:
+        os.environ.update(env or {})
+        sys.argv = [str(script), *args]
+        sys.path.insert(0, str(Path(script).parent))  # as `python SCRIPT` has it
+        runpy.run_path(str(script), run_name="__main__")
+
+    proc = Forked(target)
+    proc.args = [str(script), *args]
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_forked(

@@ -4,19 +4,18 @@ checked; speed is measured in benchmarks, never asserted in tests."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from cli_helpers import run_script_forked
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run(*args: str, timeout: float) -> str:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, as CI has it
-    proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+def _run(script: str, *args: str, timeout: float) -> str:
+    """The script in a child forked from this process (its imports already paid), on the CPU
+    path as CI has it."""
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    proc = run_script_forked(script, *args, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

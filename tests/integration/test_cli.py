@@ -1,14 +1,19 @@
-"""The CLI as a user runs it: a subprocess, exit codes, one-line errors, the run directory (the
-bad-input table goes through `main` in process, one case through the real process)."""
+"""The CLI as a user runs it: a child process, exit codes, one-line errors, the run directory.
+
+The child is forked from this process (cli_helpers.ForkedCLI: `cadence.cli.main` as
+`python -m cadence` calls it, without a fresh interpreter's seconds of imports); the tests of
+the entry point itself (a first run, a bad value, `--help`) start `python -m cadence` for real.
+The bad-input table goes through `main` in process."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from cli_helpers import run_forked
 
 TINY_LM = [
     "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.n_head=2",
@@ -18,19 +23,18 @@ TINY_LM = [
 ]  # fmt: skip
 
 
-def cadence(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cadence(*args: str, real: bool = False) -> subprocess.CompletedProcess[str]:
+    """`cadence ARGS` in a forked child, or with `real`, `python -m cadence ARGS`."""
+    if not real:
+        return run_forked(*args, timeout=300)
     return subprocess.run(
-        [sys.executable, "-m", "cadence", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
+        [sys.executable, "-m", "cadence", *args], capture_output=True, text=True, timeout=300
     )
 
 
 def test_train_leaves_a_complete_run_directory(tmp_path):
     run = tmp_path / "run"
-    res = cadence("train", *TINY_LM, "--run-dir", str(run))
+    res = cadence("train", *TINY_LM, "--run-dir", str(run), real=True)
     assert res.returncode == 0, res.stderr
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors"):
         assert (run / name).is_file(), name
@@ -91,7 +95,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, key, c
 
 def test_a_bad_value_exits_2_with_one_line_from_the_real_process(tmp_path):
     run = tmp_path / "run"
-    res = cadence("train", "--set", "optimizer.lr=-1", "--run-dir", str(run))
+    res = cadence("train", "--set", "optimizer.lr=-1", "--run-dir", str(run), real=True)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "optimizer.lr" in lines[0] and "Traceback" not in res.stderr
@@ -121,7 +125,7 @@ def test_list_names_every_registry_entry():
 
 
 def test_help_lists_commands():
-    res = cadence("--help")
+    res = cadence("--help", real=True)
     assert res.returncode == 0 and "train" in res.stdout and "list" in res.stdout
     res = cadence("train", "--help")
     assert "--set" in res.stdout and "--run-dir" in res.stdout
