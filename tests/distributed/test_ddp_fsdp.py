@@ -151,10 +151,8 @@ def test_resume_across_world_sizes(lm: dict, mode: str, direction: str, tmp_path
     resumed = truncated_copy(source, tmp_path / "run", step=4)
     if direction == "2->1":
         run_in_process("train", "--resume", str(resumed))
-    elif mode == "ddp":
-        launch_here("train", "--resume", str(resumed), "--nproc", "2")
     else:
-        run(torchrun_cmd(2, "train", "--resume", str(resumed)))
+        launch_here("train", "--resume", str(resumed), "--nproc", "2")
     reference = lm["ddp"]["one"]  # the uninterrupted one-process run (same numbers for fsdp)
     got = rows(resumed)
     assert [r["step"] for r in got] == list(range(1, 13))

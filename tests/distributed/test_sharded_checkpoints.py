@@ -34,9 +34,7 @@ from .conftest import (
     assert_same_weights,
     launch_here,
     rows,
-    run,
     run_in_process,
-    torchrun_cmd,
     truncated_copy,
 )
 
@@ -101,7 +99,7 @@ def test_checkpoints_are_sharded_one_file_per_rank(runs: dict[str, Path]) -> Non
 
 def test_resume_on_the_same_processes_is_exact(runs: dict[str, Path], tmp_path: Path) -> None:
     resumed = truncated_copy(runs["two"], tmp_path / "run", step=4)
-    run(torchrun_cmd(2, "train", "--resume", str(resumed)))
+    launch_here("train", "--resume", str(resumed), "--nproc", "2")
     assert_same_rows(rows(resumed), rows(runs["two"]), rtol=0)
     for name in ("model.safetensors", "model_ema.safetensors"):
         assert_same_weights(resumed / name, runs["two"] / name, rtol=0, atol=0)

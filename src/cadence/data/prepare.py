@@ -476,8 +476,10 @@ def _tokenize(
         for task in tasks:
             yield _encode_task(task)
         return
-    # spawn, not fork: the parent may hold threads (torch, a BPE trainer's pool)
-    ctx = multiprocessing.get_context("spawn")
+    # Not a plain fork: the parent may hold threads (torch, a BPE trainer's pool). The fork
+    # server is a fresh process that imports this module once; workers fork from it.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     pool = ProcessPoolExecutor(
         workers, ctx, initializer=_init_worker, initargs=(*initargs, workers)
     )

@@ -260,13 +260,20 @@ def _generate_into(out: Path, seed: int, n_train_voices: int | None, progress: b
 
 def synthesise_into_cache(kind: str, key: str, target, args: tuple) -> Path:
     """The cache folder ``kind/key``, filled on first use by ``target(out, *args, progress)``
-    in a fresh (spawned) process; see `load_synthetic_speech` for why a fresh one."""
+    in a process where eSpeak NG never ran (see `load_synthetic_speech` for why).
+
+    That process is forked from multiprocessing's fork server, which imports this module (and
+    so torch and cadence) once and never synthesises anything itself: each generation starts
+    with eSpeak's state exactly as a fresh interpreter has it, without paying the imports again.
+    """
     import multiprocessing
 
     from cadence.data.cache import cache_folder
 
     def make(out: Path) -> None:
-        proc = multiprocessing.get_context("spawn").Process(
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        proc = ctx.Process(
             target=target, args=(out, *args, sys.stderr.isatty())
         )
         proc.start()
