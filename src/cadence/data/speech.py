@@ -273,9 +273,7 @@ def synthesise_into_cache(kind: str, key: str, target, args: tuple) -> Path:
     def make(out: Path) -> None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
-        proc = ctx.Process(
-            target=target, args=(out, *args, sys.stderr.isatty())
-        )
+        proc = ctx.Process(target=target, args=(out, *args, sys.stderr.isatty()))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
