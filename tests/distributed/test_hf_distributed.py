@@ -38,6 +38,10 @@ CASES = {
     "gpt2-ddp-sgd": (GPT2, "ddp", "sgd"),
     "llama-fsdp-muon": (LLAMA, "fsdp", "muon"),
     "gpt2-fsdp-adamw": (GPT2, "fsdp", "adamw"),
+    # adapters (model.peft) under DDP. SGD: Adam divides by each entry's gradient, and LoRA's
+    # A starts with a zero gradient (B = 0), where two processes' reduction order noise becomes
+    # a visible step (2e-3 apart in grad_norm by step 5); the reduction itself is what is tested.
+    "llama-ddp-lora": (LLAMA, "ddp", "sgd"),
 }
 
 
@@ -47,6 +51,8 @@ def test_two_processes_match_one(tmp_path, case: str) -> None:
     cfg = [*HF, hf_config_set(spec), f"train.distributed={mode}", f"optimizer.name={opt}"]
     if opt == "sgd":
         cfg += ["optimizer.lr=0.1", "optimizer.momentum=0.9"]
+    if case.endswith("lora"):
+        cfg += ["model.peft.method=lora", "model.peft.r=4", "optimizer.loraplus_ratio=4"]
     if opt == "muon":
         # A tenth of the default lr: Newton-Schulz in bf16 amplifies two processes' reduction
         # order noise in proportion to the step; at lr 0.02 a Llama o_proj differed by 4e-3
@@ -71,5 +77,6 @@ def test_two_processes_match_one(tmp_path, case: str) -> None:
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     assert s2["params"] == s1["params"]
+    assert s2["trainable_params"] == s1["trainable_params"]
     if mode == "fsdp":  # one FSDP unit per decoder layer, and the checkpoint written sharded
         assert any((two / "checkpoints").glob("step_*/sharded"))

@@ -158,6 +158,7 @@ def _optimizer_hparams(cfg: Config) -> dict[str, Any]:
         "eps": o.eps,
         "aux_lr": o.aux_lr,
         "body_lr_ratio": o.body_lr_ratio,
+        "loraplus_ratio": o.loraplus_ratio,
         "fused": o.fused,
     }
 

@@ -42,6 +42,7 @@ class OptimizerConfig:
     eps: float = 1e-8  # adam-family epsilon
     aux_lr: float | None = None  # lr of the AdamW part of muon (embeddings, head, norms); null = lr
     body_lr_ratio: float = 1.0  # fine-tuning: lr of all but the output head, as a fraction of it
+    loraplus_ratio: float = 1.0  # LoRA+: the adapters' B matrices at this multiple of the lr
     fused: bool | None = None  # torch's fused kernel (adam/adamw/sgd/gd); null = where it runs
 
 
@@ -152,6 +153,22 @@ class DataConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: adapters built by the `peft` library (models/adapters.py)."""
+
+    method: Literal["none", "lora", "dora"] = "none"  # none = train the model's own weights
+    r: int = 8  # adapter rank
+    alpha: float = (
+        16.0  # scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r): rslora)
+    )
+    dropout: float = 0.0  # dropout on the adapter's input
+    # modules to adapt: peft's names (a module whose name is, or ends with ".NAME"), or all-linear
+    # (every linear layer but the output head)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+
+
+@dataclass
 class ModelConfig:
     arch: str | None = None  # lm: gpt | hf; mnist: cnn | mlp; digits: mlp; logreg: linear
     n_layer: int = 4  # gpt blocks
@@ -171,6 +188,7 @@ class ModelConfig:
     hf: str | None = None  # lm: a local Hugging Face causal-LM directory (from_pretrained, offline)
     hf_config: dict[str, Any] | None = None  # lm: a fresh HF model, e.g. {model_type: llama, ...}
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept fixed (fnmatch)
+    peft: PeftConfig = field(default_factory=PeftConfig)  # adapters (LoRA, DoRA) on a frozen base
 
 
 @dataclass

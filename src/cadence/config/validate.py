@@ -91,12 +91,56 @@ def _check_model(cfg: Config) -> None:
             check_width_rule(cfg.optimizer.name)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    _check_peft(cfg)
     if m.channels is not None:
         # 40 mel bins halve at most 3 times between 4 blocks
         _check(
             1 <= len(m.channels) <= 4 and all(c >= 1 for c in m.channels),
             f"model.channels: expected 1 to 4 positive widths, e.g. [32, 64, 128], got {m.channels}",
         )
+
+
+def _check_peft(cfg: Config) -> None:
+    """``model.peft`` and the keys that mean something else once only adapters train."""
+    p = cfg.model.peft
+    if p.method == "none":
+        _check(
+            cfg.optimizer.loraplus_ratio == 1.0,
+            "optimizer.loraplus_ratio: scales the LR of LoRA's B matrices; it needs "
+            "model.peft.method lora or dora",
+        )
+        return
+    _check(p.r >= 1, f"model.peft.r: the adapter rank must be >= 1, got {p.r}")
+    _check(p.alpha > 0, f"model.peft.alpha: must be > 0, got {p.alpha}")
+    _check(0 <= p.dropout < 1, f"model.peft.dropout: must be in [0, 1), got {p.dropout}")
+    if p.target_modules != "all-linear":
+        _check(
+            bool(p.target_modules)
+            and all(isinstance(t, str) and t.strip() for t in p.target_modules),
+            "model.peft.target_modules: expected all-linear or a list of module names, e.g. "
+            "[q_proj, v_proj]",
+        )
+    _check(
+        not cfg.model.freeze,
+        "model.freeze: with model.peft the whole base model is frozen and only the adapters "
+        "train; drop model.freeze",
+    )
+    _check(
+        cfg.optimizer.body_lr_ratio == 1.0,
+        "optimizer.body_lr_ratio: with model.peft the head is frozen and only the adapters "
+        "train; use optimizer.loraplus_ratio to give their B matrices a larger LR",
+    )
+    _check(
+        cfg.model.parametrization == "sp",
+        "model.parametrization: mup sets the LR of whole weight matrices, which model.peft "
+        "freezes; use sp",
+    )
+    _check(
+        cfg.train.distributed != "fsdp",
+        "train.distributed: fsdp shards whole weight matrices, and with model.peft only the "
+        "small adapters train (FSDP2 over peft's frozen/trainable mix is not supported yet); "
+        "use ddp",
+    )
 
 
 def _check_builders(cfg: Config) -> None:

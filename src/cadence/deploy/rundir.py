@@ -162,7 +162,8 @@ def load_run(
 
     from cadence.data import DataError
     from cadence.data.tokenizers import load_tokenizer
-    from cadence.workloads import build_model
+    from cadence.models.adapters import has_adapters, merge_adapters
+    from cadence.workloads import adapt_model, build_model
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -192,6 +193,7 @@ def load_run(
             run_dir=path,
             n_classes=len(labels) if labels else None,
         )
+        adapt_model(model, cfg)  # a model.peft run's weights hold the adapters beside the base
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     try:
@@ -207,6 +209,10 @@ def load_run(
             f"{weights}: corrupt or does not match config.yaml ({reason[:200]}); "
             "re-export or retrain the run"
         ) from None
+    # Adapters are folded into the weights they adapt (peft's merge): what is exported, served
+    # and generated from is the plain model, with its own structure and parameter names.
+    if has_adapters(model):
+        merge_adapters(model)
     model.eval()
     return LoadedRun(
         path=path, config=cfg, model=model, tokenizer=tokenizer, weights=weights, labels=labels

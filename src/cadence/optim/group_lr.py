@@ -1,6 +1,7 @@
 """Per-parameter learning rates, set by splitting an optimizer's groups after it is built.
 
-Two rules use it: fine-tuning's discriminative LR (``optimizer.body_lr_ratio``: the body at a
+Three rules use it: LoRA+'s faster B matrices (``optimizer.loraplus_ratio``), fine-tuning's
+discriminative LR (``optimizer.body_lr_ratio``: the body at a
 fraction of the head's LR) and μP's per-layer LRs (a model's ``lr_multipliers()``). Splitting a
 built optimizer, rather than teaching every builder about them, keeps each builder's groups and
 hyper-parameters as they are and works for the optimizers from packages too.
@@ -14,10 +15,18 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from cadence.models.adapters import lora_b_parameter_ids
 from cadence.optim.chained import AnyOptimizer, ChainedOptimizer
 from cadence.optim.groups import output_parameter_ids
 
-__all__ = ["inner_optimizers", "lr_multipliers", "scale_body", "scale_by_width", "split_groups"]
+__all__ = [
+    "inner_optimizers",
+    "lr_multipliers",
+    "scale_body",
+    "scale_by_width",
+    "scale_lora_b",
+    "split_groups",
+]
 
 
 def inner_optimizers(optimizer: AnyOptimizer) -> list[Optimizer]:
@@ -37,6 +46,16 @@ def scale_body(optimizer: AnyOptimizer, model: nn.Module, ratio: float) -> None:
         lambda p: ("head", 1.0) if id(p) in head else ("body", ratio),
         order=("head", "body"),  # the order checkpoints of earlier versions hold
     )
+
+
+def scale_lora_b(optimizer: AnyOptimizer, model: nn.Module, ratio: float) -> None:
+    """LoRA+ (Hayou et al., 2024): the adapters' B matrices at ``ratio`` times their group's LR.
+
+    B starts at zero and A at random, and with one LR for both the feature-learning update is
+    lopsided for wide layers; the paper's fix is a larger LR for B (ratio ~16 for its models).
+    """
+    b_ids = lora_b_parameter_ids(model)
+    split_groups(optimizer, lambda p: ("lora_B", ratio) if id(p) in b_ids else ("", 1.0))
 
 
 def lr_multipliers(model: nn.Module) -> dict[int, float]:

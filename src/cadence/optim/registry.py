@@ -19,7 +19,13 @@ from torch.optim import Optimizer
 
 from cadence.optim.base import OptimizerSpec, stamp, trainable_groups
 from cadence.optim.chained import AnyOptimizer, ChainedOptimizer
-from cadence.optim.group_lr import inner_optimizers, lr_multipliers, scale_body, scale_by_width
+from cadence.optim.group_lr import (
+    inner_optimizers,
+    lr_multipliers,
+    scale_body,
+    scale_by_width,
+    scale_lora_b,
+)
 from cadence.optim.groups import muon_split, param_groups
 from cadence.optim.lion import Lion
 from cadence.optim.packages import PACKAGE_OPTIMIZERS
@@ -312,6 +318,7 @@ def check_hparams(
     eps: float = 1e-8,
     aux_lr: float | None = None,
     body_lr_ratio: float = 1.0,
+    loraplus_ratio: float = 1.0,
     fused: bool | None = None,
 ) -> OptimizerSpec:
     """Every rule on an optimizer's settings, in one place: `build_optimizer` runs it, and so
@@ -338,6 +345,11 @@ def check_hparams(
     if not 0 < body_lr_ratio <= 1:
         raise ValueError(
             f"optimizer.body_lr_ratio: must be in (0, 1] (1 = one lr for all), got {body_lr_ratio}"
+        )
+    if not loraplus_ratio >= 1:
+        raise ValueError(
+            "optimizer.loraplus_ratio: must be >= 1 (1 = one lr for A and B; LoRA+ uses ~16), "
+            f"got {loraplus_ratio}"
         )
     # Heavy-ball, Muon and schedule-free interpolation weights all diverge or stall at 1.
     if not 0 <= momentum < 1:
@@ -375,6 +387,7 @@ def build_optimizer(
     eps: float = 1e-8,
     aux_lr: float | None = None,
     body_lr_ratio: float = 1.0,
+    loraplus_ratio: float = 1.0,
     fused: bool | None = None,
 ) -> Optimizer | ChainedOptimizer:
     """Build the named optimizer over ``model``'s trainable parameters.
@@ -395,6 +408,7 @@ def build_optimizer(
         eps=eps,
         aux_lr=aux_lr,
         body_lr_ratio=body_lr_ratio,
+        loraplus_ratio=loraplus_ratio,
         fused=fused,
     )
     optimizer = spec.build(
@@ -410,6 +424,8 @@ def build_optimizer(
     )
     if body_lr_ratio != 1.0:
         scale_body(optimizer, model, body_lr_ratio)
+    if loraplus_ratio != 1.0:
+        scale_lora_b(optimizer, model, loraplus_ratio)
     if lr_multipliers(model):
         check_width_rule(spec.name)
         scale_by_width(optimizer, model)

@@ -18,6 +18,7 @@ from cadence.workloads.dataset import DatasetWorkload
 from cadence.workloads.device import resolve_device
 from cadence.workloads.protocol import Workload, val_ranges
 from cadence.workloads.resolve import (
+    adapt_model,
     build_workload,
     check_config,
     is_import_path,
@@ -38,6 +39,7 @@ __all__ = [
     "TensorWorkload",
     "Workload",
     "WorkloadSpec",
+    "adapt_model",
     "build_model",
     "build_workload",
     "check_config",

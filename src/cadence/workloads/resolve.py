@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from cadence.config import Config, ConfigError
+from cadence.models.adapters import add_adapters
 from cadence.models.hf import PREFIX, HFCausalLM, freeze_parameters
+from cadence.optim.groups import output_parameter_ids
 from cadence.workloads.builtin import WORKLOADS
 from cadence.workloads.device import resolve_device  # also imported from here
 from cadence.workloads.protocol import Workload
@@ -93,6 +96,7 @@ def build_workload(cfg: Config, tokenizer_dir: Path | None = None) -> Workload:
     if not is_import_path(cfg.workload):
         w = WORKLOADS[cfg.workload].build(cfg, device, tokenizer_dir)
         w.name = cfg.workload
+        _adapt(w, cfg)
         _freeze(w, cfg)
         return w
     try:
@@ -120,10 +124,34 @@ def prepare(w: Workload, cfg: Config, name: str | None = None) -> Workload:
             "set_activation_checkpointing(enabled) method; add one or set it to false"
         )
     w.model.to(resolve_device(cfg.train.device))
+    _adapt(w, cfg)
     _freeze(w, cfg)
     w.limit_eval(cfg.train.eval_samples)
     w.name = w.name or name or "custom"
     return w
+
+
+def adapt_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """``model.peft``: adapters injected into ``model`` in place (models/adapters.py), the rest
+    frozen; the model itself. Training and `load_run` (before it merges them) both come here.
+
+    Seeded apart from the model's own initialisation, so the base weights are those of the run
+    without adapters and the adapters' (A random, B zero) depend on the seed alone.
+    """
+    if cfg.model.peft.method == "none":
+        return model
+    target = model.hf if isinstance(model, HFCausalLM) else model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + 1)
+        try:
+            add_adapters(target, cfg.model.peft, output_parameter_ids(model))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return model.to(next(model.parameters()).device)  # peft makes the adapters on the CPU
+
+
+def _adapt(w: Workload, cfg: Config) -> None:
+    adapt_model(w.model, cfg)
 
 
 def _freeze(w: Workload, cfg: Config) -> None:
