@@ -80,3 +80,36 @@ def test_two_processes_match_one(tmp_path, case: str) -> None:
     assert s2["trainable_params"] == s1["trainable_params"]
     if mode == "fsdp":  # one FSDP unit per decoder layer, and the checkpoint written sharded
         assert any((two / "checkpoints").glob("step_*/sharded"))
+
+
+def test_chat_tuning_on_two_processes_matches_one(tmp_path) -> None:
+    """The answers-only loss is divided by the counted tokens of the whole global batch (every
+    rank counts them from the global batch's indices), so the ranks' shares, with unequal
+    numbers of answer tokens, add up to the one-process step."""
+    from transformers import AutoTokenizer
+
+    from hf_models import save_model_dir
+
+    folder = save_model_dir(tmp_path / "llama", LLAMA)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = (
+        "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+    )
+    tok.save_pretrained(str(folder))
+    data = tmp_path / "chat.jsonl"
+    lines = []
+    for i in range(30):  # answers of different lengths, so the shares count unequal tokens
+        messages = [
+            {"role": "user", "content": f"repeat {i}"},
+            {"role": "assistant", "content": str(i) * (1 + i % 4)},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    data.write_text("\n".join(lines) + "\n")
+    cfg = [*HF, "model.seq_len=32", f"model.hf={folder}", "data.format=chat", f"data.path={data}"]
+    cfg += ["model.peft.method=lora", "model.peft.r=4", "optimizer.name=sgd", "optimizer.lr=0.1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_in_process("train", *as_sets(cfg), "--run-dir", str(one))
+    launch_here("train", *as_sets(cfg), "--run-dir", str(two), "--nproc", "2")
+    assert_same_rows(rows(two), rows(one), rtol=1e-4)
+    assert_same_weights(two / "model.safetensors", one / "model.safetensors", rtol=1e-4, atol=1e-6)

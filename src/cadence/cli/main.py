@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -142,8 +143,16 @@ def _one_line_warnings() -> Iterator[None]:
 
 
 def rank_main(argv: list[str]) -> None:
-    """One rank of `cadence train --nproc N` (cli/launch.py): the CLI, its status as exit code."""
-    code = main(argv)
+    """One rank of `cadence train --nproc N` (cli/launch.py): the CLI, its status as exit code.
+
+    An unexpected error prints its traceback here, as a rank started by torchrun would: torch's
+    launcher records a function's exception in an error file instead of showing it."""
+    try:
+        code = main(argv)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.exit(1)
     if code:
         sys.exit(code)
 

@@ -150,6 +150,10 @@ class DataConfig:
     max_bytes: int | None = 4_000_000  # read at most this much text (null = all)
     val_fraction: float | None = None  # held out for validation (null = 0.05 text, 0.2 otherwise)
     voices: int | None = None  # speech: synthetic training voices (null = all 160; 40 held out)
+    # lm: text (a corpus), or a JSONL file of conversations ({"messages": [...]}, chat) or of
+    # {"prompt", "completion"} pairs (instruction), rendered with the model's chat template
+    format: Literal["text", "chat", "instruction"] = "text"
+    loss_on: Literal["answers", "all"] = "answers"  # chat/instruction: the tokens the loss counts
 
 
 @dataclass
@@ -158,9 +162,8 @@ class PeftConfig:
 
     method: Literal["none", "lora", "dora"] = "none"  # none = train the model's own weights
     r: int = 8  # adapter rank
-    alpha: float = (
-        16.0  # scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r): rslora)
-    )
+    # scaling numerator: the update is (alpha / r) * B A (alpha / sqrt(r) with rslora)
+    alpha: float = 16.0
     dropout: float = 0.0  # dropout on the adapter's input
     # modules to adapt: peft's names (a module whose name is, or ends with ".NAME"), or all-linear
     # (every linear layer but the output head)

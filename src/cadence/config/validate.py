@@ -92,12 +92,33 @@ def _check_model(cfg: Config) -> None:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     _check_peft(cfg)
+    _check_chat(cfg)
     if m.channels is not None:
         # 40 mel bins halve at most 3 times between 4 blocks
         _check(
             1 <= len(m.channels) <= 4 and all(c >= 1 for c in m.channels),
             f"model.channels: expected 1 to 4 positive widths, e.g. [32, 64, 128], got {m.channels}",
         )
+
+
+def _check_chat(cfg: Config) -> None:
+    """``data.format: chat | instruction``: a JSONL file of conversations for the lm workload."""
+    d = cfg.data
+    if d.format == "text":
+        return
+    _check(
+        cfg.workload == "lm",
+        f"data.format: {d.format} data trains workload lm, not {cfg.workload!r}",
+    )
+    _check(
+        d.path is not None and str(d.path).endswith(".jsonl"),
+        f"data.path: data.format {d.format} reads a .jsonl file of conversations; name one",
+    )
+    _check(
+        cfg.schedule.seq_len is None,
+        "schedule.seq_len: cuts every sample to a shorter window, which would cut conversations "
+        f"apart; it does not combine with data.format {d.format}",
+    )
 
 
 def _check_peft(cfg: Config) -> None:

@@ -101,6 +101,9 @@ def train(
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
                 tokenizer.save(run_dir)
+            template = holder["w"].extras.get("chat_template")
+            if isinstance(template, str):  # how conversations were rendered, for serving them
+                atomic_write_text(run_dir / "chat_template.jinja", template)
             labels = holder["w"].extras.get("labels")
             if labels is not None:  # a classifier's class names, for export and serving
                 atomic_write_text(run_dir / "labels.json", json.dumps(labels) + "\n")

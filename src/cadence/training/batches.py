@@ -33,7 +33,8 @@ def global_batch(
     Every rank draws the same global batch and keeps its contiguous share: the data order, and
     so the run, do not depend on the number of processes.
     """
-    indices = distributed.shard(sampler.indices(position, size), world)
+    everyone = sampler.indices(position, size)
+    indices = distributed.shard(everyone, world)
     sizes = split_micro(len(indices), micro_size)
     if world.active:
         # Every rank must run as many forward/backward passes as the one with the largest
@@ -45,7 +46,8 @@ def global_batch(
     for n in sizes:
         micro.append(workload.batch(indices[start : start + n]))
         start += n
-    return micro, size * max(1, workload.tokens_per_sample)
+    counted = workload.batch_units(everyone)
+    return micro, size * max(1, workload.tokens_per_sample) if counted is None else max(1, counted)
 
 
 def cut_to_length(

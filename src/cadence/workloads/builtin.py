@@ -29,6 +29,7 @@ from cadence.data.sources import default_corpus, open_sources
 from cadence.io import sha256_file
 from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
 from cadence.workloads.asr import asr_model, build_asr
+from cadence.workloads.chat import build_chat
 from cadence.workloads.hf import (
     build_hf_model,
     check_hf,
@@ -192,6 +193,8 @@ def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> 
     """Text of any size trains from a prepared corpus: ``data.path`` names one, or text (or
     nothing, for the bundled corpus) that is prepared into the data cache on first use."""
     d = cfg.data
+    if d.format != "text":
+        return build_chat(cfg, device, tokenizer_dir, build_model, val_fraction(cfg))
     if d.path is not None and is_prepared(d.path):
         return _build_prepared(cfg, device, Path(d.path))
     if d.path is None:

@@ -81,6 +81,13 @@ class Workload:
         """How many loss terms a micro-batch holds; known without a device sync."""
         return batch[0].shape[0]
 
+    def batch_units(self, indices: Tensor) -> int | None:
+        """The loss terms of the training samples at `indices` where they differ per sample (a
+        loss on the answers of a conversation counts only their tokens); None where every
+        sample holds ``max(1, tokens_per_sample)``. The trainer divides each global batch's
+        loss by this count, which every rank computes alike from the global batch's indices."""
+        return None
+
     def loss_sum(self, model: nn.Module, batch: Any) -> Tensor:
         """The *sum* of the loss over the micro-batch's units (0 for an empty micro-batch)."""
         raise NotImplementedError
