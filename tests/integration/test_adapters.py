@@ -260,3 +260,73 @@ def test_adapted_layers_are_peft_s_own(llama_dir):
     assert linears and all(
         isinstance(model.get_submodule(n).get_base_layer(), nn.Linear) for n in linears
     )
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, llama_dir) -> Path:
+    run = tmp_path_factory.mktemp("lora") / "run"
+    _train(run, [*HF_RUN, f"model.hf={llama_dir}", *LORA, "train.max_steps=6", "optimizer.lr=0.02"])
+    return run
+
+
+def _unmerged_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The run's model as it trained: adapters beside the frozen base."""
+    from safetensors.torch import load_model
+
+    w = build_workload(cadence.load_config(run / "config.yaml"), tokenizer_dir=run)
+    load_model(w.model, str(run / "model.safetensors"), strict=True)
+    w.model.eval()
+    with torch.no_grad():
+        return w.model(ids).float()
+
+
+def test_the_peft_export_loads_onto_the_untouched_base(lora_run, llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cadence.deploy.export import export_run
+
+    result = export_run(lora_run, "peft", out=tmp_path / "adapter")
+    assert result.max_abs_diff <= result.tolerance
+    ids = torch.randint(0, 200, (2, 12))
+    base = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits.float()
+        model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        adapted = model(input_ids=ids).logits.float()
+    want = _unmerged_logits(lora_run, ids)
+    assert (adapted - want).abs().max().item() <= 1e-4
+    assert (plain - want).abs().max().item() > 1e-3  # the adapters changed the function
+    assert (tmp_path / "adapter" / "tokenizer.json").is_file()
+
+
+def test_the_hf_and_safetensors_exports_hold_the_merged_model(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cadence.deploy.export import export_run
+
+    export_run(lora_run, "hf", out=tmp_path / "hf")
+    ids = torch.randint(0, 200, (2, 12))
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits.float()
+    assert (got - _unmerged_logits(lora_run, ids)).abs().max().item() <= 1e-4
+    result = export_run(lora_run, "safetensors", out=tmp_path / "st")
+    assert result.max_abs_diff == 0.0
+    saved = cadence.load_config(tmp_path / "st" / "config.yaml")
+    assert saved.model.peft.method == "none"  # the export is the plain, merged model
+    assert not any(".lora_" in k for k in load_file(tmp_path / "st" / "model.safetensors"))
+
+
+def test_a_peft_export_of_a_run_without_adapters_or_of_the_gpt_is_refused(tmp_path):
+    from cadence.deploy.export import export_run
+
+    gpt = tmp_path / "gpt"
+    _train(gpt, [*TINY_GPT, *LORA, "train.max_steps=3"])
+    with pytest.raises(ConfigError, match="--format peft: the adapters load onto"):
+        export_run(gpt, "peft", out=tmp_path / "out")
+    plain = tmp_path / "plain"
+    _train(plain, [*TINY_GPT, "train.max_steps=3"])
+    with pytest.raises(ConfigError, match="this run trained none"):
+        export_run(plain, "peft", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -115,6 +115,13 @@ def test_lora_chat_run_keeps_the_base_and_the_template(tmp_path, chat_llama, con
             assert torch.equal(v, base[k.removeprefix("hf.").replace(".base_layer", "")]), k
     assert summary["trainable_params"] < summary["params"]
     assert summary["metric"] == "val_loss" and summary["final_metrics"]["val_loss"] > 0
+    # the template travels with the merged model and with the adapters alone
+    from cadence.deploy.export import export_run
+
+    for fmt in ("hf", "peft"):
+        result = export_run(run, fmt, out=tmp_path / fmt)
+        assert result.max_abs_diff <= result.tolerance
+        assert (tmp_path / fmt / "chat_template.jinja").read_text() == TEMPLATE
 
 
 def test_sigkill_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, chat_llama, conversations):

@@ -23,16 +23,18 @@ def add_parsers(sub: Any) -> None:
     """Register ``export``, ``generate`` and ``serve`` on the main CLI's subparsers."""
     p = sub.add_parser(
         "export",
-        help="export a run as safetensors, ONNX or the Hugging Face format (checked vs PyTorch)",
+        help="export a run as safetensors, ONNX, the Hugging Face format or a peft adapter "
+        "folder (checked vs PyTorch)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cadence train`")
     p.add_argument(
         "--format",
         required=True,
-        choices=["safetensors", "onnx", "hf"],
+        choices=["safetensors", "onnx", "hf", "peft"],
         dest="fmt",
         help="hf: a folder transformers' from_pretrained loads (HF runs; cadence GPT with "
-        "model.norm=layernorm, as GPT-NeoX)",
+        "model.norm=layernorm, as GPT-NeoX); peft: a model.peft run's adapter folder, which "
+        "PeftModel.from_pretrained loads onto the model.hf folder (the others merge them)",
     )
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT)")
     _add_weight_choice(p, "export model_ema.safetensors (train.ema)")
@@ -113,6 +115,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         "safetensors": "round trip",
         "onnx": "onnxruntime vs PyTorch",
         "hf": "from_pretrained vs PyTorch",
+        "peft": "PeftModel.from_pretrained on the base vs PyTorch",
     }[args.fmt]
     console.print(
         f"  {what}: max abs diff {result.max_abs_diff:.3g} (tolerance {result.tolerance:g})"

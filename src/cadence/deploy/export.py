@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from cadence.config import ConfigError, dump_config
+from cadence.data.chat import TEMPLATE_FILE
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
 
 __all__ = ["FORMATS", "ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
 
-FORMATS = ("safetensors", "onnx", "hf")
+FORMATS = ("safetensors", "onnx", "hf", "peft")
 AUDIO = ("speech", "asr")  # models that take raw 16 kHz audio of any length
 
 # Max |onnxruntime - PyTorch| allowed on the exported outputs (logits). fp32 kernels differ in
@@ -86,6 +87,15 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     )
 
 
+def copy_chat_template(run: LoadedRun, dst: Path) -> list[str]:
+    """The chat template a chat run was trained with travels with its exports."""
+    src = run.path / TEMPLATE_FILE
+    if not src.is_file():
+        return []
+    shutil.copyfile(src, dst / TEMPLATE_FILE)
+    return [TEMPLATE_FILE]
+
+
 def _copy_metadata(run: LoadedRun, dst: Path) -> list[str]:
     (dst / "config.yaml").write_text(dump_config(run.config))
     files = ["config.yaml"]
@@ -96,6 +106,7 @@ def _copy_metadata(run: LoadedRun, dst: Path) -> list[str]:
         run.tokenizer.save(dst)  # type: ignore[attr-defined]
         files.append("tokenizer.json")
         files += list(getattr(run.tokenizer, "files", {}))  # a pretrained tokenizer's config
+    files += copy_chat_template(run, dst)
     save_config = getattr(run.model, "save_config", None)
     if callable(save_config):  # a Hugging Face model's shape (hf/config.json)
         save_config(dst)
@@ -245,8 +256,10 @@ def export_run(
     checkpoint: str | None = None,
     lawa: bool = False,
 ) -> ExportResult:
-    """Export ``run_dir`` as ``safetensors``, ``onnx`` or ``hf`` into ``out`` (default
-    RUN/export/FMT); ``hf`` is the Hugging Face format (see :mod:`cadence.deploy.export_hf`).
+    """Export ``run_dir`` as ``safetensors``, ``onnx``, ``hf`` or ``peft`` into ``out`` (default
+    RUN/export/FMT); ``hf`` is the Hugging Face format (see :mod:`cadence.deploy.export_hf`),
+    ``peft`` a ``model.peft`` run's adapters alone (:mod:`cadence.deploy.export_peft`); the
+    other formats hold the adapters merged into the weights.
 
     ``checkpoint`` exports one of the run's checkpoints instead of its final weights; a sharded
     (FSDP) checkpoint is consolidated into one whole model on the way.
@@ -257,7 +270,7 @@ def export_run(
         raise ConfigError(f"--quantize: unknown scheme {quantize!r}; the only one is int8")
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
-    run = load_run(run_dir, ema=ema, checkpoint=checkpoint, lawa=lawa)
+    run = load_run(run_dir, ema=ema, checkpoint=checkpoint, lawa=lawa, merge=fmt != "peft")
     if quantize and run.dtype != torch.float32:
         raise ConfigError(
             f"--quantize int8: the {run.config.workload} model is {run.dtype}; "
@@ -276,6 +289,14 @@ def export_run(
             from cadence.deploy.export_hf import HF_TOLERANCE, export_hf
 
             files, diff = export_hf(run, tmp, random_inputs(run))
+            files += [f for f in copy_chat_template(run, tmp) if f not in files]
+            tol = HF_TOLERANCE
+        elif fmt == "peft":
+            from cadence.deploy.export_hf import HF_TOLERANCE
+            from cadence.deploy.export_peft import export_peft
+
+            files, diff = export_peft(run, tmp, random_inputs(run))
+            files += copy_chat_template(run, tmp)
             tol = HF_TOLERANCE
         else:
             files, diff = _export_onnx(run, tmp)

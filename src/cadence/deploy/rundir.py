@@ -7,6 +7,7 @@ message names the path and what would fix it (the CLI prints it and exits 2).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from cadence.config import Config, ConfigError, parse_config
+from cadence.config.schema import PeftConfig
 from cadence.workloads import check_config
 
 __all__ = ["CLASSIFIER_INPUTS", "LoadedRun", "checkpoint_weights", "load_run"]
@@ -145,10 +147,15 @@ def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, tor
 
 
 def load_run(
-    run_dir: str | Path, ema: bool = False, checkpoint: str | None = None, lawa: bool = False
+    run_dir: str | Path,
+    ema: bool = False,
+    checkpoint: str | None = None,
+    lawa: bool = False,
+    merge: bool = True,
 ) -> LoadedRun:
     """Load ``config.yaml``, the tokenizer (lm) and the weights of a run or export directory.
 
+    A ``model.peft`` run's adapters are merged into its weights unless ``merge`` is False.
     ``checkpoint`` (``latest``, a step or a folder) takes the weights from one of the run's
     checkpoints instead of its final ``model.safetensors``, consolidating sharded ones; ``ema``
     and ``lawa`` take ``model_ema`` / ``model_lawa.safetensors`` (train.ema, train.lawa).
@@ -210,9 +217,12 @@ def load_run(
             "re-export or retrain the run"
         ) from None
     # Adapters are folded into the weights they adapt (peft's merge): what is exported, served
-    # and generated from is the plain model, with its own structure and parameter names.
-    if has_adapters(model):
+    # and generated from is the plain model, with its own structure and parameter names, and
+    # the config says so (an export of it is a plain model). `merge=False` keeps them apart
+    # (`export --format peft` writes them alone).
+    if merge and has_adapters(model):
         merge_adapters(model)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, peft=PeftConfig()))
     model.eval()
     return LoadedRun(
         path=path, config=cfg, model=model, tokenizer=tokenizer, weights=weights, labels=labels
