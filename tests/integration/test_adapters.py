@@ -330,3 +330,31 @@ def test_a_peft_export_of_a_run_without_adapters_or_of_the_gpt_is_refused(tmp_pa
     with pytest.raises(ConfigError, match="this run trained none"):
         export_run(plain, "peft", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_find_lr_and_tune_run_on_an_adapter_config(tmp_path):
+    import yaml
+
+    sets = as_sets([*TINY_GPT, *LORA, "train.max_steps=6"])
+    assert main(["find-lr", *sets, "--steps", "20", "--out", str(tmp_path / "fl")]) == 0
+    found = json.loads((tmp_path / "fl" / "lr_find.json").read_text())
+    assert found["suggestion"] > 0
+    config = {
+        "workload": "lm",
+        "model": {
+            "n_layer": 1,
+            "d_model": 32,
+            "n_head": 2,
+            "seq_len": 16,
+            "peft": {"method": "lora", "r": 4},
+        },
+        "data": {"max_bytes": 100000},
+        "batch": {"size": 4},
+        "train": {"max_steps": 6, "eval_every": 3, "eval_samples": 8, "progress": False},
+        "search": {"optimizer.lr": {"low": 1e-3, "high": 0.1, "log": True}},
+    }
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "tu"
+    assert main(["tune", str(tmp_path / "tune.yaml"), "--trials", "2", "--run-dir", str(run)]) == 0
+    best = cadence.load_config(run / "best.yaml")
+    assert best.model.peft.method == "lora" and 1e-3 <= best.optimizer.lr <= 0.1
