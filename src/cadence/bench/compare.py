@@ -129,8 +129,9 @@ def execute(
     """Train every plan that is not done yet, up to ``jobs`` at a time.
 
     Workers come from a fork server (WorkerPool), never forked from this process: a fork of it
-    would inherit torch's thread pool and any open state. A run that raises is recorded as a failure (its error goes to
-    ``run_dir/error.txt``) and counts as a miss; the comparison goes on.
+    would inherit torch's thread pool and any open state. A run that raises is recorded as a
+    failure (its error goes to ``run_dir/error.txt``) and counts as a miss; the comparison goes
+    on.
     """
     todo = [p for p in plans if not _is_done(p)]
     counts = {"total": len(plans), "skipped": len(plans) - len(todo), "ran": 0, "failed": 0}

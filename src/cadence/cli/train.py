@@ -21,13 +21,18 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         return launch(args)
 
     if args.resume is not None:
-        run_dir = args.run_dir if args.resume is True else args.resume
-        if run_dir is None:
-            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
-        summary = resume(run_dir, config=args.config, overrides=args.overrides)
+        summary = resume(_resume_dir(args), config=args.config, overrides=args.overrides)
     else:
         summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
     return report(summary, console)
+
+
+def _resume_dir(args: argparse.Namespace) -> str:
+    """The run `--resume` names: its argument, or `--run-dir` for a bare `--resume`."""
+    run_dir = args.run_dir if args.resume is True else args.resume
+    if run_dir is None:
+        raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
+    return run_dir
 
 
 def add_cooldown_parser(sub: argparse._SubParsersAction) -> None:
@@ -131,10 +136,7 @@ def launch(args: argparse.Namespace) -> int:
     if args.resume is None:
         load_config(args.config, args.overrides)
     else:
-        run_dir = args.run_dir if args.resume is True else args.resume
-        if run_dir is None:
-            raise ConfigError("--resume: name the run, e.g. --resume runs/NAME or --run-dir DIR")
-        resume_config(run_dir, args.config, args.overrides)
+        resume_config(_resume_dir(args), args.config, args.overrides)
     rest, skip = [], False
     for a in args.argv:
         if skip:

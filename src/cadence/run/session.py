@@ -23,6 +23,7 @@ from cadence.config.horizon import horizon as config_horizon
 from cadence.config.parts import lawa_every
 from cadence.config.validate import check_horizon
 from cadence.data import DataError
+from cadence.data.chat import TEMPLATE_FILE
 from cadence.io import atomic_write_text
 from cadence.run.configs import load_config
 from cadence.run.rundir import default_run_dir, gather_final, prepare_run_dir, write_final
@@ -103,7 +104,7 @@ def train(
                 tokenizer.save(run_dir)
             template = holder["w"].extras.get("chat_template")
             if isinstance(template, str):  # how conversations were rendered, for serving them
-                atomic_write_text(run_dir / "chat_template.jinja", template)
+                atomic_write_text(run_dir / TEMPLATE_FILE, template)
             labels = holder["w"].extras.get("labels")
             if labels is not None:  # a classifier's class names, for export and serving
                 atomic_write_text(run_dir / "labels.json", json.dumps(labels) + "\n")

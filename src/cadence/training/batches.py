@@ -46,8 +46,9 @@ def global_batch(
     for n in sizes:
         micro.append(workload.batch(indices[start : start + n]))
         start += n
-    counted = workload.batch_units(everyone)
-    return micro, size * max(1, workload.tokens_per_sample) if counted is None else max(1, counted)
+    counted = workload.batch_units(everyone)  # a masked loss counts only some tokens
+    units = size * max(1, workload.tokens_per_sample) if counted is None else max(1, counted)
+    return micro, units
 
 
 def cut_to_length(

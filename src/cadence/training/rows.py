@@ -9,7 +9,7 @@ evaluation and callbacks recorded for this step. Nothing here touches the device
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -72,11 +72,6 @@ class RowLogger:
         return row
 
 
-def _unique_numel(params: Iterable[Tensor]) -> int:
-    seen: set[int] = set()
-    return sum(p.numel() for p in params if id(p) not in seen and not seen.add(id(p)))
-
-
 def run_summary(
     cfg: Config,
     workload: Workload,
@@ -115,8 +110,9 @@ def run_summary(
         "samples_per_s": st.samples / train,  # per second of training (no eval/checkpoints)
         "tokens_per_s": st.tokens / train,
         # the whole model's, and the ones this run trained (adapters only under model.peft)
-        "params": _unique_numel(workload.model.parameters()),
-        "trainable_params": _unique_numel(params),
+        # (parameters() yields a tied weight once; the trainer's params come from it)
+        "params": sum(p.numel() for p in workload.model.parameters()),
+        "trainable_params": sum(p.numel() for p in params),
         # Model FLOPs (6N + attention, see GPT.flops_per_token) and their rate: MFU's numerator.
         "flops_per_token": flops,
         "model_flops_per_s": None if flops is None else flops * st.tokens / train,
