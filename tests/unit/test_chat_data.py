@@ -11,12 +11,12 @@ import pytest
 from cadence.data import DataError
 from cadence.data.chat import (
     DEFAULT_TEMPLATE,
-    encode_conversations,
+    encode_conversation,
     jinja_renderer,
     read_conversations,
 )
+from cadence.data.chat_streams import pack_examples, split_stream
 from cadence.data.tokenizers import ByteTokenizer
-from cadence.workloads.chat import split_examples
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -61,28 +61,15 @@ def test_a_bad_line_names_the_file_and_line(tmp_path, line, fmt, needle):
 
 def test_the_mask_counts_exactly_the_answers_and_the_text_is_the_rendering():
     render = jinja_renderer(DEFAULT_TEMPLATE)
-    tok = ByteTokenizer()
     full = render(CHAT, False)
-    enc = encode_conversations([CHAT], tok.encode, render, window=200, loss_on="answers")
-    n = len(full.encode())
-    assert enc.truncated == 0
-    # the ids are the rendering's bytes (byte tokenizer), padded with zeros
-    assert bytes(enc.ids[0, :n].astype(np.uint8)) == full.encode()
-    assert not enc.ids[0, n:].any()
+    ids, answers = encode_conversation(CHAT, ByteTokenizer().encode, render)
+    # the ids are the rendering's bytes (byte tokenizer)
+    assert bytes(ids.astype(np.uint8)) == full.encode()
     # the counted tokens are each answer plus what the template closes it with
-    counted = bytes(enc.ids[0][enc.mask[0]].astype(np.uint8)).decode()
-    assert counted == "5<|end|>\n8<|end|>\n"
+    assert bytes(ids[answers].astype(np.uint8)).decode() == "5<|end|>\n8<|end|>\n"
     # what comes before each answer is what a server renders with the generation prompt
     prompt = render(CHAT[:2], True)
     assert full.startswith(prompt) and full[len(prompt) :].startswith("5<|end|>")
-    everything = encode_conversations([CHAT], tok.encode, render, window=200, loss_on="all")
-    assert everything.mask[0].sum() == n and (everything.ids == enc.ids).all()
-
-
-def test_long_conversations_are_cut_at_the_window():
-    render = jinja_renderer(DEFAULT_TEMPLATE)
-    enc = encode_conversations([CHAT], ByteTokenizer().encode, render, window=20, loss_on="all")
-    assert enc.truncated == 1 and enc.ids.shape == (1, 20) and enc.mask[0].all()
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused():
@@ -91,12 +78,32 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
         "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
     with pytest.raises(DataError, match="chat template"):
-        encode_conversations([CHAT], ByteTokenizer().encode, render, window=100, loss_on="answers")
+        encode_conversation(CHAT, ByteTokenizer().encode, render)
 
 
-@pytest.mark.parametrize("n, fraction", [(2, 0.05), (10, 0.2), (101, 0.05)])
+@pytest.mark.parametrize("n, fraction", [(1, 0.5), (2, 0.05), (10, 0.2), (101, 0.05), (7, 0.0)])
 def test_the_split_is_seed_free_disjoint_and_holds_every_kth(n, fraction):
-    train, val = split_examples(n, fraction)
-    assert np.intersect1d(train, val).size == 0 and np.union1d(train, val).size == n
-    assert val.size >= 1 and train.size >= 1
-    assert (split_examples(n, fraction)[1] == val).all()
+    pairs = list(split_stream(range(n), fraction))
+    assert [i for _, i in pairs if _ == "train"] == sorted(i for s, i in pairs if s == "train")
+    train = [i for s, i in pairs if s == "train"]
+    val = [i for s, i in pairs if s == "val"]
+    assert sorted(train + val) == list(range(n))
+    every = round(1 / fraction) if fraction else 0
+    if n >= 2 and every and n >= every:
+        assert val == [i for i in range(n) if (i + 1) % max(2, every) == 0]
+    elif n >= 2:  # fewer than k lines (or no fraction): the last one is held out
+        assert val == [n - 1] and train
+    else:
+        assert val == [] and train == [0]
+
+
+@pytest.mark.parametrize("window", [8, 30, 64])
+def test_packing_keeps_examples_whole_in_order_and_within_the_window(window):
+    lengths = np.array([5, 9, 3, 40, 2, 2, 7, 30, 1])
+    bounds = pack_examples(lengths, window)
+    assert bounds[0] == 0 and bounds[-1] == len(lengths) and (np.diff(bounds) >= 1).all()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cut = np.minimum(lengths[a:b], window)
+        assert b - a == 1 or cut.sum() <= window  # alone, or fits
+        if b < len(lengths):  # next-fit: the next example did not fit
+            assert cut.sum() + min(lengths[b], window) > window

@@ -40,6 +40,15 @@ def add_parsers(sub: Any) -> None:
         "command after an interruption keeps the finished shards.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders, in corpus order")
+    p.add_argument(
+        "--format",
+        choices=("text", "chat", "instruction"),
+        default="text",
+        help="text (default): a corpus; chat or instruction: JSONL conversations "
+        '({"messages": [...]} or {"prompt", "completion"}), rendered with the chat template '
+        "(the --tokenizer folder's, or cadence's default) and written with the answer mask; "
+        "train with data.format set to the same",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="the prepared corpus's folder")
     p.add_argument(
         "--tokenizer",
@@ -99,6 +108,8 @@ def add_parsers(sub: Any) -> None:
 def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
     from cadence.data.prepare import prepare_corpus
 
+    if args.format != "text":
+        return _prepare_chat(args, console)
     start = time.perf_counter()
     index = prepare_corpus(
         args.sources,
@@ -114,18 +125,7 @@ def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
     )
     seconds = time.perf_counter() - start
 
-    table = Table(title=f"prepared {args.out}", title_justify="left")
-    for col in ("split", "documents", "pieces", "tokens", "shards"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for name, split in index["splits"].items():
-        table.add_row(
-            name,
-            f"{split['documents']:,}",
-            f"{split['pieces']:,}",
-            f"{split['tokens']:,}",
-            str(len(split["shards"])),
-        )
-    console.print(table)
+    console.print(_splits_table(args.out, index, ("documents", "pieces", "tokens")))
     tok = index["tokenizer"]
     skipped = index.get("skipped", {})
     notes = [f"skipped {skipped['files']:,} non-text files"] if skipped.get("files") else []
@@ -141,6 +141,41 @@ def cmd_prepare_data(args: argparse.Namespace, console: Console) -> int:
     console.print(f"{mb:,.2f} MB of text in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.2f} MB/s)")
     console.print(f"train on it with: --set data.path={args.out}")
     return 0
+
+
+def _prepare_chat(args: argparse.Namespace, console: Console) -> int:
+    from cadence.data.prepare_chat import prepare_chat
+
+    start = time.perf_counter()
+    index = prepare_chat(
+        args.sources,
+        args.out,
+        fmt=args.format,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        progress=sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    console.print(_splits_table(args.out, index, ("examples", "tokens", "answer_tokens")))
+    tok = index["tokenizer"]
+    console.print(f"tokenizer {tok['kind']} (vocab {tok['vocab_size']:,}, {index['dtype']})")
+    console.print(f"{index['bytes'] / 1e6:,.2f} MB of JSONL in {seconds:.1f} s")
+    console.print(f"train on it with: --set data.format={args.format} --set data.path={args.out}")
+    return 0
+
+
+def _splits_table(out: str, index: dict[str, Any], counts: tuple[str, ...]) -> Table:
+    """Per split: the index's ``counts`` (conversations are its "examples") and the shards."""
+    table = Table(title=f"prepared {out}", title_justify="left")
+    heads = [{"examples": "conversations"}.get(c, c.replace("_", " ")) for c in counts]
+    for col in ("split", *heads, "shards"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, split in index["splits"].items():
+        cells = [f"{split[c]:,}" for c in counts]
+        table.add_row(name, *cells, str(len(split["shards"])))
+    return table
 
 
 def _chunk_bytes(value: str) -> int | None:

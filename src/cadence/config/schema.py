@@ -154,6 +154,9 @@ class DataConfig:
     # {"prompt", "completion"} pairs (instruction), rendered with the model's chat template
     format: Literal["text", "chat", "instruction"] = "text"
     loss_on: Literal["answers", "all"] = "answers"  # chat/instruction: the tokens the loss counts
+    # chat/instruction: pack whole conversations into each window (positions restart, and
+    # attention stays within a conversation where the model supports it), or one per row
+    packing: bool = False
 
 
 @dataclass

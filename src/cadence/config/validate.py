@@ -15,6 +15,7 @@ setting that puts a change of a schedule outside the run.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 from cadence.config.horizon import STEPS, Horizon, horizon
 from cadence.config.parts import (
@@ -105,14 +106,21 @@ def _check_chat(cfg: Config) -> None:
     """``data.format: chat | instruction``: a JSONL file of conversations for the lm workload."""
     d = cfg.data
     if d.format == "text":
+        _check(
+            not d.packing,
+            "data.packing: packs conversations (data.format chat or instruction); text is "
+            "already read in full windows",
+        )
         return
     _check(
         cfg.workload == "lm",
         f"data.format: {d.format} data trains workload lm, not {cfg.workload!r}",
     )
     _check(
-        d.path is not None and str(d.path).endswith(".jsonl"),
-        f"data.path: data.format {d.format} reads a .jsonl file of conversations; name one",
+        d.path is not None
+        and (str(d.path).endswith(".jsonl") or Path(str(d.path)).expanduser().is_dir()),
+        f"data.path: data.format {d.format} reads a .jsonl file of conversations, or a folder "
+        f"prepared from one (`cadence prepare-data FILE.jsonl --format {d.format}`); name one",
     )
     _check(
         cfg.schedule.seq_len is None,

@@ -16,8 +16,7 @@ serving render conversations the same way.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "ROLES",
     "TEMPLATE_FILE",
-    "EncodedChats",
-    "encode_conversations",
+    "encode_conversation",
     "hf_renderer",
+    "iter_conversations",
     "jinja_renderer",
     "read_conversations",
 ]
@@ -61,25 +60,39 @@ def read_conversations(path: Path, fmt: str) -> list[Messages]:
     ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``; ``instruction``:
     ``{"prompt": ..., "completion": ...}``, which is the conversation user -> assistant.
     """
-    out: list[Messages] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"data.path: {path} cannot be read as UTF-8 text ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        out.append(_chat(record, where) if fmt == "chat" else _instruction(record, where))
+    out = list(iter_conversations(path, fmt))
     if not out:
         raise DataError(f"data.path: {path} holds no conversations")
     return out
+
+
+def iter_conversations(path: Path, fmt: str) -> Iterator[Messages]:
+    """The conversations of a JSONL file one by one, read a line at a time (a file larger than
+    memory streams); a bad line is a DataError naming the file and the line."""
+    try:
+        fh = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"data.path: {path} cannot be read ({exc.strerror})") from None
+    with fh:
+        number = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number + 1}: not UTF-8 text ({exc.reason})") from None
+            if not line:
+                return
+            number += 1
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not a JSON object ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield _chat(record, where) if fmt == "chat" else _instruction(record, where)
 
 
 def _instruction(record: dict[str, Any], where: str) -> Messages:
@@ -174,39 +187,17 @@ def _segments(messages: Messages, render: Renderer) -> list[tuple[str, bool]]:
     return [(t, a) for t, a in pieces if t]
 
 
-@dataclass
-class EncodedChats:
-    """One example per row: token ids and a loss mask, padded to one window (``seq_len + 1``)."""
-
-    ids: np.ndarray  # [N, window] int64, padding 0
-    mask: np.ndarray  # [N, window] bool: this token is a target the loss counts
-    truncated: int  # conversations cut at the window
-
-
-def encode_conversations(
-    conversations: Sequence[Messages],
-    encode: Callable[[str], np.ndarray],
-    render: Renderer,
-    window: int,
-    loss_on: str,
-) -> EncodedChats:
-    """Encode every conversation piece by piece; ``loss_on: answers`` counts only the answers'
-    tokens, ``all`` every real token (never padding)."""
-    ids = np.zeros((len(conversations), window), dtype=np.int64)
-    mask = np.zeros((len(conversations), window), dtype=bool)
-    truncated = 0
-    for row, messages in enumerate(conversations):
-        toks: list[np.ndarray] = []
-        counted: list[np.ndarray] = []
-        for text, is_answer in _segments(messages, render):
-            t = np.asarray(encode(text), dtype=np.int64)
-            toks.append(t)
-            counted.append(np.full(t.size, is_answer or loss_on == "all"))
-        seq = np.concatenate(toks) if toks else np.zeros(0, dtype=np.int64)
-        cnt = np.concatenate(counted) if counted else np.zeros(0, dtype=bool)
-        if seq.size > window:
-            truncated += 1
-            seq, cnt = seq[:window], cnt[:window]
-        ids[row, : seq.size] = seq
-        mask[row, : seq.size] = cnt
-    return EncodedChats(ids=ids, mask=mask, truncated=truncated)
+def encode_conversation(
+    messages: Messages, encode: Callable[[str], np.ndarray], render: Renderer
+) -> tuple[np.ndarray, np.ndarray]:
+    """A conversation's token ids (int64) and which of them are answers (bool), piece by piece,
+    so the prompt tokens are exactly those a server sends and the answers those counted."""
+    toks: list[np.ndarray] = []
+    answers: list[np.ndarray] = []
+    for text, is_answer in _segments(messages, render):
+        t = np.asarray(encode(text), dtype=np.int64)
+        toks.append(t)
+        answers.append(np.full(t.size, is_answer))
+    if not toks:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    return np.concatenate(toks), np.concatenate(answers)

@@ -9,6 +9,11 @@ writes DIR as:
     DIR/train-00000.bin     raw little-endian token ids (uint16 when the vocabulary fits,
     DIR/val-00000.bin       uint32 otherwise), documents joined by the separator token
 
+Conversations (``--format chat | instruction``, :mod:`cadence.data.prepare_chat`) add two
+streams per split, ``train-answers-*.bin`` (uint8: 1 where a token is part of an answer) and
+``train-starts-*.bin`` (uint64: where each conversation starts), and the chat template; the
+index says ``"data_format": "chat"``, and the text readers refuse such a folder.
+
 Each split is one token stream cut into shards of at most ``shard_tokens`` tokens; a training
 window may span two shards. The index records, per split, the shards (file, tokens, SHA-256)
 and totals, and, for the corpus, the tokenizer, the separator id, the dtype, the validation rule
@@ -49,6 +54,8 @@ __all__ = [
     "TokenStream",
     "dtype_for",
     "is_prepared",
+    "load_index",
+    "open_stream",
     "open_prepared",
     "val_piece",
 ]
@@ -144,7 +151,7 @@ class PreparedCorpus:
         return int(self.index["separator"])
 
 
-def _load_index(root: Path) -> dict[str, Any]:
+def load_index(root: Path) -> dict[str, Any]:
     path = root / INDEX_FILE
     if not path.is_file():
         raise DataError(
@@ -167,10 +174,12 @@ def _load_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def _open_split(root: Path, index: dict[str, Any], split: str, verify: bool) -> TokenStream:
-    dtype = np.dtype(index["dtype"])
+def open_stream(root: Path, shards: list[dict], dtype: np.dtype, verify: bool) -> TokenStream:
+    """The shards listed in an index (file, tokens, sha256) as one stream: each sized (and
+    hashed if ``verify``) against the index."""
+    dtype = np.dtype(dtype)
     paths, counts = [], []
-    for shard in index["splits"][split]["shards"]:
+    for shard in shards:
         path = root / shard["file"]
         if not path.is_file():
             raise DataError(f"data.path: shard {path} is missing; prepare the data again")
@@ -191,10 +200,20 @@ def _open_split(root: Path, index: dict[str, Any], split: str, verify: bool) -> 
     return TokenStream(paths, counts, dtype)
 
 
+def _open_split(root: Path, index: dict[str, Any], split: str, verify: bool) -> TokenStream:
+    return open_stream(root, index["splits"][split]["shards"], np.dtype(index["dtype"]), verify)
+
+
 def open_prepared(path: str | Path, verify: bool = False) -> PreparedCorpus:
     """The prepared corpus at ``path``: index checked, shards sized (and hashed if ``verify``)."""
     root = Path(path).expanduser()
-    index = _load_index(root)
+    index = load_index(root)
+    fmt = index.get("data_format", "text")
+    if fmt != "text":
+        raise DataError(
+            f"data.path: {root} holds conversations (prepared with --format {fmt}); train on "
+            f"it with data.format: {fmt}"
+        )
     try:
         train = _open_split(root, index, "train", verify)
         val = _open_split(root, index, "val", verify)

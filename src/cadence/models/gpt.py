@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cadence.models.packing import segment_mask, segment_positions
+
 __all__ = ["GPT", "PARAMETRIZATIONS", "GPTConfig", "KVCache"]
 
 PARAMETRIZATIONS: dict[str, str] = {
@@ -212,6 +214,7 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start_pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
@@ -225,7 +228,8 @@ class CausalSelfAttention(nn.Module):
                 q,
                 k,
                 v,
-                is_causal=True,
+                attn_mask=mask,
+                is_causal=mask is None,
                 dropout_p=self.dropout if self.training else 0.0,
                 scale=self.scale,
             )
@@ -270,8 +274,9 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start_pos: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, start_pos))
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, start_pos, mask))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
 
@@ -352,7 +357,11 @@ class GPT(nn.Module):
         )
 
     def forward(
-        self, idx: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] for token ids ``idx`` [B, T].
 
@@ -360,18 +369,30 @@ class GPT(nn.Module):
         angles. With a ``cache`` (see :meth:`new_cache`) the keys/values of ``idx`` are
         stored at ``start_pos:start_pos+T`` and the queries attend to everything cached
         before them, so decoding one token costs O(T) instead of re-running the prefix.
+        ``segments`` [B, T] marks sequences packed into a row (models/packing.py): each gets
+        positions from 0 and attends only to itself, as if it were alone.
         """
         if idx.dim() != 2:
             raise ValueError(f"GPT expects token ids of shape [B, T], got {tuple(idx.shape)}")
         _, t = idx.shape
-        cos, sin = self._rope(start_pos, t, idx.device)
+        mask = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("GPT: packed segments are for training, not cached decoding")
+            positions = segment_positions(segments)
+            # [B, 1, T, D/2]: per row angles, broadcast over the heads
+            cos = self.rope_cos[positions].float()[:, None]
+            sin = self.rope_sin[positions].float()[:, None]
+            mask = segment_mask(segments)
+        else:
+            cos, sin = self._rope(start_pos, t, idx.device)
         x = self.drop(self.tok_emb(idx))
         recompute = self.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
             if recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, i, 0, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i, start_pos)
+                x = block(x, cos, sin, cache, i, start_pos, mask)
         x = self.norm_f(x)
         logits = self.head(x).float()
         m = self.config.width_mult

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cadence.models.packing import segment_mask, segment_positions
+
 __all__ = ["HFCausalLM", "freeze_parameters", "hf_config_from_dict", "load_hf_config"]
 
 PREFIX = "hf."
@@ -280,9 +282,18 @@ class HFCausalLM(nn.Module):
             self.hf.gradient_checkpointing_disable()
 
     def forward(
-        self, idx: torch.Tensor, start_pos: int = 0, cache: HFCache | None = None
+        self,
+        idx: torch.Tensor,
+        start_pos: int = 0,
+        cache: HFCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, T, V]`` (float32); with a cache, as cadence's GPT.forward does."""
+        """Logits ``[B, T, V]`` (float32); with a cache, as cadence's GPT.forward does; with
+        ``segments``, sequences packed into a row (see :meth:`_packed`)."""
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed segments are for training, not cached decoding")
+            return self._packed(idx, segments)
         if cache is None:
             return self.hf(input_ids=idx, use_cache=False).logits.float()
         if start_pos == 0:
@@ -302,6 +313,25 @@ class HFCausalLM(nn.Module):
             **{self._cache_kw: cache.kv},
         )
         cache.kv = out.past_key_values
+        return out.logits.float()
+
+    def _packed(self, idx: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Positions restart at each packed sequence (``position_ids``). With sdpa or eager
+        attention a block-diagonal causal mask keeps each sequence to itself: transformers
+        passes a 4D mask through as given (boolean for sdpa, additive for eager). Flash
+        attention takes no 4D mask; transformers tells packed sequences apart from the
+        restarting ``position_ids`` there instead."""
+        positions = segment_positions(segments)
+        impl = getattr(self.hf.config, "_attn_implementation", None) or "eager"
+        mask = None
+        if impl == "sdpa":
+            mask = segment_mask(segments)
+        elif impl == "eager":
+            dtype = self.hf.get_input_embeddings().weight.dtype
+            allowed = segment_mask(segments)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=idx.device)
+            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self.hf(input_ids=idx, attention_mask=mask, position_ids=positions, use_cache=False)
         return out.logits.float()
 
     def new_cache(self, batch: int, max_len: int | None = None) -> HFCache:
