@@ -199,10 +199,14 @@ def test_bad_specs_fail_with_one_line_naming_the_key(tmp_path: Path) -> None:
 def test_shipped_suites_are_valid() -> None:
     from cadence.bench.spec import suite_names
 
-    assert {"seed", "modern"} <= set(suite_names())
+    assert {"seed", "modern", "finetune"} <= set(suite_names())
     for name in ("seed", "modern"):
         spec = load_spec(name, suite=True)
         assert len(spec.strategies) >= 8 and len(spec.workloads) >= 3
+    spec = load_spec("finetune", suite=True)
+    assert {"full", "frozen-body", "lora-r4", "lora-r16", "loraplus", "dora"} == set(
+        spec.strategies
+    )
 
 
 def test_cli_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,7 +29,9 @@ def add_parsers(sub: Any) -> None:
         "the same command resumes: finished runs are not repeated.",
     )
     p.add_argument("spec", nargs="?", default=None, help="a comparison spec (YAML)")
-    p.add_argument("--suite", default=None, help="a shipped suite instead of SPEC: seed | modern")
+    p.add_argument(
+        "--suite", default=None, help="a shipped suite instead of SPEC: seed | modern | finetune"
+    )
     p.add_argument("--out", default=None, help="output folder (default: runs/compare-NAME)")
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained in parallel, one thread each (default 1)"
