@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from serve_helpers import KEY, LIMIT, Server, cycle_lm_run, read_events, serve
@@ -400,16 +401,23 @@ def test_errors_are_openai_errors_naming_the_field(lm_server: Server) -> None:
         assert "max_tokens" in str(info.value) and f"limit of {LIMIT}" in str(info.value)
         for kw, field in [
             ({"n": 2}, "n"),
-            ({"prompt": [1, 2, 3]}, "prompt"),
-            ({"prompt": ["a", "b"]}, "prompt"),
+            ({"prompt": [[1, 999]]}, "prompt"),  # a token id outside the vocabulary
+            ({"prompt": [[1], [2, -1]]}, "prompt.1"),
+            ({"prompt": []}, "prompt"),
+            ({"prompt": [1, "a"]}, "prompt"),
+            ({"prompt": [[1]] * 65}, "prompt"),  # over the server's batch limit
+            ({"logprobs": 21}, "logprobs"),
+            ({"prompt": "y" * 30, "echo": True, "max_tokens": 5}, "prompt"),  # scored: no slide
+            ({"prompt": ["a", "b"], "stream": True}, "stream"),
             ({"temperature": 2.5}, "temperature"),
             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-            ({"echo": True}, "echo"),
         ]:
             with pytest.raises(openai.BadRequestError) as info:
                 client.completions.create(**{"model": "m", "prompt": PROMPT, **kw})
             assert info.value.param == field
             assert info.value.body["message"].startswith(f"{field}: ")  # type: ignore[index]
+        ok = client.completions.create(model="m", prompt=[[1, 2]], echo=True, max_tokens=0)
+        assert ok.choices[0].finish_reason == "length"  # the engine goes on
         with pytest.raises(openai.APIStatusError) as status:
             client.completions.create(model="m", prompt="y" * 33)
         assert status.value.status_code == 413 and "context of 32 tokens" in str(status.value)
@@ -456,3 +464,62 @@ def test_generate_takes_stop_strings(cycle_server: Server) -> None:
     for bad in ("a", [""], [1]):
         r = httpx.post(url, json={**body, "stop": bad}, headers=auth)
         assert r.status_code == 422 and r.json()["error"].startswith("stop"), r.text
+
+
+# ---------------------------------------------------------------- scoring: echo and logprobs
+
+
+def _direct_logprobs(run: LoadedRun, ids: list[int]) -> torch.Tensor:
+    """log p(next token) at every position of one sequence, from one plain forward pass."""
+    with torch.no_grad():
+        logits = run.model(torch.tensor([ids]))  # type: ignore[operator]
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def test_a_batch_of_token_id_prompts_is_scored_as_a_direct_forward_pass(lm_server: Server) -> None:
+    run = lm_server.run
+    prompts = [[100, 101, 102, 32, 102], [40, 41], [10, 60, 61, 62, 63, 64, 65]]
+    with _client(lm_server, "x") as client:
+        out = client.completions.create(
+            model="m", prompt=prompts, echo=True, logprobs=5, max_tokens=0
+        )
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    tok = run.tokenizer
+    for ids, c in zip(prompts, out.choices):
+        assert c.text == tok.decode(ids) and c.finish_reason == "length"  # type: ignore[union-attr]
+        lp = c.logprobs
+        assert lp is not None and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.tokens == [tok.decode([t]) for t in ids]  # type: ignore[union-attr]
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+        direct = _direct_logprobs(run, ids)
+        for i in range(1, len(ids)):
+            assert lp.token_logprobs[i] == pytest.approx(float(direct[i - 1, ids[i]]), abs=1e-5)
+            best = direct[i - 1].topk(5)
+            top = lp.top_logprobs[i]
+            assert max(top.values()) == pytest.approx(float(best.values[0]), abs=1e-5)
+            assert len(top) <= 5
+    assert out.usage is not None and out.usage.prompt_tokens == sum(map(len, prompts))
+
+
+def test_a_greedy_token_is_scored_with_its_prompt(lm_server: Server) -> None:
+    """What lm-evaluation-harness sends for a log-likelihood: echo, one token, logprobs 1."""
+    run = lm_server.run
+    ids = [int(t) for t in run.tokenizer.encode(PROMPT)]  # type: ignore[union-attr]
+    with _client(lm_server, "x") as client:
+        out = client.completions.create(
+            model="m", prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0
+        )
+        plain = client.completions.create(
+            model="m", prompt=PROMPT, logprobs=2, max_tokens=3, temperature=0
+        )
+    lp = out.choices[0].logprobs
+    assert lp is not None and len(lp.token_logprobs) == len(ids) + 1
+    direct = _direct_logprobs(run, ids)
+    greedy = int(direct[-1].argmax())
+    assert out.choices[0].text == PROMPT + run.tokenizer.decode([greedy])  # type: ignore[union-attr]
+    assert lp.token_logprobs[-1] == pytest.approx(float(direct[-1, greedy]), abs=1e-5)
+    assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-6)
+    # without echo: the generated tokens alone
+    gen = plain.choices[0].logprobs
+    assert gen is not None and len(gen.tokens) == 3 and gen.token_logprobs[0] is not None
+    assert "".join(gen.tokens) == plain.choices[0].text

@@ -28,7 +28,9 @@ __all__ = [
     "DEFAULT_TEMPLATE",
     "ROLES",
     "TEMPLATE_FILE",
+    "answer_end",
     "encode_conversation",
+    "encode_prompt",
     "hf_renderer",
     "iter_conversations",
     "jinja_renderer",
@@ -128,15 +130,24 @@ def _chat(record: dict[str, Any], where: str) -> Messages:
     return out
 
 
-def jinja_renderer(template: str) -> Renderer:
-    """A Jinja chat template, rendered as transformers renders one (trimmed blocks, sandboxed)."""
+def jinja_renderer(template: str, **context: Any) -> Renderer:
+    """A Jinja chat template, rendered as transformers renders one (trimmed blocks, sandboxed),
+    with ``context`` (``bos_token``, ``eos_token``, ...) and ``raise_exception`` in scope, which
+    Hugging Face templates use."""
+    from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
     compiled = env.from_string(template)
 
     def render(messages: Messages, add_generation_prompt: bool) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return compiled.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **context
+        )
 
     return render
 
@@ -163,8 +174,9 @@ def hf_renderer(model_dir: Path) -> tuple[Renderer, str]:
     return render, template
 
 
-def _segments(messages: Messages, render: Renderer) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_answer) pieces, in order."""
+def _turns(messages: Messages, render: Renderer) -> tuple[list[tuple[str, bool]], str]:
+    """The rendered text up to the end of the last assistant turn as (text, is_answer) pieces,
+    and that text: before each answer, what the template renders with the generation prompt."""
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -173,18 +185,50 @@ def _segments(messages: Messages, render: Renderer) -> list[tuple[str, bool]]:
         prompt = render(messages[:i], True)
         full = render(messages[: i + 1], False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError(
-                "chat template: rendering a conversation turn by turn does not extend the "
-                "earlier text (the template changes what it wrote for earlier turns); cadence "
-                "needs a template whose output grows turn by turn"
-            )
+            raise DataError(_NOT_GROWING)
         pieces.append((prompt[len(done) :], False))
         pieces.append((full[len(prompt) :], True))
         done = full
+    return pieces, done
+
+
+_NOT_GROWING = (
+    "chat template: rendering a conversation turn by turn does not extend the earlier text (the "
+    "template changes what it wrote for earlier turns); cadence needs a template whose output "
+    "grows turn by turn"
+)
+
+
+def _segments(messages: Messages, render: Renderer) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_answer) pieces, in order."""
+    pieces, done = _turns(messages, render)
     rest = render(messages, False)[len(done) :]
     if rest:
         pieces.append((rest, False))
     return [(t, a) for t, a in pieces if t]
+
+
+def encode_prompt(
+    messages: Messages, encode: Callable[[str], np.ndarray], render: Renderer
+) -> np.ndarray:
+    """The prompt a server sends for the next answer, encoded piece by piece exactly as
+    training encoded the same conversation: earlier turns, then the generation prompt."""
+    pieces, done = _turns(messages, render)
+    final = render(messages, True)
+    if not final.startswith(done):
+        raise DataError(_NOT_GROWING)
+    texts = [t for t, _ in pieces] + [final[len(done) :]]
+    parts = [np.asarray(encode(t), dtype=np.int64) for t in texts if t]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def answer_end(render: Renderer) -> str:
+    """What the template writes after an answer's content (``<|end|>`` for cadence's default),
+    stripped of whitespace: a chat server stops generating there. Empty when the template
+    writes nothing there but whitespace (a model that ends answers with its EOS token)."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\x00"}]
+    full = render(probe, False)
+    return full[full.index("\x00") + 1 :].strip() if "\x00" in full else ""
 
 
 def encode_conversation(

@@ -172,7 +172,9 @@ class PretrainedTokenizer(BPETokenizer):
         self.files = files
         self.eos_token_id = self._special_id("eos_token")
 
-    def _special_id(self, key: str) -> int | None:
+    def special_token(self, key: str) -> str | None:
+        """The text of a special token named in tokenizer_config.json (``eos_token``,
+        ``bos_token``, ``pad_token``), if the folder names one."""
         raw = self.files.get("tokenizer_config.json")
         if raw is None:
             return None
@@ -182,7 +184,11 @@ class PretrainedTokenizer(BPETokenizer):
             return None
         if isinstance(value, dict):
             value = value.get("content")
-        if not isinstance(value, str):
+        return value if isinstance(value, str) else None
+
+    def _special_id(self, key: str) -> int | None:
+        value = self.special_token(key)
+        if value is None:
             return None
         token_id = self._tok.token_to_id(value)  # type: ignore[attr-defined]
         return int(token_id) if token_id is not None else None

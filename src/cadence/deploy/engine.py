@@ -7,7 +7,8 @@ Concurrency model. Request handlers are async and never touch the model; they pu
 queue and await its results. One engine thread owns the model: it takes the first waiting job,
 gathers the others that arrive within ``batch_wait_s`` (up to ``max_batch``) and runs them as one
 forward pass — stacked inputs for classifiers, left-padded rows with a shared KV cache for
-language models (:func:`cadence.deploy.generate.generate_batch`). A generation that would slide
+language models (:func:`cadence.deploy.generate.generate_batch`), right-padded rows for
+sequences to score (:func:`cadence.deploy.logprobs.score_rows`). A generation that would slide
 its context window runs alone, since rows of a batch cannot slide at different steps. Tokens are
 handed back to the event loop as they are produced, which is what streaming (server-sent events)
 sends.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cadence.deploy.generate import SamplingParams, generate, generate_batch
+from cadence.deploy.logprobs import score_rows
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 
@@ -45,11 +47,12 @@ __all__ = ["Engine", "Job"]
 class Job:
     """One request's work; ``emit`` is called from the engine thread."""
 
-    kind: str  # "generate" | "predict" | "transcribe"
+    kind: str  # "generate" | "score" | "predict" | "transcribe"
     emit: Callable[[str, Any], None]
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams | None = None
     inputs: torch.Tensor | None = None
+    top: int = 0  # score: the most likely next tokens to report per position
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def cancel(self) -> None:
@@ -137,6 +140,8 @@ class Engine:
             try:
                 if job.kind == "predict":
                     self._predict(batch)
+                elif job.kind == "score":
+                    self._score(batch)
                 elif job.kind == "transcribe":
                     self._transcribe(batch)
                 elif len(batch) == 1:
@@ -160,6 +165,12 @@ class Engine:
             n = j.inputs.shape[0]  # type: ignore[union-attr]
             j.emit("result", probs[start : start + n].tolist())
             start += n
+
+    def _score(self, batch: list[Job]) -> None:
+        """Token sequences scored together (deploy/logprobs.py); each fits the context."""
+        scored = score_rows(self.run.model, [j.prompt for j in batch], max(j.top for j in batch))
+        for j, result in zip(batch, scored):
+            j.emit("result", result)
 
     def _transcribe(self, batch: list[Job]) -> None:
         from cadence.models.asr import decode_ids, greedy_decode

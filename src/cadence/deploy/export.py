@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from cadence.config import ConfigError, dump_config
-from cadence.data.chat import TEMPLATE_FILE
+from cadence.data.chat import DEFAULT_TEMPLATE, TEMPLATE_FILE
+from cadence.data.tokenizers import PretrainedTokenizer
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
+from cadence.io import atomic_write_text
 
 __all__ = ["FORMATS", "ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
 
@@ -88,11 +90,18 @@ def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def copy_chat_template(run: LoadedRun, dst: Path) -> list[str]:
-    """The chat template a chat run was trained with travels with its exports."""
+    """The chat template a chat run was trained with travels with its exports; a language model
+    with one of cadence's own tokenizers (byte, BPE) gets cadence's default, the one chat
+    training and serving use for them, so that ``apply_chat_template`` on the export, a
+    fine-tuning of it and ``cadence serve`` all render conversations alike. A model folder's
+    own tokenizer keeps whatever its files hold."""
     src = run.path / TEMPLATE_FILE
-    if not src.is_file():
+    if src.is_file():
+        shutil.copyfile(src, dst / TEMPLATE_FILE)
+    elif run.kind == "lm" and not isinstance(run.tokenizer, PretrainedTokenizer):
+        atomic_write_text(dst / TEMPLATE_FILE, DEFAULT_TEMPLATE)
+    else:
         return []
-    shutil.copyfile(src, dst / TEMPLATE_FILE)
     return [TEMPLATE_FILE]
 
 

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from cadence.deploy.engine import Job
 from cadence.deploy.generate import SamplingParams, StreamDecoder
+from cadence.deploy.logprobs import MAX_LOGPROBS, Scored, logprobs_object
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 
@@ -45,6 +46,7 @@ __all__ = [
     "StopMatcher",
     "add_completions",
     "eos_token_id",
+    "invalid_body",
     "openai_error",
 ]
 
@@ -230,14 +232,15 @@ class StreamOptions(BaseModel):
 class CompletionRequest(BaseModel):
     """The body of ``POST /v1/completions``: OpenAI's fields, with lax types (``8.0`` is an int).
 
-    ``null`` means the default for every optional field; unknown fields (``user``,
-    ``frequency_penalty``, ...) are ignored.
+    ``prompt`` is a string, a list of strings, a list of token ids or a list of token-id lists
+    (a batch: one choice per prompt). ``null`` means the default for every optional field;
+    unknown fields (``user``, ``frequency_penalty``, ...) are ignored.
     """
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str
+    prompt: Any
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
@@ -246,24 +249,37 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int | None = 1
-    # Accepted at their defaults only: anything else would change what the response means.
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Accepted at their defaults only: anything else would change what the response means.
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        if len(value) == 1 and isinstance(value[0], str):
-            return value[0]
-        raise PydanticCustomError(
-            "prompt_list",
-            "must be a string or a list of one string (token ids and batches of prompts are "
-            "not supported)",
+    def _prompt_shape(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        ok = (
+            isinstance(value, list)
+            and value
+            and (
+                all(isinstance(v, str) for v in value)
+                or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                or all(
+                    isinstance(v, list)
+                    and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+                    for v in value
+                )
+            )
         )
+        if not ok:
+            raise PydanticCustomError(
+                "prompt",
+                "must be a string, a list of strings, a list of token ids or a list of "
+                "token-id lists, and not empty",
+            )
+        return [value] if isinstance(value[0], int) else value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -286,14 +302,12 @@ class CompletionRequest(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first field set to a value this server does not implement, if any."""
-        if self.echo:
-            return "echo: echoing the prompt is not supported"
-        if self.logprobs is not None:
-            return "logprobs: log probabilities are not supported"
         if self.best_of not in (None, 1):
             return "best_of: only best_of=1 is supported"
         if self.suffix:
             return "suffix: suffixes (insertion) are not supported"
+        if self.stream and (len(self.prompt) > 1 or self.echo or self.logprobs is not None):
+            return "stream: streaming is for one prompt without echo or logprobs"
         return None
 
 
@@ -326,7 +340,7 @@ def openai_error(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _invalid(errors: list[Any]) -> OpenAIError:
+def invalid_body(errors: list[Any]) -> OpenAIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     name = ".".join(str(p) for p in first.get("loc", ())) or "body"
     if first.get("type") == "json_invalid":
@@ -355,7 +369,7 @@ def add_completions(
         try:
             body = CompletionRequest.model_validate_json(await request.body() or b"null")
         except ValidationError as exc:
-            raise _invalid(exc.errors()) from None
+            raise invalid_body(exc.errors()) from None
         if (problem := body.unsupported()) is not None:
             raise OpenAIError(400, problem, param=problem.split(":")[0])
         if run.kind != "lm":
@@ -371,25 +385,14 @@ def add_completions(
                 f"max_tokens: {max_tokens} is over the limit of {settings.max_new_tokens_limit}",
                 param="max_tokens",
             )
-        prompt = [int(t) for t in run.tokenizer.encode(body.prompt)]  # type: ignore[union-attr]
-        if not prompt:
-            raise OpenAIError(400, "prompt: must not be empty", param="prompt")
-        if len(prompt) > run.seq_len:
-            raise OpenAIError(
-                413,
-                f"prompt: {len(prompt)} tokens is longer than the model's context of "
-                f"{run.seq_len} tokens",
-                param="prompt",
-                code="context_length_exceeded",
-            )
+        scoring = bool(body.echo) or body.logprobs is not None
+        prompts, texts = _prompts(body.prompt, run, settings, max_tokens if scoring else None)
         params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=body.top_p,
             seed=body.seed,
         )
-        text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
-        completion = Completion(run_job, metrics, prompt, params, text)
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -397,24 +400,26 @@ def add_completions(
             "model": body.model or run.path.resolve().name,
         }
 
-        def choice(piece: str, finish_reason: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": piece, "finish_reason": finish_reason, "logprobs": None}
+        def choice(index: int, piece: str, finish: str | None, lp: Any = None) -> dict[str, Any]:
+            return {"index": index, "text": piece, "finish_reason": finish, "logprobs": lp}
 
-        def usage() -> dict[str, int]:
-            done = len(text.tokens)
-            return {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": done,
-                "total_tokens": len(prompt) + done,
-            }
+        def usage(done: int) -> dict[str, int]:
+            given = sum(len(p) for p in prompts)
+            return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
 
         if not body.stream:
-            try:
-                await completion.run()
-            except ModelError as exc:
-                raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
-            return {**head, "choices": [choice(text.text, text.finish_reason)], "usage": usage()}
+            answers = await asyncio.gather(
+                *(_complete(run, metrics, run_job, p, params, body) for p in prompts)
+            )
+            choices = []
+            for i, (text, lp) in enumerate(answers):
+                shown = (texts[i] if body.echo else "") + text.text
+                choices.append(choice(i, shown, text.finish_reason or "length", lp))
+            done = sum(len(a[0].tokens) for a in answers)
+            return {**head, "choices": choices, "usage": usage(done)}
 
+        text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
+        completion = Completion(run_job, metrics, prompts[0], params, text)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
@@ -426,12 +431,12 @@ def add_completions(
                 async for _, piece in completion:
                     if text.finished:
                         yield event(
-                            {**head, "choices": [choice(piece, text.finish_reason)], **extra}
+                            {**head, "choices": [choice(0, piece, text.finish_reason)], **extra}
                         )
                     elif piece:
-                        yield event({**head, "choices": [choice(piece, None)], **extra})
+                        yield event({**head, "choices": [choice(0, piece, None)], **extra})
                 if include_usage:
-                    yield event({**head, "choices": [], "usage": usage()})
+                    yield event({**head, "choices": [], "usage": usage(len(text.tokens))})
             except ModelError as exc:
                 yield event(openai_error(f"model: {exc}", type_="server_error"))
             finally:
@@ -439,3 +444,81 @@ def add_completions(
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+def _prompts(
+    raw: list[Any], run: LoadedRun, settings: ServeSettings, scored_tokens: int | None
+) -> tuple[list[list[int]], list[str]]:
+    """The request's prompts as token ids and as text, each checked; ``scored_tokens`` (the
+    tokens to generate, when the request asks for log-probabilities) means prompt and answer
+    must fit the context, since a scored sequence cannot slide its window."""
+    tok = run.tokenizer
+    if len(raw) > settings.max_prompts:
+        raise OpenAIError(
+            400,
+            f"prompt: {len(raw)} prompts in one request, the limit is {settings.max_prompts}",
+            param="prompt",
+        )
+    prompts, texts = [], []
+    vocab = int(tok.vocab_size)  # type: ignore[union-attr]
+    for i, item in enumerate(raw):
+        name = "prompt" if len(raw) == 1 else f"prompt.{i}"
+        ids = [int(t) for t in tok.encode(item)] if isinstance(item, str) else list(item)  # type: ignore[union-attr]
+        if not ids:
+            raise OpenAIError(400, f"{name}: must not be empty", param=name)
+        bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(
+                400,
+                f"{name}: token id {ids[bad]} (position {bad}) is not in the vocabulary of {vocab}",
+                param=name,
+            )
+        if scored_tokens is not None and len(ids) + scored_tokens > run.seq_len:
+            raise OpenAIError(
+                400,
+                f"{name}: {len(ids)} tokens + max_tokens {scored_tokens} is longer than the "
+                f"model's context of {run.seq_len} tokens, which scoring cannot exceed",
+                param=name,
+                code="context_length_exceeded",
+            )
+        if len(ids) > run.seq_len:
+            raise OpenAIError(
+                413,
+                f"{name}: {len(ids)} tokens is longer than the model's context of "
+                f"{run.seq_len} tokens",
+                param=name,
+                code="context_length_exceeded",
+            )
+        prompts.append(ids)
+        texts.append(item if isinstance(item, str) else tok.decode(ids))  # type: ignore[union-attr]
+    return prompts, texts
+
+
+async def _complete(
+    run: LoadedRun,
+    metrics: Metrics,
+    run_job: RunJob,
+    prompt: list[int],
+    params: SamplingParams,
+    body: CompletionRequest,
+) -> tuple[CompletionText, dict[str, Any] | None]:
+    """One prompt's completion and, if asked for, its ``logprobs``: the generated tokens that
+    are shown (not a closing EOS or the token that completed a stop string), scored together
+    with the prompt in one forward pass on the engine."""
+    text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
+    try:
+        if params.max_new_tokens > 0:
+            await Completion(run_job, metrics, prompt, params, text).run()
+        if body.logprobs is None:
+            return text, None
+        shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
+        sequence = prompt + shown
+        job, events = run_job({"kind": "score", "prompt": sequence, "top": body.logprobs})
+        kind, value = await events.get()
+    except ModelError as exc:
+        raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
+    if kind != "result":
+        raise OpenAIError(500, f"model: {value}", type_="server_error")
+    scored: Scored = value
+    first = 0 if body.echo else len(prompt)
+    return text, logprobs_object(run.tokenizer, sequence, scored, first, body.logprobs)

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cadence.deploy.audio_api import AudioError, is_upload, read_audio, wants_pcm
+from cadence.deploy.chat_api import CHAT_PATH, MODELS_PATH, add_chat
 from cadence.deploy.engine import Engine, Job
 from cadence.deploy.generate import SamplingParams
 from cadence.deploy.openai_api import (
@@ -51,6 +52,7 @@ from cadence.deploy.openai_api import (
 )
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun
 from cadence.deploy.serve_metrics import Metrics
+from cadence.deploy.tokenizer_api import TOKENIZER_PATHS, add_tokenizer
 
 __all__ = [
     "API_KEY_ENV",
@@ -62,6 +64,8 @@ __all__ = [
 ]
 
 API_KEY_ENV = "CADENCE_API_KEY"
+# errors in OpenAI's shape
+OPENAI_PATHS = {COMPLETIONS_PATH, CHAT_PATH, MODELS_PATH, *TOKENIZER_PATHS}
 
 
 @dataclass
@@ -72,6 +76,7 @@ class ServeSettings:
     max_batch: int = 16  # jobs per forward pass
     batch_wait_s: float = 0.005  # how long the engine waits to fill a batch
     max_predict_inputs: int = 1024  # examples per /v1/predict request
+    max_prompts: int = 64  # prompts per /v1/completions request
     api_key: str | None = None  # bearer token required on every endpoint but /health
 
 
@@ -221,7 +226,7 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
             if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
                 message = "authorization: missing or wrong bearer token"
                 error: Any = {"error": message}
-                if path == COMPLETIONS_PATH:
+                if path in OPENAI_PATHS:
                     error = openai_error(message, code="invalid_api_key")
                 response: Response = JSONResponse(
                     error,
@@ -231,8 +236,8 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
                 metrics.observe(path, 401, time.perf_counter() - start)
                 return response
         response = await call_next(request)
-        known = {"/v1/generate", COMPLETIONS_PATH, "/v1/predict", "/v1/transcribe"}
-        known |= {"/health", "/metrics"}
+        known = {"/v1/generate", "/v1/predict", "/v1/transcribe", "/health", "/metrics"}
+        known |= OPENAI_PATHS
         metrics.observe(
             path if path in known else "other", response.status_code, time.perf_counter() - start
         )
@@ -394,6 +399,9 @@ def create_app(run: LoadedRun, settings: ServeSettings | None = None) -> FastAPI
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     add_completions(app, run, settings, metrics, _run_job)
+    if run.kind == "lm":
+        add_chat(app, run, settings, metrics, _run_job)
+        add_tokenizer(app, run)
     return app
 
 

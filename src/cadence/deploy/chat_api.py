@@ -1,0 +1,292 @@
+"""OpenAI's ``POST /v1/chat/completions`` and ``GET /v1/models`` for a served language model.
+
+Messages are rendered with the run's chat template -- the ``chat_template.jinja`` a chat run
+saved, else the one in the run's Hugging Face tokenizer files, else cadence's default (the one
+chat training uses for cadence's own tokenizers) -- and encoded exactly as training encoded the
+same conversation (:func:`cadence.data.chat.encode_prompt`), so a fine-tuned model is served the
+prompts it learned from. Generation ends at the tokenizer's end-of-sequence token, at the
+client's ``stop`` strings, or where the template closes an answer (``<|end|>`` for the default).
+The generation itself is :class:`cadence.deploy.openai_api.Completion` on the engine, as for
+``/v1/completions``; the shapes (``chat.completion``, streamed ``chat.completion.chunk`` with a
+``delta``, usage on request, ``[DONE]``) and errors are OpenAI's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from jinja2.exceptions import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from cadence.data.chat import (
+    DEFAULT_TEMPLATE,
+    TEMPLATE_FILE,
+    Renderer,
+    answer_end,
+    encode_prompt,
+    jinja_renderer,
+)
+from cadence.data.errors import DataError
+from cadence.deploy.generate import SamplingParams
+from cadence.deploy.openai_api import (
+    MAX_STOP,
+    Completion,
+    CompletionText,
+    ModelError,
+    OpenAIError,
+    RunJob,
+    StreamOptions,
+    eos_token_id,
+    invalid_body,
+    openai_error,
+)
+from cadence.deploy.rundir import LoadedRun
+from cadence.deploy.serve_metrics import Metrics
+
+if TYPE_CHECKING:
+    from cadence.deploy.serve import ServeSettings
+
+__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "add_chat", "chat_template", "model_id"]
+
+CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+
+
+def chat_template(run: LoadedRun) -> str:
+    """The template this run's conversations are rendered with (see the module docstring)."""
+    saved = run.path / TEMPLATE_FILE
+    if saved.is_file():
+        return saved.read_text(encoding="utf-8")
+    config = run.path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            template = None
+        if isinstance(template, str) and template.strip():
+            return template
+    return DEFAULT_TEMPLATE
+
+
+def _special_tokens(path: Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` as HF templates expect them in scope (empty if none)."""
+    out = {"bos_token": "", "eos_token": ""}
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return out
+        for key in out:
+            value = data.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                out[key] = value
+    return out
+
+
+def model_id(run: LoadedRun) -> str:
+    """The name the server gives its one model: the run folder's name."""
+    return run.path.resolve().name
+
+
+# ---------------------------------------------------------------- request body
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """OpenAI's content parts (``[{"type": "text", "text": ...}]``) joined; other parts
+        (images, audio) are not something a text model can take."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise PydanticCustomError("content", "only text content parts are supported")
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+
+
+class ChatRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions``; ``null`` means the default, unknown fields
+    are ignored, as on OpenAI."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
+    stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int | None = 1
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not s for s in value):
+            raise PydanticCustomError("stop_empty", "stop strings must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise PydanticCustomError("n", "only n=1 is supported, got {n}", {"n": value})
+        return value
+
+    def unsupported(self) -> str | None:
+        if self.logprobs or self.top_logprobs is not None:
+            return "logprobs: log probabilities of chat completions are not supported yet"
+        return None
+
+
+# ---------------------------------------------------------------- the endpoints
+
+
+def add_chat(
+    app: FastAPI, run: LoadedRun, settings: ServeSettings, metrics: Metrics, run_job: RunJob
+) -> None:
+    """Register ``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app`` (a language
+    model's server; the OpenAI error handler is ``add_completions``')."""
+    template = chat_template(run)
+    render: Renderer = jinja_renderer(template, **_special_tokens(run.path))
+    try:
+        end = answer_end(render)
+    except (TemplateError, TypeError, KeyError):
+        end = ""
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
+
+    @app.get(MODELS_PATH)
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id(run),
+                    "object": "model",
+                    "created": int(run.weights.stat().st_mtime),
+                    "owned_by": "cadence",
+                    "max_model_len": run.seq_len,
+                }
+            ],
+        }
+
+    @app.post(CHAT_PATH, response_model=None, openapi_extra=body_doc)
+    async def chat(request: Request) -> dict[str, Any] | StreamingResponse:
+        try:
+            body = ChatRequest.model_validate_json(await request.body() or b"null")
+        except ValidationError as exc:
+            raise invalid_body(exc.errors()) from None
+        if (problem := body.unsupported()) is not None:
+            raise OpenAIError(400, problem, param=problem.split(":")[0])
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in body.messages
+        ]
+        try:
+            prompt = [int(t) for t in encode_prompt(messages, run.tokenizer.encode, render)]  # type: ignore[union-attr]
+        except (DataError, TemplateError) as exc:
+            raise OpenAIError(400, f"messages: {exc}", param="messages") from None
+        if len(prompt) >= run.seq_len:
+            raise OpenAIError(
+                400,
+                f"messages: the rendered conversation is {len(prompt)} tokens, the model's "
+                f"context is {run.seq_len}; shorten it",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = min(settings.max_new_tokens_limit, run.seq_len - len(prompt))
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > settings.max_new_tokens_limit:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise OpenAIError(
+                400,
+                f"{field}: {asked} is over the limit of {settings.max_new_tokens_limit}",
+                param=field,
+            )
+        params = SamplingParams(
+            max_new_tokens=asked if asked is not None else room,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
+        stops = list(body.stop or ()) + ([end] if end and end not in (body.stop or ()) else [])
+        text = CompletionText(run.tokenizer, stops, eos_token_id(run))
+        completion = Completion(run_job, metrics, prompt, params, text)
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": body.model or model_id(run),
+        }
+
+        def usage() -> dict[str, int]:
+            done = len(text.tokens)
+            return {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": done,
+                "total_tokens": len(prompt) + done,
+            }
+
+        if not body.stream:
+            try:
+                await completion.run()
+            except ModelError as exc:
+                raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
+            message = {"role": "assistant", "content": text.text}
+            choice = {"index": 0, "message": message, "finish_reason": text.finish_reason}
+            choice["logprobs"] = None
+            return {**head, "object": "chat.completion", "choices": [choice], "usage": usage()}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            data = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                async for _, piece in completion:
+                    if piece:
+                        yield chunk({"content": piece}, None)
+                    if text.finished:
+                        yield chunk({}, text.finish_reason)
+                if include_usage:
+                    data = {**head, "object": "chat.completion.chunk", "choices": []}
+                    yield f"data: {json.dumps({**data, 'usage': usage()})}\n\n"
+            except ModelError as exc:
+                yield f"data: {json.dumps(openai_error(f'model: {exc}', type_='server_error'))}\n\n"
+            finally:
+                completion.close()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
