@@ -13,6 +13,7 @@ from cadence.data.chat import DEFAULT_TEMPLATE, jinja_renderer
 from cadence.data.tokenizers import ByteTokenizer
 from cadence.deploy.generate import SamplingParams, generate
 from cadence.workloads import build_workload
+from cli_helpers import run_forked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,8 @@ def test_the_task_is_a_pure_function_of_its_seed():
 def task():
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(finetune.PRETRAIN, "max_steps", 3)  # the base: pretrained briefly
+        # in a child forked from this process rather than a new interpreter (cli_helpers.py)
+        mp.setattr(finetune, "_cadence", lambda args: run_forked(*args))
         cfg = cadence.load_config(None, SHAPE)
         base = finetune.pretrained_base(cfg)
         assert finetune.pretrained_base(cfg) == base  # cached: made once

@@ -123,7 +123,9 @@ def test_the_harness_scores_and_generates_through_local_completions(
         "auth_token": KEY,  # lm-eval sends it to the tokenizer endpoints
         "max_length": 32,
     }
-    results = _evaluate(monkeypatch, tasks, "local-completions", args, ["cadence_mc", "cadence_gen"])
+    results = _evaluate(
+        monkeypatch, tasks, "local-completions", args, ["cadence_mc", "cadence_gen"]
+    )
     run = server.run
     right = [
         max(range(2), key=lambda k: _loglikelihood(run, d["question"], d["choices"][k]))

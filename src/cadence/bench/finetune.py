@@ -105,13 +105,19 @@ def pretrained_base(cfg: Config) -> Path:
     def pretrain(folder: Path) -> None:
         sets = [a for k, v in settings.items() for a in ("--set", f"{k}={_yaml(v)}")]
         sets += ["--set", "train.progress=false", "--set", "train.eval_every=100"]
-        cmd = [sys.executable, "-m", "cadence", "train", *sets, "--run-dir", str(folder / "run")]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        res = _cadence(["train", *sets, "--run-dir", str(folder / "run")])
         if res.returncode != 0:
             tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ConfigError(f"workload: pretraining the finetune base failed: {tail}")
 
     return cache_folder("finetune-base", key, pretrain, "pretraining the finetune suite's base")
+
+
+def _cadence(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``cadence ARGS`` in a child process: the pretraining has its own RNG, threads and signal
+    handlers, and leaves the calling run's untouched."""
+    cmd = [sys.executable, "-m", "cadence", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
 def _yaml(value: Any) -> str:
