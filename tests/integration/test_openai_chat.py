@@ -131,7 +131,9 @@ def test_bad_requests_are_openai_errors_naming_the_field_and_the_server_goes_on(
     cases = [
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role"),
         ({"messages": []}, "messages"),
-        ({"messages": ASK, "logprobs": True}, "logprobs"),
+        ({"messages": ASK, "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": ASK, "logprobs": True, "stream": True}, "logprobs"),
+        ({"messages": ASK, "logprobs": True, "max_tokens": 40}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "y" * 40}]}, "messages"),
         ({"messages": ASK, "max_tokens": LIMIT + 1}, "max_tokens"),
         ({"messages": ASK, "n": 2}, "n"),
@@ -184,3 +186,23 @@ def test_the_tokenizer_endpoints_are_the_served_tokenizer(server: Server) -> Non
     ]:
         r = _post(server, path, body)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), r.text
+
+
+def test_chat_logprobs_are_the_models_own(client: openai.OpenAI, chat_run: Path) -> None:
+    import torch
+
+    out = client.chat.completions.create(
+        model="m", messages=ASK, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3
+    )
+    prompt, greedy = _reference(chat_run, ASK, 6)
+    content = out.choices[0].logprobs.content  # type: ignore[union-attr]
+    answer = out.choices[0].message.content
+    assert answer == greedy and b"".join(bytes(c.bytes) for c in content) == answer.encode()
+    ids = prompt + list(greedy.encode())
+    run = load_run(chat_run)
+    with torch.no_grad():
+        logp = torch.log_softmax(run.model(torch.tensor([ids]))[0].float(), dim=-1)  # type: ignore[operator]
+    for k, c in enumerate(content):
+        pos = len(prompt) + k
+        assert c.logprob == pytest.approx(float(logp[pos - 1, ids[pos]]), abs=1e-5)
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)

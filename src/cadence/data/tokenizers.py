@@ -59,6 +59,10 @@ class ByteTokenizer:
         """int64 ids; int64 so blocks can feed ``cross_entropy`` targets directly."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a single byte may be part of a character)."""
+        return bytes([token_id])
+
     def decode(self, ids: Iterable[int]) -> str:
         """Invalid byte sequences (a sample cut mid-character) become U+FFFD, never errors."""
         data = np.asarray(_as_int_list(ids), dtype=np.int64)

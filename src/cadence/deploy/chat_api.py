@@ -36,6 +36,7 @@ from cadence.data.chat import (
 )
 from cadence.data.errors import DataError
 from cadence.deploy.generate import SamplingParams
+from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.openai_api import (
     MAX_STOP,
     Completion,
@@ -140,7 +141,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     n: int | None = 1
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -162,9 +163,46 @@ class ChatRequest(BaseModel):
         return value
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs is not None:
-            return "logprobs: log probabilities of chat completions are not supported yet"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs: needs logprobs: true"
+        if self.stream and self.logprobs:
+            return "logprobs: not with stream; ask for the whole answer"
         return None
+
+
+# ---------------------------------------------------------------- log-probabilities
+
+
+async def _score(run_job: RunJob, sequence: list[int], top: int) -> Scored:
+    """One sequence scored on the engine (deploy/logprobs.py)."""
+    _, events = run_job({"kind": "score", "prompt": sequence, "top": top})
+    kind, value = await events.get()
+    if kind != "result":
+        raise OpenAIError(500, f"model: {value}", type_="server_error")
+    return value
+
+
+def chat_logprobs(
+    tokenizer: Any, ids: list[int], scored: Scored, first: int, top: int
+) -> dict[str, Any]:
+    """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}``
+    for the answer's tokens ``ids[first:]``. A token that is part of a character decodes to a
+    replacement character; its ``bytes`` are its own where the tokenizer knows them (byte
+    tokenizer), so joining them gives the answer's UTF-8."""
+
+    raw = getattr(tokenizer, "token_bytes", None)
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        data = raw(token_id) if raw is not None else text.encode("utf-8")
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    content = []
+    for i in range(first, len(ids)):
+        item = entry(ids[i], scored.token_logprobs[i])  # type: ignore[arg-type]
+        item["top_logprobs"] = [entry(t, v) for t, v in scored.top[i][:top]]
+        content.append(item)
+    return {"content": content, "refusal": None}
 
 
 # ---------------------------------------------------------------- the endpoints
@@ -231,6 +269,15 @@ def add_chat(
                 f"{field}: {asked} is over the limit of {settings.max_new_tokens_limit}",
                 param=field,
             )
+        if body.logprobs and asked is not None and len(prompt) + asked > run.seq_len:
+            field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            raise OpenAIError(
+                400,
+                f"{field}: with logprobs, the conversation ({len(prompt)} tokens) and the answer "
+                f"must fit the context of {run.seq_len} tokens",
+                param=field,
+                code="context_length_exceeded",
+            )
         params = SamplingParams(
             max_new_tokens=asked if asked is not None else room,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -262,6 +309,12 @@ def add_chat(
             message = {"role": "assistant", "content": text.text}
             choice = {"index": 0, "message": message, "finish_reason": text.finish_reason}
             choice["logprobs"] = None
+            if body.logprobs:
+                shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
+                scored = await _score(run_job, prompt + shown, body.top_logprobs or 0)
+                choice["logprobs"] = chat_logprobs(
+                    run.tokenizer, prompt + shown, scored, len(prompt), body.top_logprobs or 0
+                )
             return {**head, "object": "chat.completion", "choices": [choice], "usage": usage()}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
