@@ -204,9 +204,8 @@ def test_shipped_suites_are_valid() -> None:
         spec = load_spec(name, suite=True)
         assert len(spec.strategies) >= 8 and len(spec.workloads) >= 3
     spec = load_spec("finetune", suite=True)
-    assert {"full", "frozen-body", "lora-r4", "lora-r16", "loraplus", "dora"} == set(
-        spec.strategies
-    )
+    assert {"full", "frozen-body", "lora-r4", "lora-r16", "loraplus", "dora"} < set(spec.strategies)
+    assert {"adamw-full", "adamw-lora"} < set(spec.strategies)
 
 
 def test_cli_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,8 +17,8 @@ from safetensors.torch import save_model
 import cadence
 from cadence.config import ConfigError, dump_config
 from cadence.deploy.export import ONNX_TOLERANCE, export_run, random_inputs
-from cadence.deploy.generate import SamplingParams, generate
 from cadence.deploy.rundir import load_run
+from cadence.models.generate import SamplingParams, generate
 from cadence.workloads import build_model
 
 
@@ -78,7 +78,11 @@ def test_safetensors_export_rebuilds_the_same_model(
         "config.yaml",
         "tokenizer.json",
         "export.json",
+        "chat_template.jinja",  # cadence's default, for a byte-tokenizer language model
     }
+    from cadence.data.chat import DEFAULT_TEMPLATE
+
+    assert (out / "chat_template.jinja").read_text() == DEFAULT_TEMPLATE
     original, exported = load_run(lm_run, ema=ema), load_run(out)
     assert original.weights.name == ("model_ema.safetensors" if ema else "model.safetensors")
     for x in random_inputs(original):

@@ -11,7 +11,7 @@ import cadence
 from cadence.bench import finetune
 from cadence.data.chat import DEFAULT_TEMPLATE, jinja_renderer
 from cadence.data.tokenizers import ByteTokenizer
-from cadence.deploy.generate import SamplingParams, generate
+from cadence.models.generate import SamplingParams, generate
 from cadence.workloads import build_workload
 from cli_helpers import run_forked
 

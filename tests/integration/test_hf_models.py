@@ -19,8 +19,8 @@ import cadence
 from cadence.config import ConfigError
 from cadence.data import EpochSampler
 from cadence.deploy.export import export_run
-from cadence.deploy.generate import SamplingParams, generate, generate_batch
 from cadence.deploy.rundir import load_run
+from cadence.models.generate import SamplingParams, generate, generate_batch
 from cadence.models.hf import HFCausalLM
 from cadence.optim.groups import muon_split
 from cadence.workloads import build_workload

@@ -20,8 +20,8 @@ from serve_helpers import KEY, LIMIT, Server, cycle_lm_run, serve
 
 from cadence.data.chat import TEMPLATE_FILE, encode_prompt, jinja_renderer
 from cadence.data.tokenizers import ByteTokenizer
-from cadence.deploy.generate import SamplingParams, generate
 from cadence.deploy.rundir import LoadedRun
+from cadence.models.generate import SamplingParams, generate
 
 # The cycle model continues "def é(x)+ghijklmnopq" from the last byte it sees. Gold answers
 # are sometimes that continuation and sometimes not, so the accuracy is neither 0 nor 1.

@@ -20,8 +20,8 @@ from serve_helpers import KEY, LIMIT, Server, cycle_lm_run, serve
 from cadence.data.chat import DEFAULT_TEMPLATE, TEMPLATE_FILE, encode_prompt, jinja_renderer
 from cadence.data.tokenizers import ByteTokenizer
 from cadence.deploy.chat_api import chat_template
-from cadence.deploy.generate import SamplingParams, generate
 from cadence.deploy.rundir import load_run
+from cadence.models.generate import SamplingParams, generate
 
 # Renders every turn's content back to back; an answer opens with "d" (the generation prompt)
 # and closes with "jk"; from which the cycle model writes "ef é(x)+ghi" and then "jk".

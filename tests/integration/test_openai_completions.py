@@ -25,11 +25,11 @@ from serve_helpers import KEY, LIMIT, Server, cycle_lm_run, read_events, serve
 
 from cadence.data.tokenizers import ByteTokenizer
 from cadence.deploy.engine import Engine, Job
-from cadence.deploy.generate import SamplingParams, generate
 from cadence.deploy.openai_api import CompletionText, StopMatcher
 from cadence.deploy.rundir import LoadedRun, load_run
 from cadence.deploy.serve import ServeSettings
 from cadence.deploy.serve_metrics import Metrics
+from cadence.models.generate import SamplingParams, generate
 
 PROMPT = "def "
 

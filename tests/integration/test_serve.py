@@ -20,8 +20,8 @@ from serve_helpers import KEY, LIMIT, Server, read_events, serve
 
 import cadence
 from cadence.config import ConfigError, dump_config
-from cadence.deploy.generate import SamplingParams, generate
 from cadence.deploy.rundir import LoadedRun
+from cadence.models.generate import SamplingParams, generate
 from cadence.workloads import build_model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cadence.deploy.generate import (
+from cadence.models.generate import (
     SamplingParams,
     StreamDecoder,
     generate,

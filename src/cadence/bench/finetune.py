@@ -32,8 +32,8 @@ from cadence.data.cache import cache_folder
 from cadence.data.chat import DEFAULT_TEMPLATE, Messages, jinja_renderer
 from cadence.data.chat_streams import chat_splits_in_memory, split_stream
 from cadence.data.tokenizers import ByteTokenizer
-from cadence.deploy.generate import SamplingParams, generate_batch
 from cadence.models import GPT
+from cadence.models.generate import SamplingParams, generate_batch
 from cadence.runtime.distributed import all_reduce_sums
 from cadence.training.checkpoint import tied_names
 from cadence.workloads.builtin import gpt_config

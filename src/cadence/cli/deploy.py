@@ -143,8 +143,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from cadence.config import ConfigError
-    from cadence.deploy.generate import SamplingParams, StreamDecoder, generate
     from cadence.deploy.rundir import load_run
+    from cadence.models.generate import SamplingParams, StreamDecoder, generate
 
     params = SamplingParams(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cadence.deploy.generate import SamplingParams, StreamDecoder, generate, generate_batch
 from cadence.deploy.rundir import LoadedRun, load_run
+from cadence.models.generate import SamplingParams, StreamDecoder, generate, generate_batch
 
 __all__ = [
     "LoadedRun",

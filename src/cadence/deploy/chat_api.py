@@ -35,7 +35,6 @@ from cadence.data.chat import (
     jinja_renderer,
 )
 from cadence.data.errors import DataError
-from cadence.deploy.generate import SamplingParams
 from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.openai_api import (
     MAX_STOP,
@@ -51,6 +50,7 @@ from cadence.deploy.openai_api import (
 )
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
+from cadence.models.generate import SamplingParams
 
 if TYPE_CHECKING:
     from cadence.deploy.serve import ServeSettings

@@ -7,7 +7,7 @@ Concurrency model. Request handlers are async and never touch the model; they pu
 queue and await its results. One engine thread owns the model: it takes the first waiting job,
 gathers the others that arrive within ``batch_wait_s`` (up to ``max_batch``) and runs them as one
 forward pass — stacked inputs for classifiers, left-padded rows with a shared KV cache for
-language models (:func:`cadence.deploy.generate.generate_batch`), right-padded rows for
+language models (:func:`cadence.models.generate.generate_batch`), right-padded rows for
 sequences to score (:func:`cadence.deploy.logprobs.score_rows`). A generation that would slide
 its context window runs alone, since rows of a batch cannot slide at different steps. Tokens are
 handed back to the event loop as they are produced, which is what streaming (server-sent events)
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cadence.deploy.generate import SamplingParams, generate, generate_batch
 from cadence.deploy.logprobs import score_rows
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
+from cadence.models.generate import SamplingParams, generate, generate_batch
 
 if TYPE_CHECKING:  # serve.py imports this module; the settings are only read as attributes
     from cadence.deploy.serve import ServeSettings

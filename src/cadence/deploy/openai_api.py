@@ -1,39 +1,34 @@
-"""The OpenAI-compatible ``POST /v1/completions`` endpoint and the text side of a completion.
+"""The OpenAI-compatible API's shared pieces: the text side of a completion, the request body, errors.
 
 Two layers live here:
 
 - :class:`StopMatcher` and :class:`CompletionText` turn the engine's token ids into the text a
   client sees: pieces that never split a UTF-8 character (:class:`StreamDecoder`), cut at the
   first stop string, ending at the end-of-sequence token. ``/v1/generate`` uses them too.
-- :func:`add_completions` registers the endpoint on the app: the OpenAI request body (lenient
-  like OpenAI's: unknown fields are ignored), the response and stream chunk shapes, and errors
+- the OpenAI request body (lenient like OpenAI's: unknown fields are ignored) and errors
   rendered as ``{"error": {"message", "type", "param", "code"}}``, which the ``openai`` client
-  turns into ``BadRequestError`` and friends. A body that does not validate is a 400 here, as
-  on OpenAI, and every message starts with the field it is about.
+  turns into ``BadRequestError`` and friends. A body that does not validate is a 400, as on
+  OpenAI, and every message starts with the field it is about. The endpoint itself is in
+  :mod:`cadence.deploy.completions_api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from cadence.deploy.engine import Job
-from cadence.deploy.generate import SamplingParams, StreamDecoder
-from cadence.deploy.logprobs import MAX_LOGPROBS, Scored, logprobs_object
+from cadence.deploy.logprobs import MAX_LOGPROBS
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
+from cadence.models.generate import SamplingParams, StreamDecoder
 
 if TYPE_CHECKING:  # serve.py imports this module; the settings are only read as attributes
-    from cadence.deploy.serve import ServeSettings
+    pass
 
 __all__ = [
     "COMPLETIONS_PATH",
@@ -44,7 +39,6 @@ __all__ = [
     "ModelError",
     "OpenAIError",
     "StopMatcher",
-    "add_completions",
     "eos_token_id",
     "invalid_body",
     "openai_error",
@@ -348,177 +342,3 @@ def invalid_body(errors: list[Any]) -> OpenAIError:
     else:
         msg = first.get("msg", "invalid")
     return OpenAIError(400, f"{name}: {msg}", param=None if name == "body" else name)
-
-
-# ---------------------------------------------------------------- the endpoint
-
-
-def add_completions(
-    app: FastAPI, run: LoadedRun, settings: ServeSettings, metrics: Metrics, run_job: RunJob
-) -> None:
-    """Register ``POST /v1/completions`` (and the rendering of its errors) on ``app``."""
-
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body, status_code=exc.status)
-
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
-
-    @app.post(COMPLETIONS_PATH, response_model=None, openapi_extra=body_doc)
-    async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
-        try:
-            body = CompletionRequest.model_validate_json(await request.body() or b"null")
-        except ValidationError as exc:
-            raise invalid_body(exc.errors()) from None
-        if (problem := body.unsupported()) is not None:
-            raise OpenAIError(400, problem, param=problem.split(":")[0])
-        if run.kind != "lm":
-            raise OpenAIError(
-                400,
-                f"model: this server holds {run.what}; use {run.endpoint}",
-                param="model",
-            )
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        if max_tokens > settings.max_new_tokens_limit:
-            raise OpenAIError(
-                400,
-                f"max_tokens: {max_tokens} is over the limit of {settings.max_new_tokens_limit}",
-                param="max_tokens",
-            )
-        scoring = bool(body.echo) or body.logprobs is not None
-        prompts, texts = _prompts(body.prompt, run, settings, max_tokens if scoring else None)
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-        )
-        head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model or run.path.resolve().name,
-        }
-
-        def choice(index: int, piece: str, finish: str | None, lp: Any = None) -> dict[str, Any]:
-            return {"index": index, "text": piece, "finish_reason": finish, "logprobs": lp}
-
-        def usage(done: int) -> dict[str, int]:
-            given = sum(len(p) for p in prompts)
-            return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
-
-        if not body.stream:
-            answers = await asyncio.gather(
-                *(_complete(run, metrics, run_job, p, params, body) for p in prompts)
-            )
-            choices = []
-            for i, (text, lp) in enumerate(answers):
-                shown = (texts[i] if body.echo else "") + text.text
-                choices.append(choice(i, shown, text.finish_reason or "length", lp))
-            done = sum(len(a[0].tokens) for a in answers)
-            return {**head, "choices": choices, "usage": usage(done)}
-
-        text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
-        completion = Completion(run_job, metrics, prompts[0], params, text)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
-
-        def event(data: dict[str, Any]) -> str:
-            return f"data: {json.dumps(data)}\n\n"
-
-        async def sse() -> AsyncIterator[str]:
-            try:
-                async for _, piece in completion:
-                    if text.finished:
-                        yield event(
-                            {**head, "choices": [choice(0, piece, text.finish_reason)], **extra}
-                        )
-                    elif piece:
-                        yield event({**head, "choices": [choice(0, piece, None)], **extra})
-                if include_usage:
-                    yield event({**head, "choices": [], "usage": usage(len(text.tokens))})
-            except ModelError as exc:
-                yield event(openai_error(f"model: {exc}", type_="server_error"))
-            finally:
-                completion.close()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-
-def _prompts(
-    raw: list[Any], run: LoadedRun, settings: ServeSettings, scored_tokens: int | None
-) -> tuple[list[list[int]], list[str]]:
-    """The request's prompts as token ids and as text, each checked; ``scored_tokens`` (the
-    tokens to generate, when the request asks for log-probabilities) means prompt and answer
-    must fit the context, since a scored sequence cannot slide its window."""
-    tok = run.tokenizer
-    if len(raw) > settings.max_prompts:
-        raise OpenAIError(
-            400,
-            f"prompt: {len(raw)} prompts in one request, the limit is {settings.max_prompts}",
-            param="prompt",
-        )
-    prompts, texts = [], []
-    vocab = int(tok.vocab_size)  # type: ignore[union-attr]
-    for i, item in enumerate(raw):
-        name = "prompt" if len(raw) == 1 else f"prompt.{i}"
-        ids = [int(t) for t in tok.encode(item)] if isinstance(item, str) else list(item)  # type: ignore[union-attr]
-        if not ids:
-            raise OpenAIError(400, f"{name}: must not be empty", param=name)
-        bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise OpenAIError(
-                400,
-                f"{name}: token id {ids[bad]} (position {bad}) is not in the vocabulary of {vocab}",
-                param=name,
-            )
-        if scored_tokens is not None and len(ids) + scored_tokens > run.seq_len:
-            raise OpenAIError(
-                400,
-                f"{name}: {len(ids)} tokens + max_tokens {scored_tokens} is longer than the "
-                f"model's context of {run.seq_len} tokens, which scoring cannot exceed",
-                param=name,
-                code="context_length_exceeded",
-            )
-        if len(ids) > run.seq_len:
-            raise OpenAIError(
-                413,
-                f"{name}: {len(ids)} tokens is longer than the model's context of "
-                f"{run.seq_len} tokens",
-                param=name,
-                code="context_length_exceeded",
-            )
-        prompts.append(ids)
-        texts.append(item if isinstance(item, str) else tok.decode(ids))  # type: ignore[union-attr]
-    return prompts, texts
-
-
-async def _complete(
-    run: LoadedRun,
-    metrics: Metrics,
-    run_job: RunJob,
-    prompt: list[int],
-    params: SamplingParams,
-    body: CompletionRequest,
-) -> tuple[CompletionText, dict[str, Any] | None]:
-    """One prompt's completion and, if asked for, its ``logprobs``: the generated tokens that
-    are shown (not a closing EOS or the token that completed a stop string), scored together
-    with the prompt in one forward pass on the engine."""
-    text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
-    try:
-        if params.max_new_tokens > 0:
-            await Completion(run_job, metrics, prompt, params, text).run()
-        if body.logprobs is None:
-            return text, None
-        shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
-        sequence = prompt + shown
-        job, events = run_job({"kind": "score", "prompt": sequence, "top": body.logprobs})
-        kind, value = await events.get()
-    except ModelError as exc:
-        raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
-    if kind != "result":
-        raise OpenAIError(500, f"model: {value}", type_="server_error")
-    scored: Scored = value
-    first = 0 if body.echo else len(prompt)
-    return text, logprobs_object(run.tokenizer, sequence, scored, first, body.logprobs)

@@ -38,21 +38,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cadence.deploy.audio_api import AudioError, is_upload, read_audio, wants_pcm
 from cadence.deploy.chat_api import CHAT_PATH, MODELS_PATH, add_chat
+from cadence.deploy.completions_api import add_completions
 from cadence.deploy.engine import Engine, Job
-from cadence.deploy.generate import SamplingParams
 from cadence.deploy.openai_api import (
     COMPLETIONS_PATH,
     MAX_STOP,
     Completion,
     CompletionText,
     ModelError,
-    add_completions,
     eos_token_id,
     openai_error,
 )
 from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 from cadence.deploy.tokenizer_api import TOKENIZER_PATHS, add_tokenizer
+from cadence.models.generate import SamplingParams
 
 __all__ = [
     "API_KEY_ENV",

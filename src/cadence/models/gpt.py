@@ -306,7 +306,7 @@ class GPT(nn.Module):
 
     @property
     def context_length(self) -> int:
-        """Positions generation keeps in view (the trained window; see deploy.generate)."""
+        """Positions generation keeps in view (the trained window; see models/generate.py)."""
         return self.config.seq_len
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
