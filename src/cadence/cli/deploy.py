@@ -58,7 +58,15 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the context every token")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve a run over HTTP (generation or prediction)")
+    p = sub.add_parser(
+        "serve",
+        help="serve a run over HTTP (generation, chat, scoring or prediction)",
+        description="Serve RUN_DIR over HTTP. Language models: /v1/generate, OpenAI's "
+        "/v1/completions (generation and scoring: echo, logprobs), /v1/chat/completions and "
+        "/v1/models, and the tokenizer at /tokenizer_info, /tokenize, /detokenize (which "
+        "lm-evaluation-harness finds by itself); classifiers /v1/predict; speech recognisers "
+        "/v1/transcribe; every model /health and /metrics. See docs/deploying.md.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or safetensors export")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
