@@ -47,6 +47,7 @@ from cadence.deploy.openai_api import (
     eos_token_id,
     invalid_body,
     openai_error,
+    score_job,
 )
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
@@ -171,15 +172,6 @@ class ChatRequest(BaseModel):
 
 
 # ---------------------------------------------------------------- log-probabilities
-
-
-async def _score(run_job: RunJob, sequence: list[int], top: int) -> Scored:
-    """One sequence scored on the engine (deploy/logprobs.py)."""
-    _, events = run_job({"kind": "score", "prompt": sequence, "top": top})
-    kind, value = await events.get()
-    if kind != "result":
-        raise OpenAIError(500, f"model: {value}", type_="server_error")
-    return value
 
 
 def chat_logprobs(
@@ -311,7 +303,10 @@ def add_chat(
             choice["logprobs"] = None
             if body.logprobs:
                 shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
-                scored = await _score(run_job, prompt + shown, body.top_logprobs or 0)
+                try:
+                    scored = await score_job(run_job, prompt + shown, body.top_logprobs or 0)
+                except ModelError as exc:
+                    raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
                 choice["logprobs"] = chat_logprobs(
                     run.tokenizer, prompt + shown, scored, len(prompt), body.top_logprobs or 0
                 )

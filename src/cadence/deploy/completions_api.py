@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from cadence.deploy.logprobs import Scored, logprobs_object
+from cadence.deploy.logprobs import logprobs_object
 from cadence.deploy.openai_api import (
     COMPLETIONS_PATH,
     Completion,
@@ -32,6 +32,7 @@ from cadence.deploy.openai_api import (
     eos_token_id,
     invalid_body,
     openai_error,
+    score_job,
 )
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
@@ -194,21 +195,31 @@ async def _complete(
 ) -> tuple[CompletionText, dict[str, Any] | None]:
     """One prompt's completion and, if asked for, its ``logprobs``: the generated tokens that
     are shown (not a closing EOS or the token that completed a stop string), scored together
-    with the prompt in one forward pass on the engine."""
+    with the prompt in one forward pass on the engine. A greedy single token is taken from
+    that pass itself: one engine job instead of two."""
     text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
+    top = body.logprobs
     try:
-        if params.max_new_tokens > 0:
-            await Completion(run_job, metrics, prompt, params, text).run()
-        if body.logprobs is None:
-            return text, None
-        shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
-        sequence = prompt + shown
-        job, events = run_job({"kind": "score", "prompt": sequence, "top": body.logprobs})
-        kind, value = await events.get()
+        if top is not None and params.max_new_tokens == 1 and params.temperature == 0:
+            # One greedy token with log-probabilities (a harness's log-likelihood request):
+            # the pass that scores the prompt also gives the most likely next token.
+            scored = await score_job(run_job, prompt, top)
+            token = scored.after[0][0]
+            text.push(token)
+            text.finish()
+            metrics.add_tokens(1)
+            shown = [token] if text.finish_reason != "stop" else []
+            sequence = prompt + shown
+            scored = scored.extended(token) if shown else scored
+        else:
+            if params.max_new_tokens > 0:
+                await Completion(run_job, metrics, prompt, params, text).run()
+            if top is None:
+                return text, None
+            shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
+            sequence = prompt + shown
+            scored = await score_job(run_job, sequence, top)
     except ModelError as exc:
         raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
-    if kind != "result":
-        raise OpenAIError(500, f"model: {value}", type_="server_error")
-    scored: Scored = value
     first = 0 if body.echo else len(prompt)
-    return text, logprobs_object(run.tokenizer, sequence, scored, first, body.logprobs)
+    return text, logprobs_object(run.tokenizer, sequence, scored, first, top)

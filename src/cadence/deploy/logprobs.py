@@ -4,7 +4,8 @@
 causal model's real tokens never attend to the padding after them, so each row scores as it
 would alone), the model's logits turned into log-probabilities by ``log_softmax`` in float32,
 and for each position the log-probability of the token that follows and the ``top`` most likely
-next tokens. :func:`logprobs_object` turns that into the ``logprobs`` object of OpenAI's legacy
+next tokens, and after the last one the most likely continuations (so a greedy one-token
+completion, what a harness asks with each log-likelihood, needs no generation job). :func:`logprobs_object` turns that into the ``logprobs`` object of OpenAI's legacy
 completions (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``).
 """
 
@@ -30,6 +31,13 @@ class Scored:
 
     token_logprobs: list[float | None]
     top: list[list[tuple[int, float]]]
+    after: list[tuple[int, float]]  # the most likely next tokens after the whole sequence
+
+    def extended(self, token: int) -> Scored:
+        """The scores of the sequence with ``token`` appended, from ``after`` (which must hold
+        it: the most likely token is always there)."""
+        value = dict(self.after)[token]
+        return Scored([*self.token_logprobs, value], [*self.top, self.after], [])
 
 
 @torch.no_grad()
@@ -53,7 +61,8 @@ def score_rows(model: nn.Module, rows: Sequence[Sequence[int]], top: int) -> lis
             tops += [list(zip(ix, v)) for ix, v in zip(indices.tolist(), values.tolist())]
         else:
             tops += [[] for _ in range(n - 1)]
-        out.append(Scored(token_logprobs, tops))
+        values, indices = logp[i, n - 1].topk(max(top, 1))
+        out.append(Scored(token_logprobs, tops, list(zip(indices.tolist(), values.tolist()))))
     return out
 
 

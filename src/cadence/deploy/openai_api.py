@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from cadence.deploy.engine import Job
-from cadence.deploy.logprobs import MAX_LOGPROBS
+from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 from cadence.models.generate import SamplingParams, StreamDecoder
@@ -42,6 +42,7 @@ __all__ = [
     "eos_token_id",
     "invalid_body",
     "openai_error",
+    "score_job",
 ]
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -342,3 +343,12 @@ def invalid_body(errors: list[Any]) -> OpenAIError:
     else:
         msg = first.get("msg", "invalid")
     return OpenAIError(400, f"{name}: {msg}", param=None if name == "body" else name)
+
+
+async def score_job(run_job: RunJob, sequence: list[int], top: int) -> Scored:
+    """One token sequence scored on the engine (:mod:`cadence.deploy.logprobs`)."""
+    _, events = run_job({"kind": "score", "prompt": sequence, "top": top})
+    kind, value = await events.get()
+    if kind != "result":
+        raise ModelError(str(value))
+    return value
