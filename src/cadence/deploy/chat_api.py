@@ -17,13 +17,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from jinja2.exceptions import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from cadence.data.chat import (
@@ -37,16 +36,15 @@ from cadence.data.chat import (
 from cadence.data.errors import DataError
 from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.openai_api import (
-    MAX_STOP,
     Completion,
     CompletionText,
     ModelError,
     OpenAIError,
     RunJob,
-    StreamOptions,
+    SamplingRequest,
     eos_token_id,
-    invalid_body,
     openai_error,
+    parse_body,
     score_job,
 )
 from cadence.deploy.rundir import LoadedRun
@@ -56,7 +54,15 @@ from cadence.models.generate import SamplingParams
 if TYPE_CHECKING:
     from cadence.deploy.serve import ServeSettings
 
-__all__ = ["CHAT_PATH", "MODELS_PATH", "ChatRequest", "add_chat", "chat_template", "model_id"]
+__all__ = [
+    "CHAT_PATH",
+    "MODELS_PATH",
+    "ChatRequest",
+    "add_chat",
+    "chat_renderer",
+    "chat_template",
+    "model_id",
+]
 
 CHAT_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
@@ -78,21 +84,12 @@ def chat_template(run: LoadedRun) -> str:
     return DEFAULT_TEMPLATE
 
 
-def _special_tokens(path: Path) -> dict[str, str]:
-    """``bos_token`` / ``eos_token`` as HF templates expect them in scope (empty if none)."""
-    out = {"bos_token": "", "eos_token": ""}
-    config = path / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return out
-        for key in out:
-            value = data.get(key)
-            value = value.get("content") if isinstance(value, dict) else value
-            if isinstance(value, str):
-                out[key] = value
-    return out
+def chat_renderer(run: LoadedRun) -> Renderer:
+    """The run's chat template as a renderer, with the tokenizer's ``bos_token`` and
+    ``eos_token`` in scope as Hugging Face templates expect (empty where it has none)."""
+    special = getattr(run.tokenizer, "special_token", None)
+    context = {k: (special(k) if special else None) or "" for k in ("bos_token", "eos_token")}
+    return jinja_renderer(chat_template(run), **context)
 
 
 def model_id(run: LoadedRun) -> str:
@@ -124,44 +121,14 @@ class Message(BaseModel):
         return "".join(texts)
 
 
-class ChatRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions``; ``null`` means the default, unknown fields
-    are ignored, as on OpenAI."""
+class ChatRequest(SamplingRequest):
+    """The body of ``POST /v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
-    stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    n: int | None = 1
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
-        if value and any(not s for s in value):
-            raise PydanticCustomError("stop_empty", "stop strings must not be empty")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise PydanticCustomError("n", "only n=1 is supported, got {n}", {"n": value})
-        return value
 
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -205,8 +172,7 @@ def add_chat(
 ) -> None:
     """Register ``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app`` (a language
     model's server; the OpenAI error handler is ``add_completions``')."""
-    template = chat_template(run)
-    render: Renderer = jinja_renderer(template, **_special_tokens(run.path))
+    render = chat_renderer(run)
     try:
         end = answer_end(render)
     except (TemplateError, TypeError, KeyError):
@@ -230,10 +196,7 @@ def add_chat(
 
     @app.post(CHAT_PATH, response_model=None, openapi_extra=body_doc)
     async def chat(request: Request) -> dict[str, Any] | StreamingResponse:
-        try:
-            body = ChatRequest.model_validate_json(await request.body() or b"null")
-        except ValidationError as exc:
-            raise invalid_body(exc.errors()) from None
+        body = await parse_body(request, ChatRequest)
         if (problem := body.unsupported()) is not None:
             raise OpenAIError(400, problem, param=problem.split(":")[0])
         messages = [

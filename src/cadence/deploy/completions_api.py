@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 
 from cadence.deploy.logprobs import logprobs_object
 from cadence.deploy.openai_api import (
@@ -30,8 +29,8 @@ from cadence.deploy.openai_api import (
     OpenAIError,
     RunJob,
     eos_token_id,
-    invalid_body,
     openai_error,
+    parse_body,
     score_job,
 )
 from cadence.deploy.rundir import LoadedRun
@@ -57,10 +56,7 @@ def add_completions(
 
     @app.post(COMPLETIONS_PATH, response_model=None, openapi_extra=body_doc)
     async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
-        try:
-            body = CompletionRequest.model_validate_json(await request.body() or b"null")
-        except ValidationError as exc:
-            raise invalid_body(exc.errors()) from None
+        body = await parse_body(request, CompletionRequest)
         if (problem := body.unsupported()) is not None:
             raise OpenAIError(400, problem, param=problem.split(":")[0])
         if run.kind != "lm":

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from cadence.deploy.engine import Job
@@ -38,10 +39,12 @@ __all__ = [
     "CompletionText",
     "ModelError",
     "OpenAIError",
+    "SamplingRequest",
     "StopMatcher",
     "eos_token_id",
     "invalid_body",
     "openai_error",
+    "parse_body",
     "score_job",
 ]
 
@@ -224,19 +227,14 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``: OpenAI's fields, with lax types (``8.0`` is an int).
-
-    ``prompt`` is a string, a list of strings, a list of token ids or a list of token-id lists
-    (a batch: one choice per prompt). ``null`` means the default for every optional field;
-    unknown fields (``user``, ``frequency_penalty``, ...) are ignored.
-    """
+class SamplingRequest(BaseModel):
+    """The fields OpenAI's completions and chat bodies share, with lax types (``8.0`` is an
+    int); ``null`` means the default for every optional field; unknown fields (``user``,
+    ``frequency_penalty``, ...) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: Any
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     stop: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
@@ -244,6 +242,33 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int | None = 1
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not s for s in value):
+            raise PydanticCustomError("stop_empty", "stop strings must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise PydanticCustomError("n", "only n=1 is supported, got {n}", {"n": value})
+        return value
+
+
+class CompletionRequest(SamplingRequest):
+    """The body of ``POST /v1/completions``. ``prompt`` is a string, a list of strings, a list
+    of token ids or a list of token-id lists (a batch: one choice per prompt)."""
+
+    prompt: Any
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     # Accepted at their defaults only: anything else would change what the response means.
@@ -275,25 +300,6 @@ class CompletionRequest(BaseModel):
                 "token-id lists, and not empty",
             )
         return [value] if isinstance(value[0], int) else value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: list[str] | None) -> list[str] | None:
-        if value and any(not s for s in value):
-            raise PydanticCustomError("stop_empty", "stop strings must not be empty")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise PydanticCustomError("n", "only n=1 is supported, got {n}", {"n": value})
-        return value
 
     def unsupported(self) -> str | None:
         """The first field set to a value this server does not implement, if any."""
@@ -352,3 +358,15 @@ async def score_job(run_job: RunJob, sequence: list[int], top: int) -> Scored:
     if kind != "result":
         raise ModelError(str(value))
     return value
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON as ``model``; a body that does not validate is a 400 naming the
+    field, in OpenAI's error shape."""
+    try:
+        return model.model_validate_json(await request.body() or b"null")
+    except ValidationError as exc:
+        raise invalid_body(exc.errors()) from None

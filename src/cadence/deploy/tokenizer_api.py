@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cadence.data.chat import encode_prompt, jinja_renderer
+from cadence.data.chat import encode_prompt
 from cadence.data.errors import DataError
-from cadence.deploy.chat_api import Message, chat_template
-from cadence.deploy.openai_api import OpenAIError, invalid_body
+from cadence.deploy.chat_api import Message, chat_renderer, chat_template
+from cadence.deploy.openai_api import OpenAIError, parse_body
 from cadence.deploy.rundir import LoadedRun
 
 __all__ = ["TOKENIZER_PATHS", "add_tokenizer", "tokenizer_info"]
@@ -72,7 +72,7 @@ def tokenizer_info(run: LoadedRun) -> dict[str, Any]:
 def add_tokenizer(app: FastAPI, run: LoadedRun) -> None:
     """Register the tokenizer endpoints on a language model's app."""
     tok = run.tokenizer
-    render = jinja_renderer(chat_template(run))
+    render = chat_renderer(run)
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
     @app.get("/tokenizer_info")
@@ -81,10 +81,7 @@ def add_tokenizer(app: FastAPI, run: LoadedRun) -> None:
 
     @app.post("/tokenize", openapi_extra=body_doc)
     async def tokenize(request: Request) -> dict[str, Any]:
-        try:
-            body = TokenizeRequest.model_validate_json(await request.body() or b"null")
-        except ValidationError as exc:
-            raise invalid_body(exc.errors()) from None
+        body = await parse_body(request, TokenizeRequest)
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             try:
@@ -101,10 +98,7 @@ def add_tokenizer(app: FastAPI, run: LoadedRun) -> None:
 
     @app.post("/detokenize", openapi_extra=body_doc)
     async def detokenize(request: Request) -> dict[str, Any]:
-        try:
-            body = DetokenizeRequest.model_validate_json(await request.body() or b"null")
-        except ValidationError as exc:
-            raise invalid_body(exc.errors()) from None
+        body = await parse_body(request, DetokenizeRequest)
         vocab = int(tok.vocab_size)  # type: ignore[union-attr]
         bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < vocab), None)
         if bad is not None:

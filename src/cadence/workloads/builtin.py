@@ -26,7 +26,6 @@ from cadence.data import (
 from cadence.data.cache import cached_corpus
 from cadence.data.shards import is_prepared, open_prepared
 from cadence.data.sources import default_corpus, open_sources
-from cadence.io import sha256_file
 from cadence.models import GPT, MLP, GPTConfig, LogisticRegression, SmallCNN
 from cadence.workloads.asr import asr_model, build_asr
 from cadence.workloads.chat import build_chat
@@ -34,6 +33,7 @@ from cadence.workloads.hf import (
     build_hf_model,
     check_hf,
     check_prepared_tokenizer,
+    check_run_tokenizer,
     hf_tokenizer_dir,
     is_hf,
 )
@@ -214,20 +214,8 @@ def _build_lm(cfg: Config, device: torch.device, tokenizer_dir: Path | None) -> 
         window=cfg.model.seq_len + 1,
     )
     if tokenizer_dir is not None:
-        _same_tokenizer(tokenizer_dir, path)
+        check_run_tokenizer(tokenizer_dir, path)
     return _build_prepared(cfg, device, path, ", ".join(str(s.path) for s in sources))
-
-
-def _same_tokenizer(run_dir: Path, corpus: Path) -> None:
-    """A resumed run must read the token ids it trained on: the cached corpus (re-prepared if
-    the cache was cleared) must carry the run's own tokenizer."""
-    ours, theirs = run_dir / "tokenizer.json", corpus / "tokenizer.json"
-    if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
-        raise DataError(
-            f"data.path: the corpus prepared in {corpus} has another tokenizer than the run in "
-            f"{run_dir} trained with (its text or the cache changed); resume with the data "
-            "the run started from, or start a new run"
-        )
 
 
 def _build_images(loader: Callable):

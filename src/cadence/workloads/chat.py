@@ -43,7 +43,7 @@ from cadence.data.chat import (
 from cadence.data.chat_streams import ChatSplit, chat_splits_in_memory, pack_examples
 from cadence.data.tokenizers import TOKENIZER_FILE, build_tokenizer, load_tokenizer
 from cadence.runtime.distributed import all_reduce_sums
-from cadence.workloads.hf import hf_tokenizer_dir
+from cadence.workloads.hf import check_prepared_tokenizer, check_run_tokenizer, hf_tokenizer_dir
 from cadence.workloads.protocol import Workload, val_ranges
 
 if TYPE_CHECKING:
@@ -197,7 +197,8 @@ def build_chat(
         from cadence.data.prepare_chat import open_prepared_chat
 
         splits, tok, template, n = open_prepared_chat(path, d.format)
-        _check_prepared_tokenizer(cfg, path, tokenizer_dir)
+        check_prepared_tokenizer(cfg, path)
+        check_run_tokenizer(tokenizer_dir, path)
         on_disk = True
     else:
         hf_dir = hf_tokenizer_dir(cfg)
@@ -243,9 +244,9 @@ def build_chat(
             f"model.seq_len + 1 = {window} tokens (the prompts fill the window); raise "
             "model.seq_len"
         )
-    if w.truncated():
+    if cut := w.truncated():
         print(
-            f"cadence: {w.truncated()} of {splits['train'].n_examples} training conversations "
+            f"cadence: {cut} of {splits['train'].n_examples} training conversations "
             f"are longer than model.seq_len + 1 = {window} tokens and were cut; raise "
             "model.seq_len to keep them whole",
             flush=True,
@@ -253,25 +254,6 @@ def build_chat(
     w.extras["tokenizer"] = tok
     w.extras["chat_template"] = template
     return w
-
-
-def _check_prepared_tokenizer(cfg: Config, path: Path, run_dir: Path | None) -> None:
-    """The ids of a prepared folder mean its tokenizer's tokens: model.hf's own tokenizer and a
-    resumed run's must be that one."""
-    from cadence.io import sha256_file
-    from cadence.workloads.hf import check_prepared_tokenizer
-
-    check_prepared_tokenizer(cfg, path)
-    ours = run_dir / TOKENIZER_FILE if run_dir is not None else None
-    if (
-        ours is not None
-        and ours.is_file()
-        and sha256_file(ours) != sha256_file(path / TOKENIZER_FILE)
-    ):
-        raise DataError(
-            f"data.path: {path} holds another tokenizer than the run in {run_dir} trained "
-            "with; resume with the data the run started from"
-        )
 
 
 __all__ = ["IGNORE", "TEMPLATE_FILE", "ChatWorkload", "build_chat"]

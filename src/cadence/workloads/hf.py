@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cadence.config import Config, ConfigError
-from cadence.data import has_pretrained_tokenizer
+from cadence.data import DataError, has_pretrained_tokenizer
+from cadence.io import sha256_file
 from cadence.models.hf import HFCausalLM, hf_config_from_dict, load_hf_config
 from cadence.workloads.device import resolve_device
 
@@ -22,6 +23,7 @@ __all__ = [
     "HF_CONFIG_DIR",
     "build_hf_model",
     "check_hf",
+    "check_run_tokenizer",
     "check_prepared_tokenizer",
     "hf_tokenizer_dir",
     "is_hf",
@@ -156,3 +158,17 @@ def build_hf_model(cfg: Config, vocab_size: int, run_dir: Path | None = None) ->
         return HFCausalLM.from_pretrained(_model_dir(cfg), seq_len)
     except Exception as exc:  # noqa: BLE001 - missing or corrupt weights, as one line
         raise ConfigError(f"model.hf: cannot load the model ({_first_line(exc)})") from None
+
+
+def check_run_tokenizer(run_dir: Path | None, corpus: Path) -> None:
+    """A resumed run must read the token ids it trained on: a prepared corpus (or the cached
+    one, re-prepared if the cache was cleared) must carry the run's own tokenizer."""
+    if run_dir is None:
+        return
+    ours, theirs = run_dir / "tokenizer.json", corpus / "tokenizer.json"
+    if ours.is_file() and sha256_file(ours) != sha256_file(theirs):
+        raise DataError(
+            f"data.path: the corpus prepared in {corpus} has another tokenizer than the run in "
+            f"{run_dir} trained with (its text or the cache changed); resume with the data "
+            "the run started from, or start a new run"
+        )
