@@ -145,6 +145,35 @@ def test_onnx_export_of_cnn_with_int8_quantisation(cnn_run: Path, tmp_path: Path
     assert manifest["quantization"]["val_examples"] > 0
 
 
+def test_int8_export_of_gpt_scores_both_graphs_on_validation_windows(
+    lm_run: Path, tmp_path: Path
+) -> None:
+    """A language model's quality under int8 is its validation loss; the fp32 graph's is the
+    PyTorch model's own on the same windows."""
+    from cadence.workloads import build_workload
+
+    q = export_run(lm_run, "onnx", tmp_path / "onnx", quantize="int8").quantization
+    assert q is not None and "val_accuracy_change" not in q
+    run = load_run(lm_run)
+    run.config.train.device = "cpu"
+    blocks = build_workload(run.config).val_blocks(q["val_examples"]).cpu()
+    with torch.no_grad():
+        logits = run.model(blocks[:, :-1])
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
+    assert abs(q["val_loss_fp32"] - float(ref)) < 1e-4
+    assert q["val_loss_change"] == q["val_loss_int8"] - q["val_loss_fp32"]
+    manifest = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert manifest["kind"] == "lm" and manifest["input"]["name"] == "idx"
+
+
+def test_hf_export_of_a_classifier_is_refused_naming_the_formats(
+    digits_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="--format hf: the digits classifier has no hf form"):
+        export_run(digits_run, "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantising_a_float64_model_is_refused(logreg_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a float32 model"):
         export_run(logreg_run, "onnx", tmp_path / "out", quantize="int8")

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from serve_helpers import KEY, LIMIT, Server, cycle_lm_run, read_events, serve
 
 from cadence.data.tokenizers import ByteTokenizer
-from cadence.deploy.engine import Engine, Job
+from cadence.deploy.engine import Engine, Job, ServeSettings, Work
+from cadence.deploy.kinds.lm import GenerateWork
 from cadence.deploy.openai_api import CompletionText, StopMatcher
 from cadence.deploy.rundir import LoadedRun, load_run
-from cadence.deploy.serve import ServeSettings
 from cadence.deploy.serve_metrics import Metrics
 from cadence.models.generate import SamplingParams, generate
 
@@ -163,13 +163,13 @@ def cycle_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Recorder:
     """A job's events, cancelling the job itself after ``cancel_after`` tokens."""
 
-    def __init__(self, max_new_tokens: int, cancel_after: int | None = None) -> None:
+    def __init__(self, work: Work, max_new_tokens: int, cancel_after: int | None = None) -> None:
         self.tokens: list[int] = []
         self.ended = threading.Event()
         self.end: str | None = None
         self.cancel_after = cancel_after
         params = SamplingParams(max_new_tokens, temperature=0.0)
-        self.job = Job(kind="generate", emit=self.emit, prompt=[100, 101, 102, 32], params=params)
+        self.job = Job(work=work, emit=self.emit, prompt=[100, 101, 102, 32], params=params)
 
     def emit(self, kind: str, value: Any) -> None:
         if kind == "token":
@@ -199,7 +199,7 @@ def test_engine_stops_a_cancelled_job(
     engine_and_forwards: tuple[Engine, list[int]], max_new_tokens: int
 ) -> None:
     engine, forwards = engine_and_forwards
-    rec = Recorder(max_new_tokens, cancel_after=3)
+    rec = Recorder(GenerateWork(engine.run), max_new_tokens, cancel_after=3)
     engine.submit(rec.job)
     assert rec.ended.wait(10) and rec.end == "done"
     assert len(rec.tokens) == 3 and len(forwards) == 3  # one forward per token, none after
@@ -209,7 +209,8 @@ def test_engine_stops_a_batch_once_no_row_wants_tokens(
     engine_and_forwards: tuple[Engine, list[int]],
 ) -> None:
     engine, forwards = engine_and_forwards
-    a, b = Recorder(20, cancel_after=2), Recorder(20, cancel_after=4)
+    work = GenerateWork(engine.run)  # one work: the two jobs share a batch
+    a, b = Recorder(work, 20, cancel_after=2), Recorder(work, 20, cancel_after=4)
     engine.submit(a.job)
     engine.submit(b.job)
     assert a.ended.wait(10) and b.ended.wait(10)
@@ -223,7 +224,7 @@ def test_engine_skips_a_job_cancelled_while_queued(
     engine_and_forwards: tuple[Engine, list[int]],
 ) -> None:
     engine, forwards = engine_and_forwards
-    rec = Recorder(20)
+    rec = Recorder(GenerateWork(engine.run), 20)
     rec.job.cancel()
     engine.submit(rec.job)
     assert rec.ended.wait(10) and rec.end == "done"

@@ -174,6 +174,15 @@ def test_wrong_model_kind_is_400(lm_server: Server, clf_server: Server) -> None:
     assert r.status_code == 400 and "/v1/generate" in r.json()["error"]
     r = httpx.post(f"{clf_server.url}/v1/generate", json={"prompt": "x"})
     assert r.status_code == 400 and "/v1/predict" in r.json()["error"]
+    r = httpx.post(f"{lm_server.url}/v1/transcribe", json={"audio": ""})
+    assert r.status_code == 400 and "/v1/generate" in r.json()["error"]
+    # a language model's OpenAI routes answer a classifier's server in OpenAI's error shape
+    for method, path in [("POST", "/v1/chat/completions"), ("GET", "/v1/models")]:
+        r = httpx.request(method, f"{clf_server.url}{path}")
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "model", r.text
+        assert error["message"] == "model: this server holds the digits classifier; use /v1/predict"
+    assert httpx.get(f"{clf_server.url}/v1/predict").status_code == 405  # its own route
 
 
 @pytest.mark.parametrize(

@@ -144,12 +144,15 @@ class Edge:
     in_function: bool
 
 
-def _runtime_import_nodes(tree: ast.AST) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
-    """Every import statement that can run, and whether it sits inside a function."""
+def _runtime_import_nodes(
+    tree: ast.AST, typing: bool = False
+) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement that can run (``typing``: also those for the type checker only),
+    and whether it sits inside a function."""
     stack: list[tuple[ast.AST, bool]] = [(tree, False)]
     while stack:
         node, in_function = stack.pop()
-        if isinstance(node, ast.If) and _type_checking_block(node):
+        if isinstance(node, ast.If) and _type_checking_block(node) and not typing:
             stack.extend((n, in_function) for n in node.orelse)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -181,12 +184,13 @@ def _known(name: str, modules: set[str]) -> str | None:
 
 
 def module_imports(
-    tree: ast.AST, module: str, modules: set[str], is_package: bool = False
+    tree: ast.AST, module: str, modules: set[str], is_package: bool = False, typing: bool = False
 ) -> dict[str, Edge]:
     """The cadence modules whose code runs when this module's imports run, each with the
-    import that runs it (the first at module level, else the first in a function)."""
+    import that runs it (the first at module level, else the first in a function); with
+    ``typing``, also the modules it imports for the type checker only."""
     found: dict[str, Edge] = {}
-    for node, in_function in _runtime_import_nodes(tree):
+    for node, in_function in _runtime_import_nodes(tree, typing):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         else:
@@ -215,8 +219,9 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 
-def module_graph() -> dict[str, dict[str, Edge]]:
-    """module -> the cadence modules it runs at run time (dotted; a package is its __init__)."""
+def module_graph(typing: bool = False) -> dict[str, dict[str, Edge]]:
+    """module -> the cadence modules it runs at run time (dotted; a package is its __init__);
+    with ``typing``, also those it imports for the type checker only."""
     paths = _modules()
     names = set(paths)
     return {
@@ -225,6 +230,7 @@ def module_graph() -> dict[str, dict[str, Edge]]:
             name,
             names,
             is_package=path.name == "__init__.py",
+            typing=typing,
         )
         for name, path in paths.items()
     }
@@ -344,6 +350,73 @@ def test_no_import_cycle_between_units() -> None:
 def test_no_import_loop_between_modules() -> None:
     loops = module_loops(module_graph())
     assert not loops, "run-time import loops between modules: " + "; ".join(loops)
+
+
+def test_deploy_imports_run_one_way_even_for_types() -> None:
+    """The engine and the routes' shared pieces sit below the app and the kinds that assemble
+    them: no module of cadence.deploy imports back up, not even for a type annotation (the
+    serve <-> engine circle through ServeSettings was one)."""
+    graph = {
+        module: {dep: edge for dep, edge in deps.items() if dep.startswith("cadence.deploy")}
+        for module, deps in module_graph(typing=True).items()
+        if module.startswith("cadence.deploy")
+    }
+    loops = module_loops(graph)
+    assert not loops, "import loops in cadence.deploy: " + "; ".join(loops)
+
+
+def kind_comparisons(tree: ast.AST) -> list[int]:
+    """Lines that compare a ``.kind`` (not numpy's ``dtype.kind``) with a string or a
+    ModelKind member."""
+
+    def is_kind(n: ast.AST) -> bool:
+        return (
+            isinstance(n, ast.Attribute)
+            and n.attr == "kind"
+            and not (isinstance(n.value, ast.Attribute) and n.value.attr == "dtype")
+        )
+
+    def is_value(n: ast.AST) -> bool:
+        member = (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "ModelKind"
+        )
+        return member or (isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and any(is_kind(n) for n in [node.left, *node.comparators])
+        and any(is_value(n) for n in ast.walk(node))
+    ]
+
+
+def test_deploy_asks_the_kind_instead_of_comparing_it() -> None:
+    """Serving and export dispatch on the run's task (cadence.deploy.kinds), so no code in
+    deploy compares a ``.kind`` with a string or a ModelKind, and create_app stays the
+    assembly of shared pieces: under 80 lines."""
+    found = []
+    for path in sorted((ROOT / "deploy").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        found += [f"{path.relative_to(ROOT.parent)}:{line}" for line in kind_comparisons(tree)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "create_app":
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                assert size < 80, f"create_app is {size} lines; mount pieces, do not inline them"
+    assert not found, "comparisons of the model kind: " + ", ".join(found)
+
+
+def test_the_kind_checker_sees_comparisons_and_not_dtypes() -> None:
+    tree = ast.parse(
+        "if run.kind == 'lm':\n    pass\n"
+        "if x.kind is ModelKind.ASR:\n    pass\n"
+        "if 'classifier' != self.run.kind:\n    pass\n"
+        "if arr.dtype.kind not in 'fiu':\n    pass\n"
+        "if task.kind is other.kind:\n    pass\n"
+    )
+    assert kind_comparisons(tree) == [1, 3, 5]
 
 
 def test_dependencies_point_down_the_layers() -> None:

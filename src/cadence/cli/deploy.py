@@ -151,8 +151,10 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from cadence.config import ConfigError
+    from cadence.deploy.kinds import task_for
     from cadence.deploy.rundir import load_run
     from cadence.models.generate import SamplingParams, StreamDecoder, generate
+    from cadence.workloads import ModelKind
 
     params = SamplingParams(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
@@ -162,10 +164,10 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
     run = load_run(args.run_dir, ema=args.ema, checkpoint=args.checkpoint, lawa=args.lawa)
-    if run.kind != "lm":
+    if run.kind is not ModelKind.LM:
         raise ConfigError(
             f"{args.run_dir}: {run.what} cannot generate text; "
-            f"use `cadence serve` and {run.endpoint}"
+            f"use `cadence serve` and {task_for(run).endpoint}"
         )
     prompt = [int(t) for t in run.tokenizer.encode(args.prompt)]  # type: ignore[union-attr]
     if not prompt:

@@ -36,23 +36,20 @@ from cadence.data.chat import (
 from cadence.data.errors import DataError
 from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.openai_api import (
-    Completion,
     CompletionText,
+    LMEngine,
     ModelError,
     OpenAIError,
-    RunJob,
     SamplingRequest,
     eos_token_id,
     openai_error,
     parse_body,
-    score_job,
 )
 from cadence.deploy.rundir import LoadedRun
-from cadence.deploy.serve_metrics import Metrics
 from cadence.models.generate import SamplingParams
 
 if TYPE_CHECKING:
-    from cadence.deploy.serve import ServeSettings
+    from cadence.deploy.task import ServeContext
 
 __all__ = [
     "CHAT_PATH",
@@ -167,11 +164,10 @@ def chat_logprobs(
 # ---------------------------------------------------------------- the endpoints
 
 
-def add_chat(
-    app: FastAPI, run: LoadedRun, settings: ServeSettings, metrics: Metrics, run_job: RunJob
-) -> None:
-    """Register ``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app`` (a language
-    model's server; the OpenAI error handler is ``add_completions``')."""
+def add_chat(app: FastAPI, ctx: ServeContext, lm: LMEngine) -> None:
+    """Register ``POST /v1/chat/completions`` and ``GET /v1/models`` on a language model's
+    ``app``."""
+    run, settings = ctx.run, ctx.settings
     render = chat_renderer(run)
     try:
         end = answer_end(render)
@@ -241,7 +237,7 @@ def add_chat(
         )
         stops = list(body.stop or ()) + ([end] if end and end not in (body.stop or ()) else [])
         text = CompletionText(run.tokenizer, stops, eos_token_id(run))
-        completion = Completion(run_job, metrics, prompt, params, text)
+        completion = lm.completion(prompt, params, text)
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -267,7 +263,7 @@ def add_chat(
             if body.logprobs:
                 shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
                 try:
-                    scored = await score_job(run_job, prompt + shown, body.top_logprobs or 0)
+                    scored = await lm.score(prompt + shown, body.top_logprobs or 0)
                 except ModelError as exc:
                     raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
                 choice["logprobs"] = chat_logprobs(

@@ -1,7 +1,7 @@
 """OpenAI's legacy ``POST /v1/completions``: generation, and scoring for evaluation harnesses.
 
 A request holds one prompt or a batch (strings or token ids); each prompt's completion runs on
-the engine as a generate job (:class:`cadence.deploy.openai_api.Completion`), and with
+the engine as a generate job (:class:`cadence.deploy.kinds.lm.LMJobs`), and with
 ``logprobs`` the prompt and the shown completion are scored together in one more job
 (:mod:`cadence.deploy.logprobs`). The text pieces, request body and error shape live in
 :mod:`cadence.deploy.openai_api`.
@@ -17,41 +17,33 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from cadence.deploy.logprobs import logprobs_object
 from cadence.deploy.openai_api import (
     COMPLETIONS_PATH,
-    Completion,
     CompletionRequest,
     CompletionText,
+    LMEngine,
     ModelError,
     OpenAIError,
-    RunJob,
     eos_token_id,
     openai_error,
     parse_body,
-    score_job,
 )
 from cadence.deploy.rundir import LoadedRun
-from cadence.deploy.serve_metrics import Metrics
 from cadence.models.generate import SamplingParams
 
-if TYPE_CHECKING:  # serve.py imports this module; the settings are only read as attributes
-    from cadence.deploy.serve import ServeSettings
+if TYPE_CHECKING:  # the task that mounts these routes hands them the engine's side
+    from cadence.deploy.engine import ServeSettings
+    from cadence.deploy.task import ServeContext
 
 __all__ = ["add_completions"]
 
 
-def add_completions(
-    app: FastAPI, run: LoadedRun, settings: ServeSettings, metrics: Metrics, run_job: RunJob
-) -> None:
-    """Register ``POST /v1/completions`` (and the rendering of its errors) on ``app``."""
-
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
-        return JSONResponse(exc.body, status_code=exc.status)
-
+def add_completions(app: FastAPI, ctx: ServeContext, lm: LMEngine) -> None:
+    """Register ``POST /v1/completions`` on a language model's ``app``."""
+    run, settings = ctx.run, ctx.settings
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
     @app.post(COMPLETIONS_PATH, response_model=None, openapi_extra=body_doc)
@@ -59,12 +51,6 @@ def add_completions(
         body = await parse_body(request, CompletionRequest)
         if (problem := body.unsupported()) is not None:
             raise OpenAIError(400, problem, param=problem.split(":")[0])
-        if run.kind != "lm":
-            raise OpenAIError(
-                400,
-                f"model: this server holds {run.what}; use {run.endpoint}",
-                param="model",
-            )
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens > settings.max_new_tokens_limit:
             raise OpenAIError(
@@ -95,9 +81,7 @@ def add_completions(
             return {"prompt_tokens": given, "completion_tokens": done, "total_tokens": given + done}
 
         if not body.stream:
-            answers = await asyncio.gather(
-                *(_complete(run, metrics, run_job, p, params, body) for p in prompts)
-            )
+            answers = await asyncio.gather(*(_complete(ctx, lm, p, params, body) for p in prompts))
             choices = []
             for i, (text, lp) in enumerate(answers):
                 shown = (texts[i] if body.echo else "") + text.text
@@ -106,7 +90,7 @@ def add_completions(
             return {**head, "choices": choices, "usage": usage(done)}
 
         text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
-        completion = Completion(run_job, metrics, prompts[0], params, text)
+        completion = lm.completion(prompts[0], params, text)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
 
@@ -182,9 +166,8 @@ def _prompts(
 
 
 async def _complete(
-    run: LoadedRun,
-    metrics: Metrics,
-    run_job: RunJob,
+    ctx: ServeContext,
+    lm: LMEngine,
     prompt: list[int],
     params: SamplingParams,
     body: CompletionRequest,
@@ -193,28 +176,29 @@ async def _complete(
     are shown (not a closing EOS or the token that completed a stop string), scored together
     with the prompt in one forward pass on the engine. A greedy single token is taken from
     that pass itself: one engine job instead of two."""
+    run = ctx.run
     text = CompletionText(run.tokenizer, body.stop or (), eos_token_id(run))
     top = body.logprobs
     try:
         if top is not None and params.max_new_tokens == 1 and params.temperature == 0:
             # One greedy token with log-probabilities (a harness's log-likelihood request):
             # the pass that scores the prompt also gives the most likely next token.
-            scored = await score_job(run_job, prompt, top)
+            scored = await lm.score(prompt, top)
             token = scored.after[0][0]
             text.push(token)
             text.finish()
-            metrics.add_tokens(1)
+            ctx.metrics.add_tokens(1)
             shown = [token] if text.finish_reason != "stop" else []
             sequence = prompt + shown
             scored = scored.extended(token) if shown else scored
         else:
             if params.max_new_tokens > 0:
-                await Completion(run_job, metrics, prompt, params, text).run()
+                await lm.completion(prompt, params, text).run()
             if top is None:
                 return text, None
             shown = text.tokens[: len(text.tokens) - (text.finish_reason == "stop")]
             sequence = prompt + shown
-            scored = await score_job(run_job, sequence, top)
+            scored = await lm.score(sequence, top)
     except ModelError as exc:
         raise OpenAIError(500, f"model: {exc}", type_="server_error") from None
     first = 0 if body.echo else len(prompt)

@@ -1,12 +1,14 @@
 """The batching generation engine behind the HTTP server: the one thread that owns the model.
 
 It lives apart from the app (:mod:`cadence.deploy.serve`) because it is the model side of the
-server: it knows nothing of HTTP, only of jobs and the callback each one reports through.
+server: it knows nothing of HTTP, only of jobs and the callback each one reports through. What a
+job computes is its :class:`Work`, which each kind of model brings (:mod:`cadence.deploy.kinds`):
+the engine only decides which jobs run together, and never what they are.
 
 Concurrency model. Request handlers are async and never touch the model; they put a job on a
 queue and await its results. One engine thread owns the model: it takes the first waiting job,
-gathers the others that arrive within ``batch_wait_s`` (up to ``max_batch``) and runs them as one
-forward pass — stacked inputs for classifiers, left-padded rows with a shared KV cache for
+gathers the others of the same work that arrive within ``batch_wait_s`` (up to ``max_batch``;
+jobs of other work wait for the next turn) and runs them as one forward pass — stacked inputs for classifiers, left-padded rows with a shared KV cache for
 language models (:func:`cadence.models.generate.generate_batch`), right-padded rows for
 sequences to score (:func:`cadence.deploy.logprobs.score_rows`). A generation that would slide
 its context window runs alone, since rows of a batch cannot slide at different steps. Tokens are
@@ -25,29 +27,57 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from cadence.deploy.logprobs import score_rows
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
-from cadence.models.generate import SamplingParams, generate, generate_batch
+from cadence.models.generate import SamplingParams
 
-if TYPE_CHECKING:  # serve.py imports this module; the settings are only read as attributes
-    from cadence.deploy.serve import ServeSettings
+__all__ = ["Engine", "Job", "ServeSettings", "Work"]
 
-__all__ = ["Engine", "Job"]
+
+@dataclass
+class ServeSettings:
+    """Server limits; the defaults suit a CPU box."""
+
+    max_new_tokens_limit: int = 512  # larger requests get 400
+    max_batch: int = 16  # jobs per forward pass
+    batch_wait_s: float = 0.005  # how long the engine waits to fill a batch
+    max_predict_inputs: int = 1024  # examples per /v1/predict request
+    max_prompts: int = 64  # prompts per /v1/completions request
+    api_key: str | None = None  # bearer token required on every endpoint but /health
+
+
+class Work(ABC):
+    """One kind of work on the model: which jobs may share a forward pass, and the pass.
+
+    A kind of model defines one subclass per job it serves (generate, score, predict, ...);
+    the engine batches jobs whose ``work`` is the same object.
+    """
+
+    def alone(self, job: Job) -> bool:
+        """Whether ``job`` must run in a batch of its own."""
+        return False
+
+    def joins(self, first: Job, job: Job) -> bool:
+        """Whether ``job`` can share ``first``'s forward pass (both of this work)."""
+        return True
+
+    @abstractmethod
+    def compute(self, batch: list[Job]) -> None:
+        """Compute the batch and report through each job's ``emit`` (engine thread)."""
 
 
 @dataclass
 class Job:
     """One request's work; ``emit`` is called from the engine thread."""
 
-    kind: str  # "generate" | "score" | "predict" | "transcribe"
+    work: Work
     emit: Callable[[str, Any], None]
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams | None = None
@@ -82,18 +112,6 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=5)
 
-    def _fits(self, job: Job) -> bool:
-        assert job.params is not None
-        return len(job.prompt) + job.params.max_new_tokens <= self.run.seq_len
-
-    def _compatible(self, first: Job, job: Job) -> bool:
-        """Whether ``job`` can share ``first``'s forward pass (same kind already checked)."""
-        if job.kind == "generate":
-            return self._fits(job)
-        if job.kind == "transcribe":  # clips are concatenated: the same length only
-            return job.inputs.shape[1:] == first.inputs.shape[1:]  # type: ignore[union-attr]
-        return True
-
     def _gather(self, first: Job) -> tuple[list[Job], list[Job]]:
         """``first`` plus compatible jobs arriving within the wait; the rest is deferred."""
         batch, later = [first], []
@@ -111,7 +129,8 @@ class Engine:
             if job is None:
                 later.append(job)  # type: ignore[arg-type]
                 break
-            ok = job.kind == first.kind and self._compatible(first, job)
+            work = first.work
+            ok = job.work is work and not work.alone(job) and work.joins(first, job)
             (batch if ok else later).append(job)
         return batch, later
 
@@ -122,10 +141,7 @@ class Engine:
             job = pending.pop(0) if pending else self._queue.get()
             if job is None:
                 return
-            if job.kind == "generate" and not self._fits(job):
-                batch, later = [job], []
-            else:
-                batch, later = self._gather(job)
+            batch, later = ([job], []) if job.work.alone(job) else self._gather(job)
             pending.extend(later)
             live = []
             for j in batch:
@@ -135,77 +151,9 @@ class Engine:
                     live.append(j)
             if not live:
                 continue
-            batch = live
-            self.metrics.add_batch(len(batch))
+            self.metrics.add_batch(len(live))
             try:
-                if job.kind == "predict":
-                    self._predict(batch)
-                elif job.kind == "score":
-                    self._score(batch)
-                elif job.kind == "transcribe":
-                    self._transcribe(batch)
-                elif len(batch) == 1:
-                    self._generate_one(batch[0])
-                else:
-                    self._generate_many(batch)
+                job.work.compute(live)
             except Exception as exc:  # never let one bad batch stop the engine
-                for j in batch:
+                for j in live:
                     j.emit("error", f"{type(exc).__name__}: {exc}")
-
-    def _predict(self, batch: list[Job]) -> None:
-        x = torch.cat([j.inputs for j in batch])  # type: ignore[misc]
-        logits = self.run.model(x)
-        if self.run.config.workload == "logreg":
-            p1 = torch.sigmoid(logits.double())
-            probs = torch.stack([1 - p1, p1], dim=-1)
-        else:
-            probs = torch.softmax(logits.double(), dim=-1)
-        start = 0
-        for j in batch:
-            n = j.inputs.shape[0]  # type: ignore[union-attr]
-            j.emit("result", probs[start : start + n].tolist())
-            start += n
-
-    def _score(self, batch: list[Job]) -> None:
-        """Token sequences scored together (deploy/logprobs.py); each fits the context."""
-        scored = score_rows(self.run.model, [j.prompt for j in batch], max(j.top for j in batch))
-        for j, result in zip(batch, scored):
-            j.emit("result", result)
-
-    def _transcribe(self, batch: list[Job]) -> None:
-        from cadence.models.asr import decode_ids, greedy_decode
-
-        x = torch.cat([j.inputs for j in batch])  # type: ignore[misc]
-        log_probs = self.run.model(x)
-        frames = torch.full((x.shape[0],), log_probs.shape[1], dtype=torch.int64)
-        texts = [decode_ids(ids) for ids in greedy_decode(log_probs, frames)]
-        start = 0
-        for j in batch:
-            n = j.inputs.shape[0]  # type: ignore[union-attr]
-            j.emit("result", texts[start : start + n])
-            start += n
-
-    def _generate_one(self, job: Job) -> None:
-        assert job.params is not None
-        tokens = generate(self.run.model, job.prompt, job.params)  # type: ignore[arg-type]
-        with closing(tokens):
-            for tok in tokens:
-                job.emit("token", tok)
-                if job.cancelled:
-                    break
-        job.emit("done", None)
-
-    def _generate_many(self, batch: list[Job]) -> None:
-        prompts = [j.prompt for j in batch]
-        params = [j.params for j in batch]
-        steps = generate_batch(self.run.model, prompts, params)  # type: ignore[arg-type]
-        with closing(steps):
-            for i, step in enumerate(steps):
-                for j, tok in zip(batch, step):
-                    if tok is not None and not j.cancelled:
-                        j.emit("token", tok)
-                # Stop before the next forward once no row wants another token.
-                if all(j.cancelled or i + 1 >= j.params.max_new_tokens for j in batch):  # type: ignore[union-attr]
-                    break
-        for j in batch:
-            j.emit("done", None)

@@ -24,13 +24,13 @@ from torch import nn
 from cadence.config import ConfigError, dump_config
 from cadence.data.chat import DEFAULT_TEMPLATE, TEMPLATE_FILE
 from cadence.data.tokenizers import PretrainedTokenizer
-from cadence.deploy.rundir import CLASSIFIER_INPUTS, LoadedRun, load_run
+from cadence.deploy.kinds import task_for
+from cadence.deploy.rundir import LoadedRun, load_run
 from cadence.io import atomic_write_text
 
 __all__ = ["FORMATS", "ONNX_TOLERANCE", "ExportResult", "export_run", "random_inputs"]
 
 FORMATS = ("safetensors", "onnx", "hf", "peft")
-AUDIO = ("speech", "asr")  # models that take raw 16 kHz audio of any length
 
 # Max |onnxruntime - PyTorch| allowed on the exported outputs (logits). fp32 kernels differ in
 # summation order only, which on these models stays around 1e-6; 1e-4 leaves headroom for
@@ -52,19 +52,9 @@ class ExportResult:
 
 
 def random_inputs(run: LoadedRun, seed: int = 0) -> list[torch.Tensor]:
-    """Inputs of several batch sizes (and sequence lengths for lm) to compare outputs on."""
-    g = torch.Generator().manual_seed(seed)
-    if run.kind == "lm":
-        v, t = run.tokenizer.vocab_size, run.seq_len  # type: ignore[union-attr]
-        shapes = [(1, 1), (3, max(1, t // 2 + 1)), (2, t)]
-        return [torch.randint(0, v, s, generator=g) for s in shapes]
-    if run.config.workload in AUDIO:  # audio-scale noise, at two clip lengths
-        shapes = (
-            ((1, 16_000), (5, 11_000)) if run.kind == "classifier" else ((1, 32_000), (3, 20_000))
-        )
-        return [0.1 * torch.randn(s, generator=g) for s in shapes]
-    shape = CLASSIFIER_INPUTS[run.config.workload]
-    return [torch.randn((b, *shape), generator=g, dtype=run.dtype) for b in (1, 5)]
+    """Inputs of several batch sizes (and lengths, where the kind takes any) to compare
+    outputs on."""
+    return task_for(run).sample_inputs(run, seed)
 
 
 class _Logits(nn.Module):
@@ -98,7 +88,7 @@ def copy_chat_template(run: LoadedRun, dst: Path) -> list[str]:
     src = run.path / TEMPLATE_FILE
     if src.is_file():
         shutil.copyfile(src, dst / TEMPLATE_FILE)
-    elif run.kind == "lm" and not isinstance(run.tokenizer, PretrainedTokenizer):
+    elif run.tokenizer is not None and not isinstance(run.tokenizer, PretrainedTokenizer):
         atomic_write_text(dst / TEMPLATE_FILE, DEFAULT_TEMPLATE)
     else:
         return []
@@ -152,24 +142,16 @@ def _ort_outputs(session: Any, inputs: list[torch.Tensor]) -> list[np.ndarray]:
 def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
     from torch.export import Dim
 
+    task = task_for(run)
     example = random_inputs(run)[-1]
-    batch = Dim("batch", min=1, max=4096)
-    dims: dict[int, Any] = {0: batch}
-    if run.kind == "lm":
-        # The rotary table covers seq_len positions; the graph is valid up to that length.
-        dims[1] = Dim("seq", min=1, max=run.seq_len)
-    elif run.config.workload in AUDIO:
-        # Any clip length: the model pools over time. The STFT's reflect padding needs more
-        # than n_fft / 2 samples; the top is read_wav's 60 s cap.
-        dims[1] = Dim("samples", min=512, max=60 * 16_000)
-    input_name = "idx" if run.kind == "lm" else "inputs"
+    dims: dict[int, Any] = {0: Dim("batch", min=1, max=4096), **task.dynamic_dims(run)}
     program = torch.onnx.export(
         _Logits(run.model).eval(),
         (example,),
         dynamo=True,
         dynamic_shapes=(dims,),
-        input_names=[input_name],
-        output_names=[_output_name(run)],
+        input_names=[task.input_name],
+        output_names=[task.output_name],
         verbose=False,
     )
     program.save(str(tmp / "model.onnx"))
@@ -178,24 +160,6 @@ def _export_onnx(run: LoadedRun, tmp: Path) -> tuple[list[str], float]:
         _torch_outputs(run.model, inputs), _ort_outputs(_ort_session(tmp / "model.onnx"), inputs)
     )
     return ["model.onnx", *_copy_metadata(run, tmp)], diff
-
-
-def _quantized_cer(workload: Any, n: int, fp32: Any, int8: Any) -> dict[str, float]:
-    """The character error rate of both graphs on the first ``n`` validation clips."""
-    from cadence.models.asr import cer, decode_ids, greedy_decode
-
-    x = workload.inputs(workload.x_val[:n]).cpu()
-    refs = [decode_ids([c for c in row if c > 0]) for row in workload.y_val[:n].tolist()]
-    out: dict[str, float] = {}
-    for label, session in (("fp32", fp32), ("int8", int8)):
-        log_probs = torch.cat(
-            [torch.from_numpy(_ort_outputs(session, [x[i : i + 64]])[0]) for i in range(0, n, 64)]
-        )
-        frames = torch.full((n,), log_probs.shape[1], dtype=torch.int64)
-        hyps = [decode_ids(ids) for ids in greedy_decode(log_probs, frames)]
-        out[f"val_cer_{label}"] = cer(hyps, refs)
-    out["val_cer_change"] = out["val_cer_int8"] - out["val_cer_fp32"]
-    return out
 
 
 @torch.no_grad()
@@ -219,40 +183,15 @@ def _quantize(run: LoadedRun, tmp: Path) -> dict[str, Any]:
     cfg = run.config
     cfg.train.device = "cpu"
     workload = build_workload(cfg)
-    n = min(workload.val_size, 64 if run.kind == "lm" else 2048)
-    if run.kind == "asr":
-        report.update(_quantized_cer(workload, n, fp32, int8))
-        report["val_examples"] = n
-        return report
-    if run.kind == "lm":
-        blocks = workload.val_blocks(n).cpu()  # windows spread as in evaluation
-        x, y = [blocks[:, :-1]], blocks[:, 1:]
-    else:
-        x_val = workload.inputs(workload.x_val[:n]).cpu()
-        x, y = [x_val.reshape(n, *CLASSIFIER_INPUTS[cfg.workload])], workload.y_val[:n].cpu()
-    for label, session in (("fp32", fp32), ("int8", int8)):
-        logits = torch.from_numpy(_ort_outputs(session, x)[0])
-        if run.kind == "lm":
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-            report[f"val_loss_{label}"] = float(loss)
-        else:
-            report[f"val_loss_{label}"] = float(torch.nn.functional.cross_entropy(logits, y))
-            report[f"val_accuracy_{label}"] = float((logits.argmax(-1) == y).float().mean())
-    report["val_loss_change"] = report["val_loss_int8"] - report["val_loss_fp32"]
-    if run.kind != "lm":
-        report["val_accuracy_change"] = report["val_accuracy_int8"] - report["val_accuracy_fp32"]
+    task = task_for(run)
+    n = min(workload.val_size, task.val_examples)
+    graphs = {
+        label: (lambda x, s=session: _ort_outputs(s, [x])[0])
+        for label, session in (("fp32", fp32), ("int8", int8))
+    }
+    report.update(task.quantized_quality(run, workload, n, graphs))
     report["val_examples"] = n
     return report
-
-
-def _output_name(run: LoadedRun) -> str:
-    return "log_probs" if run.kind == "asr" else "logits"  # asr: CTC log-probabilities
-
-
-def _input_shape(run: LoadedRun) -> list[Any]:
-    if run.config.workload in AUDIO:
-        return ["samples"]  # raw 16 kHz audio of any length; trained on one-second clips
-    return list(CLASSIFIER_INPUTS[run.config.workload])
 
 
 def export_run(
@@ -280,6 +219,12 @@ def export_run(
     if quantize and fmt != "onnx":
         raise ConfigError("--quantize int8: needs --format onnx (it quantises the ONNX graph)")
     run = load_run(run_dir, ema=ema, checkpoint=checkpoint, lawa=lawa, merge=fmt != "peft")
+    task = task_for(run)
+    if fmt not in task.formats:
+        raise ConfigError(
+            f"--format {fmt}: {run.what} has no {fmt} form; use --format "
+            f"{' or '.join(task.formats)}"
+        )
     if quantize and run.dtype != torch.float32:
         raise ConfigError(
             f"--quantize int8: the {run.config.workload} model is {run.dtype}; "
@@ -324,18 +269,10 @@ def export_run(
             "source": str(Path(run_dir).resolve()),
             "weights": run.weights.name,
             "workload": run.config.workload,
-            "kind": run.kind,
-            "input": (
-                {"name": "idx", "dtype": "int64", "shape": ["batch", f"seq<={run.seq_len}"]}
-                if run.kind == "lm"
-                else {
-                    "name": "inputs",
-                    "dtype": str(run.dtype).removeprefix("torch."),
-                    "shape": ["batch", *_input_shape(run)],
-                }
-            ),
+            "kind": run.kind.value,
+            "input": task.input_spec(run),
             **({"labels": run.labels} if run.labels is not None else {}),
-            "output": {"name": _output_name(run)},
+            "output": {"name": task.output_name},
         }
         (tmp / "export.json").write_text(json.dumps(manifest, indent=2) + "\n")
         result.files.append("export.json")

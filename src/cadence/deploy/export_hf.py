@@ -163,11 +163,6 @@ def export_hf(run: LoadedRun, tmp: Path, inputs: list[torch.Tensor]) -> tuple[li
 
     from cadence.models.hf import HFCausalLM, _quiet_transformers
 
-    if run.kind != "lm":
-        raise ConfigError(
-            f"--format hf: {run.what} has no Hugging Face causal-LM "
-            "form; use --format safetensors or onnx"
-        )
     hf = run.model.hf if isinstance(run.model, HFCausalLM) else _gpt_as_neox(run)
     hf.save_pretrained(str(tmp))
     files = sorted(p.name for p in tmp.iterdir())

@@ -15,8 +15,8 @@ Two layers live here:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import Sequence
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,15 +28,13 @@ from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.serve_metrics import Metrics
 from cadence.models.generate import SamplingParams, StreamDecoder
 
-if TYPE_CHECKING:  # serve.py imports this module; the settings are only read as attributes
-    pass
-
 __all__ = [
     "COMPLETIONS_PATH",
     "MAX_STOP",
     "Completion",
     "CompletionRequest",
     "CompletionText",
+    "LMEngine",
     "ModelError",
     "OpenAIError",
     "SamplingRequest",
@@ -45,13 +43,10 @@ __all__ = [
     "invalid_body",
     "openai_error",
     "parse_body",
-    "score_job",
 ]
 
 COMPLETIONS_PATH = "/v1/completions"
 MAX_STOP = 4  # stop strings per request, as on OpenAI
-
-RunJob = Callable[[dict[str, Any]], tuple[Job, asyncio.Queue]]
 
 
 # ---------------------------------------------------------------- text: stop strings and EOS
@@ -168,7 +163,8 @@ class ModelError(Exception):
 
 
 class Completion:
-    """A generate job on the engine, read as text: ``async for token, piece in completion``.
+    """A generate job on the engine (submitted by :class:`cadence.deploy.kinds.lm.LMJobs`),
+    read as text: ``async for token, piece in completion``.
 
     Iteration ends when the text finishes (length, stop string or EOS). :meth:`close` cancels
     the job, so the engine stops generating for it, and counts its tokens; call it in a
@@ -176,17 +172,12 @@ class Completion:
     """
 
     def __init__(
-        self,
-        run_job: RunJob,
-        metrics: Metrics,
-        prompt: list[int],
-        params: SamplingParams,
-        text: CompletionText,
+        self, job: Job, events: asyncio.Queue, metrics: Metrics, text: CompletionText
     ) -> None:
         self.text = text
         self._metrics = metrics
         self._closed = False
-        self._job, self._events = run_job({"kind": "generate", "prompt": prompt, "params": params})
+        self._job, self._events = job, events
 
     def __aiter__(self) -> Completion:
         return self
@@ -216,6 +207,16 @@ class Completion:
             self._closed = True
             self._job.cancel()
             self._metrics.add_tokens(len(self.text.tokens))
+
+
+class LMEngine(Protocol):
+    """What the OpenAI routes ask of the engine; :class:`cadence.deploy.kinds.lm.LMJobs` is it."""
+
+    def completion(
+        self, prompt: list[int], params: SamplingParams, text: CompletionText
+    ) -> Completion: ...
+
+    async def score(self, sequence: list[int], top: int) -> Scored: ...
 
 
 # ---------------------------------------------------------------- request body
@@ -349,15 +350,6 @@ def invalid_body(errors: list[Any]) -> OpenAIError:
     else:
         msg = first.get("msg", "invalid")
     return OpenAIError(400, f"{name}: {msg}", param=None if name == "body" else name)
-
-
-async def score_job(run_job: RunJob, sequence: list[int], top: int) -> Scored:
-    """One token sequence scored on the engine (:mod:`cadence.deploy.logprobs`)."""
-    _, events = run_job({"kind": "score", "prompt": sequence, "top": top})
-    kind, value = await events.get()
-    if kind != "result":
-        raise ModelError(str(value))
-    return value
 
 
 Body = TypeVar("Body", bound=BaseModel)

@@ -16,17 +16,9 @@ from torch import nn
 
 from cadence.config import Config, ConfigError, parse_config
 from cadence.config.schema import PeftConfig
-from cadence.workloads import check_config
+from cadence.workloads import WORKLOADS, ModelKind, check_config
 
-__all__ = ["CLASSIFIER_INPUTS", "LoadedRun", "checkpoint_weights", "load_run"]
-
-# Per-example input shape each classifier workload's model expects (a flat list is accepted too).
-CLASSIFIER_INPUTS: dict[str, tuple[int, ...]] = {
-    "mnist": (1, 28, 28),
-    "digits": (64,),
-    "logreg": (30,),
-    "speech": (16_000,),  # one second of 16 kHz audio; uploads are cut or padded to it
-}
+__all__ = ["LoadedRun", "checkpoint_weights", "load_run"]
 
 
 @dataclass
@@ -41,21 +33,14 @@ class LoadedRun:
     labels: list[str] | None = None  # a classifier's class names (labels.json), if it has them
 
     @property
-    def kind(self) -> str:
-        """``lm`` (text generation), ``asr`` (speech to text) or ``classifier`` (class
-        probabilities)."""
-        return self.config.workload if self.config.workload in ("lm", "asr") else "classifier"
+    def kind(self) -> ModelKind:
+        """What the model does, as its workload declares it; it decides how it is served."""
+        return WORKLOADS[self.config.workload].kind
 
     @property
     def what(self) -> str:
         """How errors name the model: "the lm language model", "the mnist classifier"."""
-        noun = {"lm": "language model", "asr": "speech recogniser"}.get(self.kind, "classifier")
-        return f"the {self.config.workload} {noun}"
-
-    @property
-    def endpoint(self) -> str:
-        """The HTTP endpoint that serves this kind of model."""
-        return {"lm": "/v1/generate", "asr": "/v1/transcribe"}.get(self.kind, "/v1/predict")
+        return f"the {self.config.workload} {self.kind.noun}"
 
     @property
     def seq_len(self) -> int:
@@ -184,7 +169,8 @@ def load_run(
     except ConfigError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
     tokenizer = None
-    if cfg.workload == "lm":
+    spec = WORKLOADS.get(cfg.workload)  # None: a user's workload, refused by build_model
+    if spec is not None and spec.kind.tokenized:
         try:
             tokenizer = load_tokenizer(path)
         except DataError as exc:

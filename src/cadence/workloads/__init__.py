@@ -16,7 +16,7 @@ from cadence.workloads.builtin import (
 )
 from cadence.workloads.dataset import DatasetWorkload
 from cadence.workloads.device import resolve_device
-from cadence.workloads.protocol import Workload, val_ranges
+from cadence.workloads.protocol import ModelKind, Workload, val_ranges
 from cadence.workloads.resolve import (
     adapt_model,
     build_workload,
@@ -36,6 +36,7 @@ __all__ = [
     "ClassificationWorkload",
     "DatasetWorkload",
     "LogRegWorkload",
+    "ModelKind",
     "TensorWorkload",
     "Workload",
     "WorkloadSpec",

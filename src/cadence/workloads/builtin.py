@@ -38,7 +38,7 @@ from cadence.workloads.hf import (
     is_hf,
 )
 from cadence.workloads.prepared import PreparedLMWorkload
-from cadence.workloads.protocol import Workload
+from cadence.workloads.protocol import ModelKind, Workload
 from cadence.workloads.speech import build_speech, speech_model
 from cadence.workloads.tensors import ClassificationWorkload, LogRegWorkload
 
@@ -51,6 +51,7 @@ class WorkloadSpec:
     higher_is_better: bool
     archs: tuple[str, ...]
     build: Callable[[Config, torch.device, Path | None], Workload]
+    kind: ModelKind = ModelKind.CLASSIFIER  # how its models are served and exported
     val_fraction: float = 0.2  # held out when data.val_fraction is null
 
     def check(self, cfg: Config) -> None:
@@ -267,6 +268,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             False,
             ("gpt", "hf"),
             _build_lm,
+            kind=ModelKind.LM,
             val_fraction=0.05,
         ),
         WorkloadSpec(
@@ -305,6 +307,7 @@ WORKLOADS: dict[str, WorkloadSpec] = {
             False,
             ("conv",),
             build_asr,
+            kind=ModelKind.ASR,
         ),
         WorkloadSpec(
             "logreg",

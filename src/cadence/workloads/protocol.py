@@ -17,6 +17,7 @@ implement this same protocol; a workload may also be written from scratch by sub
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,36 @@ from cadence.data import EpochSampler
 
 if TYPE_CHECKING:
     from cadence.runtime.distributed import World
+
+
+class ModelKind(str, enum.Enum):
+    """What a trained model does, which decides how it is served and exported.
+
+    Each workload declares one (``WorkloadSpec.kind``); :mod:`cadence.deploy.kinds` maps each
+    to the module that serves and exports that kind, so adding a kind is one value here, one
+    module there and one registry line.
+    """
+
+    LM = "lm"  # text in, next-token logits out: generation, scoring, chat
+    CLASSIFIER = "classifier"  # an example in, class probabilities out
+    ASR = "asr"  # audio in, text out (CTC log-probabilities per frame)
+
+    @property
+    def noun(self) -> str:
+        """How messages name the kind: "the mnist classifier", "the lm language model"."""
+        return _NOUNS[self]
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether its inputs are token ids, so a run of it saves and loads a tokenizer."""
+        return self is ModelKind.LM
+
+
+_NOUNS = {
+    ModelKind.LM: "language model",
+    ModelKind.CLASSIFIER: "classifier",
+    ModelKind.ASR: "speech recogniser",
+}
 
 
 class Workload:
