@@ -49,9 +49,9 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "constant"  # see `cadence list schedules`
-    warmup: int | float = (
-        0  # linear warmup in front of the schedule: steps, or a fraction of the run
-    )
+    # linear warmup in front of the schedule: steps, a fraction of the run, or 'auto' (from
+    # the optimizer's second-moment horizon, at most 10 % of the run; see auto.json)
+    warmup: int | float | Literal["auto"] = 0
     gamma: float = 0.1  # decay factor for exponential / step / multistep
     per: Literal["step", "epoch"] = "step"  # exponential decay applies gamma per step or per epoch
     step_size: int | float | None = (
@@ -91,15 +91,22 @@ class PlateauConfig:
     min_scale: float = 1e-3  # floor of the plateau multiplier
 
 
+# batch.size: auto: the batch the pilot measures at when batch.micro_size does not set it
+PILOT_BATCH = 8
+
+
 @dataclass
 class BatchConfig:
-    size: int | Literal["full"] = 32  # global batch in samples, or 'full' for full-batch GD
+    # global batch in samples; 'full' for full-batch GD; 'auto': a pilot measures the gradient
+    # noise scale and the batch is chosen from the critical batch and the budget (auto.json)
+    size: int | Literal["full", "auto"] = 32
     micro_size: int | None = None  # micro-batch that fits in memory; gradients accumulate to `size`
     # ramp: [[fraction, size], ...], or auto: double toward the measured critical batch size
     schedule: list[list[float]] | Literal["auto"] = field(default_factory=list)
     max_size: int | None = None  # auto: the largest batch it may grow to (null = 8 x batch.size)
     # lr ∝ (B/B0)^alpha when the batch ramps: alpha in [0, 2], or sqrt (0.5) | linear (1) | none
     lr_scaling: float | Literal["sqrt", "linear", "none"] = "sqrt"
+    pilot: float = 0.1  # size: auto: the share of the budget its pilot may spend, (0, 0.1]
 
 
 @dataclass

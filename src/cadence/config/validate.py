@@ -14,6 +14,7 @@ setting that puts a change of a schedule outside the run.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from cadence.config.parts import (
     plateau_from,
     seq_len_schedule_from,
 )
-from cadence.config.schema import Config, ConfigError, ConfigWarning
+from cadence.config.schema import PILOT_BATCH, Config, ConfigError, ConfigWarning
 from cadence.data.checks import (
     check_max_bytes,
     check_text_path,
@@ -49,7 +50,8 @@ def validate(cfg: Config) -> None:
         isinstance(cfg.workload, str) and bool(cfg.workload.strip()),
         f"workload: expected a workload name, got {cfg.workload!r}",
     )
-    _check_builders(cfg)
+    _check_builders(provisional(cfg))
+    _check_auto(cfg)
     _check_batch(cfg)
     _check_train(cfg)
     _check_data(cfg)
@@ -169,6 +171,47 @@ def _check_peft(cfg: Config) -> None:
         "train.distributed: fsdp shards whole weight matrices, and with model.peft only the "
         "small adapters train (FSDP2 over peft's frozen/trainable mix is not supported yet); "
         "use ddp",
+    )
+
+
+def provisional(cfg: Config) -> Config:
+    """``cfg`` with what a run decides before training (``batch.size: auto``,
+    ``schedule.warmup: auto``) set to stand-ins, so the builders can check the rest before
+    anything is measured: the smallest batch the pilot starts from and no warmup. The decided
+    values are checked again by the run, once known."""
+    b, s = cfg.batch, cfg.schedule
+    if b.size != "auto" and s.warmup != "auto":
+        return cfg
+    size = (b.micro_size or PILOT_BATCH) if b.size == "auto" else b.size
+    return dataclasses.replace(
+        cfg,
+        batch=dataclasses.replace(b, size=size),
+        schedule=dataclasses.replace(s, warmup=0 if s.warmup == "auto" else s.warmup),
+    )
+
+
+def _check_auto(cfg: Config) -> None:
+    """``batch.size: auto`` chooses a batch for a budget in data, with a bounded pilot."""
+    b, t = cfg.batch, cfg.train
+    _check(
+        0 < b.pilot <= 0.1,
+        f"batch.pilot: the pilot's share of the budget must be in (0, 0.1], got {b.pilot}",
+    )
+    if b.size != "auto":
+        return
+    _check(
+        not OPTIMIZERS[cfg.optimizer.name].full_batch,
+        f"batch.size: auto measures the noise of mini-batch gradients, and optimizer "
+        f"{cfg.optimizer.name!r} is full-batch gradient descent; set batch.size=full",
+    )
+    _check(
+        t.max_tokens is not None or t.max_samples is not None,
+        "batch.size: auto chooses the batch for a budget in data; give train.max_tokens "
+        "(or train.max_samples), or set batch.size",
+    )
+    _check(
+        not b.schedule,
+        "batch.schedule: batch.size: auto chooses one batch for the run; remove batch.schedule",
     )
 
 

@@ -9,7 +9,6 @@ writes the final files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from cadence.config import Config, ConfigError, dump_config, flatten
 from cadence.config.horizon import Horizon
 from cadence.config.horizon import horizon as config_horizon
 from cadence.config.parts import lawa_every
-from cadence.config.validate import check_horizon
+from cadence.config.validate import check_horizon, provisional
 from cadence.data import DataError
 from cadence.data.chat import TEMPLATE_FILE
 from cadence.io import atomic_write_text
@@ -44,7 +43,7 @@ from cadence.training.lawa import LAWA
 from cadence.training.loop import fit
 from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
-from cadence.tune.lr_finder import suggest_lr
+from cadence.tune.auto_recipe import choose_auto, plan_pilot
 from cadence.tune.noise_scale import NoiseScaleMonitor
 from cadence.workloads import Workload, build_workload, prepare
 
@@ -96,8 +95,10 @@ def train(
 
         def prepare() -> None:
             holder["w"] = _workload(cfg, workload)
-            # a budget the workload's counts make impossible fails before anything is written
-            check_horizon(cfg, holder["w"].n_train, holder["w"].tokens_per_sample)
+            # a budget the workload's counts make impossible fails before anything is written,
+            # and so does one too small for batch.size: auto's pilot
+            check_horizon(provisional(cfg), holder["w"].n_train, holder["w"].tokens_per_sample)
+            plan_pilot(cfg, holder["w"])
             prepare_run_dir(run_dir)
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
@@ -115,13 +116,15 @@ def train(
         _main_first(world, prepare)
         # The other ranks use the tokenizer rank 0 trained (BPE), not one of their own.
         workload = holder.get("w") or _workload(cfg, workload, tokenizer_dir=run_dir)
-        if cfg.optimizer.lr == "auto":
-            # The range test restores the weights and RNG; config.yaml records the chosen LR.
-            lr = suggest_lr(cfg, workload, run_dir=run_dir if world.is_main else None)
-            if world.is_main:
-                print(f"cadence: optimizer.lr=auto -> {lr:.3g} (LR range test, see lr_find.json)")
-            cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=lr))
-        summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots)
+        # Every `auto` is decided here, on every rank alike (the pilot restores the weights and
+        # the RNG); config.yaml records the decided values, so a resume never decides again.
+        cfg, auto = choose_auto(
+            cfg,
+            workload,
+            run_dir=run_dir if world.is_main else None,
+            log=print if world.is_main else lambda _: None,
+        )
+        summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots, auto)
     return summary
 
 
@@ -263,6 +266,7 @@ def _execute(
     checkpoint: Path | None,
     world: World = SINGLE,
     plots: bool = True,
+    auto: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     main = world.is_main
     # Checked before config.yaml is written, so a resume with a budget that cannot be a horizon
@@ -296,6 +300,11 @@ def _execute(
     summary["tokens_per_s_per_process"] = summary["tokens_per_s"] / world.size
     summary["samples_per_s_per_process"] = summary["samples_per_s"] / world.size
     summary["run_dir"] = str(run_dir)
+    if auto is not None:  # what was decided before training (auto.json has the measurements)
+        summary["auto"] = {
+            **auto["decided"],
+            **({"pilot": auto["pilot"]} if "pilot" in auto else {}),
+        }
     gathered = gather_final(trainer)  # a collective under FSDP2
     if main:
         write_final(trainer, run_dir, writer, summary, *gathered, plots=plots)

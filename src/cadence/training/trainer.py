@@ -89,6 +89,15 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         run_dir: Path | None = None,
         world: World = SINGLE,
     ) -> None:
+        for key, value in (
+            ("batch.size", cfg.batch.size),
+            ("schedule.warmup", cfg.schedule.warmup),
+        ):
+            if value == "auto":
+                raise ConfigError(
+                    f"{key}: auto is decided before training, by the pilot of cadence.train "
+                    "(cadence.tune.choose_auto); give the Trainer the decided config"
+                )
         self.cfg, self.world, self.run_dir, self.workload = cfg, world, run_dir, workload
         self.model = workload.model
         self.device = next(self.model.parameters()).device

@@ -108,7 +108,7 @@ def estimate_noise_scale(
     if measurements < 1:
         raise ValueError(f"noise scale: need at least 1 measurement, got {measurements}")
     if train_steps > 0:
-        _train_first(cfg, workload, train_steps)
+        train_first(cfg, workload, train_steps)
     model = workload.model
     model.train()
     gen = torch.Generator().manual_seed(cfg.train.seed if seed is None else seed)
@@ -146,7 +146,7 @@ def estimate_noise_scale(
     )
 
 
-def _train_first(cfg: Config, workload: Workload, steps: int) -> None:
+def train_first(cfg: Config, workload: Workload, steps: int) -> None:
     """Run the real trainer for ``steps`` steps (no run directory, no progress bar)."""
     from cadence.training import Trainer, fit
 
