@@ -128,3 +128,16 @@ def test_auto_input_that_cannot_work_is_one_line_exit_2(tmp_path, capsys, sets, 
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"cadence: error: {start}"), err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["find-lr", "find-batch"])
+def test_the_measuring_commands_ask_for_a_batch_instead_of_auto(tmp_path, capsys, command):
+    argv = [command, *as_sets([*TINY["lm"], "batch.size=auto", f"train.max_tokens={BUDGET}"])]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1:]  # after "preparing ..." if any
+    assert err == [
+        f"cadence: error: batch.size: auto is decided by the pilot of `cadence train`; the "
+        f"{'LR range test' if command == 'find-lr' else 'noise-scale measurement'} needs a "
+        "batch size (--set batch.size=N)"
+    ]

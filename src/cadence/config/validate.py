@@ -190,6 +190,17 @@ def provisional(cfg: Config) -> Config:
     )
 
 
+def fixed_batch(cfg: Config, n_train: int, command: str) -> int:
+    """The global batch of a config whose batch is not left to a run's pilot (``full``: the
+    training set); ConfigError naming the key for ``batch.size: auto``."""
+    if cfg.batch.size == "auto":
+        raise ConfigError(
+            f"batch.size: auto is decided by the pilot of `cadence train`; {command} needs a "
+            "batch size (--set batch.size=N)"
+        )
+    return n_train if cfg.batch.size == "full" else int(cfg.batch.size)
+
+
 def _check_auto(cfg: Config) -> None:
     """``batch.size: auto`` chooses a batch for a budget in data, with a bounded pilot."""
     b, t = cfg.batch, cfg.train

@@ -36,6 +36,7 @@ import torch
 
 from cadence.config import ConfigError
 from cadence.config.parts import optimizer_from
+from cadence.config.validate import fixed_batch
 from cadence.optim import OPTIMIZERS
 from cadence.schedules import split_micro
 from cadence.training.rng import rng_preserved
@@ -185,7 +186,7 @@ def draw_batches(cfg: Config, workload: Workload, indices: torch.Tensor) -> tupl
 
 
 def _batch_size(cfg: Config, workload: Workload) -> int:
-    return workload.n_train if cfg.batch.size == "full" else int(cfg.batch.size)
+    return fixed_batch(cfg, workload.n_train, "the LR range test")
 
 
 def _one_curve(

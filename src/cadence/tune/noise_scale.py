@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cadence.config.validate import fixed_batch
 from cadence.runtime.events import Callback
 from cadence.training.noise import (
     NoiseProbe,
@@ -98,7 +99,7 @@ def estimate_noise_scale(
 
     if workload is None:
         workload = build_workload(cfg)
-    base = workload.n_train if cfg.batch.size == "full" else int(cfg.batch.size)
+    base = fixed_batch(cfg, workload.n_train, "the noise-scale measurement")
     small = b_small or max(1, base // 8)
     big = b_big or small * 16
     if small < 1 or big <= small or big % small:
