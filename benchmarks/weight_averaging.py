@@ -10,6 +10,7 @@ then reports the final and best loss of each and the step each first reaches the
 
     python benchmarks/weight_averaging.py                 # 3 schedules x 2 seeds, 300 steps
     python benchmarks/weight_averaging.py --quick         # smoke: 1 schedule, 1 seed, 40 steps
+    python benchmarks/weight_averaging.py --threads 1     # one torch thread (default: every core)
 
 The averages live in a callback that copies weights (no change to the run): LAWA keeps k
 float32 snapshots, the tail average is ``torch.optim.swa_utils.AveragedModel``.
@@ -126,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=10, help="LAWA: steps between snapshots")
     ap.add_argument("--target", type=float, default=2.5, help="the seed suite's lm target")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     if args.quick:
         args.schedules, args.seeds, args.steps, args.eval_every = "constant", "0", 40, 10
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2)))
     load_before = os.getloadavg()
     readouts = ("live", "ema", "lawa", "tail")
     results: dict[str, Any] = {"runs": {}}

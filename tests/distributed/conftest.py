@@ -17,11 +17,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from safetensors.torch import load_file
 
 from cadence.cli import main as cadence_main
@@ -72,6 +73,19 @@ DIGITS = [
 COMPARED = ("samples", "lr", "batch_size", "train_loss", "grad_norm", "val_loss", "tokens")
 RTOL = 1e-5
 ATOL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_plots() -> Iterator[None]:
+    """No PNG plots from the runs trained in this process or forked from it (`run_in_process`,
+    `launch_here`): matplotlib takes a second or more per run, several times what these tiny
+    runs train, and no test here looks at a plot. Module-scoped (and autouse, so set up before
+    a module's own fixtures that train), not session-scoped: undone after each module, so an
+    integration test that checks plots and runs later on the same xdist worker still gets them.
+    A run in a fresh interpreter (`run`, plain torchrun) still plots."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("cadence.run.rundir.plot_run", lambda *a, **k: None)
+        yield
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:

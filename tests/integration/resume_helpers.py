@@ -156,7 +156,9 @@ def assert_same_run(reference: Path, resumed: Path, expected_steps: Sequence[int
 
 
 def train_tiny_lm(run_dir: Path, *extra: str) -> Path:
-    """A real training run of a tiny GPT (seq_len 32), for tests that export or serve it."""
+    """A real training run of a tiny GPT (seq_len 32), for tests that export or serve it; no
+    PNGs, which none of them reads (its callers are session and module fixtures, set up before
+    a test's `plots_off`)."""
     torch.set_num_threads(1)
     overrides = [
         "schedule.warmup=0",
@@ -172,7 +174,7 @@ def train_tiny_lm(run_dir: Path, *extra: str) -> Path:
         "train.threads=1",
         *extra,
     ]
-    cadence.train(cadence.load_config(None, overrides), run_dir=run_dir)
+    cadence.train(cadence.load_config(None, overrides), run_dir=run_dir, plots=False)
     return run_dir
 
 

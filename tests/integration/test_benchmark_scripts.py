@@ -69,7 +69,9 @@ def test_mup_transfer_runs_at_tiny_sizes(tmp_path) -> None:
 def test_weight_averaging_runs_at_tiny_sizes(tmp_path) -> None:
     out = _run(
         str(BENCHMARKS / "weight_averaging.py"),
-        *("--quick", "--out", str(tmp_path)),
+        # one thread, as every process a test starts: the script's default of every core
+        # spin-waits against the suite's other worker (several times slower on two cores)
+        *("--quick", "--threads", "1", "--out", str(tmp_path)),
         timeout=600,
     )
     assert "| constant | 0 |" in out and len(list(tmp_path.glob("weight_averaging-*.json"))) == 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from trainer_helpers import TINY
 
 import cadence
 from cadence.config import ConfigError
@@ -27,8 +28,9 @@ def _rows(run) -> list[dict]:
 
 
 def test_synthetic_speech_trains_and_keeps_its_labels(tmp_path) -> None:
+    # TINY's voices and narrow CNN: the corpus other tests synthesise too (one cache entry)
     cfg = cadence.load_config(
-        None, [*QUIET, "data.voices=4", "train.max_steps=20", "train.eval_every=20"]
+        None, [*QUIET, *TINY["speech"], "train.max_steps=20", "train.eval_every=20"]
     )
     summary = cadence.train(cfg, run_dir=tmp_path / "run")
     rows = _rows(tmp_path / "run")
@@ -62,13 +64,15 @@ def tones_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             *QUIET,
             f"data.path={root / 'data'}",
             "data.val_fraction=0.3",
+            "model.channels=[8,16]",  # a narrow CNN tells two pitches apart as well
             "optimizer.name=adamw",
             "optimizer.lr=0.003",
             "train.max_steps=30",
             "train.eval_every=30",
         ],
     )
-    cadence.train(cfg, run_dir=root / "run")
+    # plots=False: `plots_off` is function-scoped, so it is not in force yet for this fixture
+    cadence.train(cfg, run_dir=root / "run", plots=False)
     return root / "run"
 
 
