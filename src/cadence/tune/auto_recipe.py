@@ -115,16 +115,16 @@ def plan_pilot(cfg: Config, workload: Workload) -> PilotPlan | None:
             f"than batch.pilot={cfg.batch.pilot:g} of the budget ({total * per} {unit}); raise "
             f"the budget or batch.pilot (at most 0.1), or set batch.size"
         )
-    # Shares of the allowance: 40 % to the first range test (when there is one), 20 % to the
-    # warm steps, 40 % to the measurements; a second range test at the chosen batch takes
-    # what is left, if it can (choose_auto).
+    # Shares of the allowance: 25 % to the first range test (when there is one), 20 % to the
+    # warm steps, 30 % to the measurements; a second range test at the chosen batch takes
+    # what is left (choose_auto).
     return PilotPlan(
         total,
         allowance,
         batch,
-        _clamp(0.4 * allowance / batch, LR_STEPS) if lr_auto else 0,
+        _clamp(0.25 * allowance / batch, LR_STEPS) if lr_auto else 0,
         _clamp(0.2 * allowance / batch, WARM_STEPS),
-        _clamp(0.4 * allowance / (2 * batch), MEASUREMENTS),
+        _clamp(0.3 * allowance / (2 * batch), MEASUREMENTS),
     )
 
 
@@ -204,8 +204,8 @@ def _pilot_config(cfg: Config, batch: int, lr: float | None) -> Config:
     )
 
 
-def _range_test(cfg: Config, workload: Workload, batch: int, steps: int) -> Any:
-    return lr_range_test(_pilot_config(cfg, batch, None), workload, steps=steps)
+def _range_test(cfg: Config, workload: Workload, batch: int, steps: int, **ramp: float) -> Any:
+    return lr_range_test(_pilot_config(cfg, batch, None), workload, steps=steps, **ramp)
 
 
 def choose_auto(
@@ -261,23 +261,31 @@ def choose_auto(
             "measurements": plan.measurements,
             "history": est.history,
         }
+        # With optimizer.lr: auto, the batch leaves room for a range test at itself (at least
+        # LR_STEPS[0] steps of what the pilot has left): the LR that counts is the one for the
+        # batch the run trains at, and a range test there measures it.
+        room = (plan.allowance - spent) // LR_STEPS[0] if o.lr == "auto" else None
         size, why["batch.size"] = choose_batch(
             est.b_simple,
             plan.budget_samples - plan.allowance,
             plan.batch,
             b.micro_size or 1,
             workload.n_train,
-            b.max_size,
+            min((x for x in (b.max_size, room) if x), default=None),
             _min_steps(cfg),
         )
         decided["batch.size"] = size
         if o.lr == "auto":
-            left = plan.allowance - spent
-            steps = min(LR_STEPS[1], left // size)
+            steps = min(LR_STEPS[1], (plan.allowance - spent) // size)
             if steps >= LR_STEPS[0]:
-                second = _range_test(cfg, workload, size, steps)
+                # around the small batch's LR: the larger batch moves it by a small factor
+                # (square root to linear), so a narrow ramp spends the steps where it matters
+                second = _range_test(cfg, workload, size, steps, min_lr=lr0 / 10, max_lr=lr0 * 30)
                 decided["optimizer.lr"], spent = second.suggestion, spent + second.samples
-                why["optimizer.lr"] = f"the LR range test at batch {size} ({steps} steps)"
+                why["optimizer.lr"] = (
+                    f"the LR range test at batch {size} ({steps} steps, {lr0 / 10:.3g} to "
+                    f"{lr0 * 30:.3g})"
+                )
                 measured["lr_range_test_chosen_batch"] = {
                     "batch": size,
                     "steps": second.steps,
