@@ -208,31 +208,3 @@ def test_seeds_average_and_report_each():
 def test_bad_range_is_refused():
     with pytest.raises(ValueError, match="min_lr"):
         lr_range_test(gd_config(), min_lr=1.0, max_lr=0.1)
-
-
-def test_under_lr_auto_a_given_aux_lr_stays_put_while_the_main_lr_ramps(monkeypatch):
-    """optimizer.lr: auto looks for Muon's LR beside the aux_lr the config gives its AdamW
-    groups, which is the LR they will train at; a numeric LR keeps every group's ratio."""
-    import cadence.tune.lr_finder as finder
-
-    seen: list[list[float]] = []
-    step = finder.train_step
-
-    def recording(model, optimizer, *args, **kwargs):
-        seen.append([g["lr"] for g in optimizer.param_groups])
-        return step(model, optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(finder, "train_step", recording)
-    sets = ["workload=digits", "optimizer.name=muon", "optimizer.aux_lr=0.004", "batch.size=32"]
-    for lr in ("auto", "0.02"):
-        seen.clear()
-        cfg = cadence.load_config(None, [*sets, f"optimizer.lr={lr}", "train.progress=false"])
-        result = lr_range_test(cfg, build_workload(cfg), min_lr=1e-4, max_lr=1.0, steps=10)
-        ramp = np.exp(np.linspace(math.log(1e-4), math.log(1.0), 10))[: len(seen)]
-        main = [row[0] for row in seen]
-        aux = [row[-1] for row in seen]
-        assert np.allclose(main, ramp) and result.steps == len(seen)
-        if lr == "auto":
-            assert aux == [0.004] * len(seen)
-        else:
-            assert np.allclose(aux, ramp * 0.004 / 0.02)

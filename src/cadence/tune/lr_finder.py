@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from cadence.config import ConfigError
-from cadence.config.parts import AUTO_LR_PLACEHOLDER, optimizer_from
+from cadence.config.parts import optimizer_from
 from cadence.config.validate import fixed_batch
 from cadence.optim import OPTIMIZERS
 from cadence.schedules import split_micro
@@ -207,21 +207,14 @@ def _one_curve(
     sampler = workload.sampler(seed, shuffle=not full)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_context(next(model.parameters()).device, cfg.train.precision)
-    # Each group keeps its ratio to the main LR (per-group LRs, Muon's aux_lr), except under
-    # optimizer.lr: auto, where an aux_lr given as a number is the LR its groups train with:
-    # they stay at it, so the LR found is the one for the other groups beside that aux_lr.
-    lrs = [float(g.get("base_lr", g["lr"])) for g in optimizer.param_groups]
-    o = cfg.optimizer
-    if o.lr == "auto":
-        pinned = [o.aux_lr is not None and x == o.aux_lr != AUTO_LR_PLACEHOLDER for x in lrs]
-        ratios = [None if p else x / AUTO_LR_PLACEHOLDER for x, p in zip(lrs, pinned)]
-    else:
-        ratios = [x / lrs[0] for x in lrs]
+    # Each group keeps its ratio to the main LR (Muon's aux_lr, per-group LRs).
+    ref = float(optimizer.param_groups[0].get("base_lr", optimizer.param_groups[0]["lr"]))
+    ratios = [float(g.get("base_lr", g["lr"])) / ref for g in optimizer.param_groups]
     losses: list[float] = []
     best, m = math.inf, 0.0
     for k, lr in enumerate(ramp):
-        for g, r, fixed in zip(optimizer.param_groups, ratios, lrs):
-            g["lr"] = fixed if r is None else float(lr) * r
+        for g, r in zip(optimizer.param_groups, ratios):
+            g["lr"] = float(lr) * r
         micro, units = draw_batches(cfg, workload, sampler.indices(k * size, size))
         out = train_step(
             model,
