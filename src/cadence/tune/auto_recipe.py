@@ -10,12 +10,14 @@ The batch comes from a pilot on the user's own model and data, within ``batch.pi
    loss falls and one measured at initialisation understates the batch that pays later;
 3. the gradient noise scale ``B_simple`` there (:func:`estimate_noise_scale`, McCandlish et al.
    2018): the critical batch, where doubling the batch stops halving the steps;
-4. the batch: the critical batch, but never so large that the budget leaves fewer than
-   :data:`MIN_STEPS` optimizer steps (a run of a few steps cannot warm up, decay or average),
-   in whole micro-batches;
-5. the peak LR for that batch: a range test at it when the pilot's share still holds one,
-   else the small batch's LR moved by a scaling rule (square root for Adam-like updates, Malladi
-   et al. 2022; McCandlish's ``eps_max / (1 + B_noise / B)`` for SGD).
+4. the batch: the critical batch, at least the pilot's own (the noise scale measured early
+   only grows), never so large that the budget leaves fewer than :data:`MIN_STEPS` optimizer
+   steps (a run of a few steps cannot warm up, decay or average) nor that the pilot's share
+   cannot hold a range test at it, in whole micro-batches;
+5. the peak LR for that batch: a range test at it, on a narrow ramp around the small batch's
+   LR, when the pilot's share still holds one; else the small batch's LR moved by a scaling rule
+   (square root for Adam-like updates, Malladi et al. 2022; McCandlish's
+   ``eps_max / (1 + B_noise / B)`` for SGD).
 
 The weights and every random stream are put back after the pilot, so the run starts where it
 would have. ``schedule.warmup: auto`` is ``2 / (1 - beta2)`` steps for optimizers with a second
