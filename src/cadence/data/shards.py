@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,11 @@ class TokenStream:
             shard += 1
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # os.close bound at definition: at interpreter exit __del__ may run after the os
+        # module's globals are cleared
         for fd in self._fds or []:
-            os.close(fd)
+            _close(fd)
         self._fds = None
 
     def __del__(self) -> None:
