@@ -19,8 +19,22 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 
-__all__ = ["AudioError", "decode_pcm", "is_upload", "read_audio", "read_upload", "wants_pcm"]
+__all__ = [
+    "UPLOAD_CONTENT",
+    "AudioError",
+    "decode_pcm",
+    "is_upload",
+    "read_audio",
+    "read_upload",
+    "wants_pcm",
+]
 
+# OpenAPI's request content of an audio upload: the file as multipart field `file`
+UPLOAD_CONTENT = {
+    "multipart/form-data": {
+        "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+    }
+}
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # 60 s of 16-bit stereo 44.1 kHz is about 10 MB
 
 

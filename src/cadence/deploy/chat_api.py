@@ -36,6 +36,7 @@ from cadence.data.chat import (
 from cadence.data.errors import DataError
 from cadence.deploy.logprobs import MAX_LOGPROBS, Scored
 from cadence.deploy.openai_api import (
+    JSON_BODY,
     CompletionText,
     LMEngine,
     ModelError,
@@ -173,7 +174,6 @@ def add_chat(app: FastAPI, ctx: ServeContext, lm: LMEngine) -> None:
         end = answer_end(render)
     except (TemplateError, TypeError, KeyError):
         end = ""
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
     @app.get(MODELS_PATH)
     async def models() -> dict[str, Any]:
@@ -190,7 +190,7 @@ def add_chat(app: FastAPI, ctx: ServeContext, lm: LMEngine) -> None:
             ],
         }
 
-    @app.post(CHAT_PATH, response_model=None, openapi_extra=body_doc)
+    @app.post(CHAT_PATH, response_model=None, openapi_extra=JSON_BODY)
     async def chat(request: Request) -> dict[str, Any] | StreamingResponse:
         body = await parse_body(request, ChatRequest)
         if (problem := body.unsupported()) is not None:

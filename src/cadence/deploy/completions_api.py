@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from cadence.deploy.logprobs import logprobs_object
 from cadence.deploy.openai_api import (
     COMPLETIONS_PATH,
+    JSON_BODY,
     CompletionRequest,
     CompletionText,
     LMEngine,
@@ -44,9 +45,8 @@ __all__ = ["add_completions"]
 def add_completions(app: FastAPI, ctx: ServeContext, lm: LMEngine) -> None:
     """Register ``POST /v1/completions`` on a language model's ``app``."""
     run, settings = ctx.run, ctx.settings
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
-    @app.post(COMPLETIONS_PATH, response_model=None, openapi_extra=body_doc)
+    @app.post(COMPLETIONS_PATH, response_model=None, openapi_extra=JSON_BODY)
     async def completions(request: Request) -> dict[str, Any] | StreamingResponse:
         body = await parse_body(request, CompletionRequest)
         if (problem := body.unsupported()) is not None:

@@ -30,6 +30,7 @@ from cadence.models.generate import SamplingParams, StreamDecoder
 
 __all__ = [
     "COMPLETIONS_PATH",
+    "JSON_BODY",
     "MAX_STOP",
     "Completion",
     "CompletionRequest",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 COMPLETIONS_PATH = "/v1/completions"
+# OpenAPI's request body of the JSON endpoints: they parse the raw bytes themselves (parse_body)
+JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 MAX_STOP = 4  # stop strings per request, as on OpenAI
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cadence.data.chat import encode_prompt
 from cadence.data.errors import DataError
 from cadence.deploy.chat_api import Message, chat_renderer, chat_template
-from cadence.deploy.openai_api import OpenAIError, parse_body
+from cadence.deploy.openai_api import JSON_BODY, OpenAIError, parse_body
 from cadence.deploy.rundir import LoadedRun
 
 __all__ = ["TOKENIZER_PATHS", "add_tokenizer", "tokenizer_info"]
@@ -73,13 +73,12 @@ def add_tokenizer(app: FastAPI, run: LoadedRun) -> None:
     """Register the tokenizer endpoints on a language model's app."""
     tok = run.tokenizer
     render = chat_renderer(run)
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
     @app.get("/tokenizer_info")
     async def info() -> dict[str, Any]:
         return tokenizer_info(run)
 
-    @app.post("/tokenize", openapi_extra=body_doc)
+    @app.post("/tokenize", openapi_extra=JSON_BODY)
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, TokenizeRequest)
         if body.messages is not None:
@@ -96,7 +95,7 @@ def add_tokenizer(app: FastAPI, run: LoadedRun) -> None:
         tokens = [int(t) for t in ids]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": run.seq_len}
 
-    @app.post("/detokenize", openapi_extra=body_doc)
+    @app.post("/detokenize", openapi_extra=JSON_BODY)
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest)
         vocab = int(tok.vocab_size)  # type: ignore[union-attr]

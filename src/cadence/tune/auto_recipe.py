@@ -232,12 +232,7 @@ def choose_auto(
         if lr0 is None:
             first = _range_test(cfg, workload, plan.batch, plan.lr_steps)
             lr0, spent = first.suggestion, first.samples
-            measured["lr_range_test_small_batch"] = {
-                "batch": plan.batch,
-                "steps": first.steps,
-                "suggestion": first.suggestion,
-                "min_loss_lr": first.min_loss_lr,
-            }
+            measured["lr_range_test_small_batch"] = _range_summary(first, plan.batch)
             lr_result = first
         pilot = _pilot_config(cfg, plan.batch, lr0)
         model = workload.model
@@ -288,23 +283,19 @@ def choose_auto(
                     f"the LR range test at batch {size} ({steps} steps, {lr0 / 10:.3g} to "
                     f"{lr0 * 30:.3g})"
                 )
-                measured["lr_range_test_chosen_batch"] = {
-                    "batch": size,
-                    "steps": second.steps,
-                    "suggestion": second.suggestion,
-                    "min_loss_lr": second.min_loss_lr,
-                }
+                measured["lr_range_test_chosen_batch"] = _range_summary(second, size)
                 lr_result = second
             else:
                 decided["optimizer.lr"], why["optimizer.lr"] = _scaled_lr(
                     cfg, lr0, plan.batch, size, est.b_simple
                 )
-        cfg = _spend(cfg, workload, size, spent, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        cfg = _spend(cfg, workload, size, spent, seconds)
         record["pilot"] = {
             "samples": spent,
             "tokens": spent * workload.tokens_per_sample,
             "share": spent / plan.budget_samples,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "seconds": round(seconds, 3),
         }
     elif o.lr == "auto":
         lr_result = lr_range_test(_with(cfg, schedule={"warmup": 0}), workload)
@@ -332,6 +323,16 @@ def choose_auto(
     for key, value in decided.items():
         log(f"cadence: {key}=auto -> {value:.4g} ({why[key]}; see auto.json)")
     return cfg, record
+
+
+def _range_summary(result: Any, batch: int) -> dict[str, Any]:
+    """What auto.json keeps of a range test (lr_find.json has the last one's curve)."""
+    return {
+        "batch": batch,
+        "steps": result.steps,
+        "suggestion": result.suggestion,
+        "min_loss_lr": result.min_loss_lr,
+    }
 
 
 def _min_steps(cfg: Config) -> int:

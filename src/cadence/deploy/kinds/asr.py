@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 
-from cadence.deploy.audio_api import read_audio
+from cadence.deploy.audio_api import UPLOAD_CONTENT, read_audio
 from cadence.deploy.engine import Job, Work
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.task import Graph, ServeContext, Task
@@ -21,19 +21,7 @@ from cadence.workloads import ModelKind
 
 __all__ = ["SpeechRecognitionTask"]
 
-UPLOAD_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                }
-            }
-        },
-    }
-}
+UPLOAD_DOC = {"requestBody": {"required": True, "content": UPLOAD_CONTENT}}
 
 
 class TranscribeWork(Work):

@@ -15,7 +15,7 @@ import torch
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from cadence.deploy.audio_api import is_upload, read_audio, wants_pcm
+from cadence.deploy.audio_api import UPLOAD_CONTENT, is_upload, read_audio, wants_pcm
 from cadence.deploy.engine import Job, Work
 from cadence.deploy.rundir import LoadedRun
 from cadence.deploy.task import Graph, HTTPError, ServeContext, Task, parse_strict
@@ -32,15 +32,8 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 }
 AUDIO = frozenset({"speech"})  # classifiers of raw 16 kHz audio, of any length once exported
 
-UPLOAD = {"file": {"type": "string", "format": "binary"}}
 PREDICT_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {},
-            "multipart/form-data": {"schema": {"type": "object", "properties": UPLOAD}},
-        },
-    }
+    "requestBody": {"required": True, "content": {"application/json": {}, **UPLOAD_CONTENT}}
 }
 
 

@@ -27,6 +27,7 @@ from cadence.deploy.engine import Job, Work
 from cadence.deploy.logprobs import Scored, score_rows
 from cadence.deploy.openai_api import (
     COMPLETIONS_PATH,
+    JSON_BODY,
     MAX_STOP,
     Completion,
     CompletionText,
@@ -143,9 +144,8 @@ class GenerateRequest(BaseModel):
 def add_generate(app: FastAPI, ctx: ServeContext, lm: LMJobs) -> None:
     """``POST /v1/generate``: cadence's own text generation, whole or streamed (SSE)."""
     run, settings = ctx.run, ctx.settings
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {}}}}
 
-    @app.post("/v1/generate", response_model=None, openapi_extra=body_doc)
+    @app.post("/v1/generate", response_model=None, openapi_extra=JSON_BODY)
     async def generate_endpoint(request: Request) -> dict[str, Any] | StreamingResponse:
         body = await parse_strict(request, GenerateRequest)
         if body.max_new_tokens > settings.max_new_tokens_limit:
