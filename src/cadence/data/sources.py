@@ -14,9 +14,11 @@ more source of this kind: every corpus, small or large, is read and prepared the
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +103,26 @@ def _decode_text(raw: bytes) -> str | None:
 
 
 def _walk(root: Path) -> list[Path]:
-    """Regular files under ``root`` in sorted relative-path order, skipping hidden entries."""
-    files = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file():
-            files.append(p)
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    return files
+    """Regular files under ``root`` in sorted relative-path order, skipping hidden entries.
+
+    `os.scandir`, pruning hidden folders instead of descending into them: `Path.rglob` with
+    a `relative_to` and a `stat` per entry took 0.3-0.5 s on the default corpus (sympy, 1,500
+    files), paid by every LM workload a process builds. Symlinked folders are not followed.
+    """
+    found: list[str] = []
+    folders = [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file():
+                    found.append(entry.path)
+    start = len(str(root)) + 1
+    found.sort(key=lambda path: path[start:].replace(os.sep, "/"))
+    return [Path(path) for path in found]
 
 
 def default_corpus() -> Source:
@@ -122,7 +134,15 @@ def default_corpus() -> Source:
             f"{DEFAULT_CORPUS_PACKAGE!r} is not installed; install it or set data.path"
         )
     root = Path(next(iter(spec.submodule_search_locations))).resolve()
-    return Source(root, "folder", [f for f in _walk(root) if f.suffix == ".py"])
+    return Source(root, "folder", list(_python_files(root)))
+
+
+@functools.lru_cache(maxsize=1)
+def _python_files(root: Path) -> tuple[Path, ...]:
+    """The walk of an installed package, once per process: it does not change while the process
+    runs, and a process that builds many workloads (a sweep, a comparison) walked it each time.
+    A change between processes still shows in the data cache's fingerprint (sizes, mtimes)."""
+    return tuple(f for f in _walk(root) if f.suffix == ".py")
 
 
 def open_sources(
