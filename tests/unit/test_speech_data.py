@@ -67,6 +67,17 @@ def test_resampling_keeps_a_tone_and_the_duration() -> None:
     assert np.argmax(np.abs(np.fft.rfft(y))) == 1000  # 1 Hz bins over one second
 
 
+def test_resampling_with_the_designed_taps_equals_scipys_own_design() -> None:
+    """`resample` designs its filter once per ratio; the samples are scipy's default's."""
+    from scipy.signal import resample_poly
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64, np.int16):
+        x = (rng.standard_normal(5000) * 1000).astype(dtype)
+        want = resample_poly(x, 320, 441).astype(np.float32)
+        assert np.array_equal(sp.resample(x, 22050, 16000), want), dtype
+
+
 def test_noise_is_added_at_the_asked_snr_and_with_its_colour() -> None:
     rng = np.random.default_rng(0)
     x = np.sin(np.linspace(0, 200, sp.CLIP)).astype(np.float32) * 0.3
