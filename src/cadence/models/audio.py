@@ -126,7 +126,10 @@ class LogMel(nn.Module):
             return_complex=True,
         )
         # re^2 + im^2 rather than abs()**2: no square root to round, and none to differentiate at 0.
-        return torch.view_as_real(spec).pow(2).sum(-1)
+        # Added as two slices, not .sum(-1): the same floats (a sum of two terms is one rounding
+        # either way), but a reduction over a last dim of 2 took 2-3 ms of a 3 ms step here.
+        squares = torch.view_as_real(spec).pow(2)
+        return squares[..., 0] + squares[..., 1]
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """The additive eps bounds log(0) for digital silence at a floor far below any speech."""
