@@ -53,13 +53,14 @@ def make_config(empty_yaml: Path) -> Callable[..., Config]:
 
 @pytest.fixture(scope="session")
 def tiny_lm_cached() -> None:
-    """TINY_LM's corpus in the data cache before a test that counts the lines the CLI prints:
-    the first run to read a corpus says that it prepares it, and which test comes first depends
-    on how xdist spreads them."""
+    """The tiny LM configs' corpora (TINY_LM's and TINY["lm"]'s) in the data cache before a test
+    that counts the lines the CLI prints: the first run to read a corpus says that it prepares
+    it, and which test comes first depends on how xdist spreads them."""
     from cadence.config import parse_config
     from cadence.workloads import build_workload
 
     build_workload(parse_config(None, TINY_LM))
+    build_workload(parse_config(None, ["workload=lm", *TINY["lm"]]))
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,7 @@ def _cli(tmp_path, capsys, *sets: str) -> tuple[int, list[str]]:
          "batch.schedule: batch.size: auto chooses one batch"),
     ],
 )  # fmt: skip
+@pytest.mark.usefixtures("tiny_lm_cached")
 def test_auto_input_that_cannot_work_is_one_line_exit_2(tmp_path, capsys, sets, start):
     code, err = _cli(tmp_path, capsys, *sets)
     assert code == 2 and len(err) == 1, err
