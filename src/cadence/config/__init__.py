@@ -28,6 +28,7 @@ from cadence.config.schema import (
     ModelConfig,
     OptimizerConfig,
     PlateauConfig,
+    PrivacyConfig,
     ScheduleConfig,
     TrainConfig,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "PlateauConfig",
+    "PrivacyConfig",
     "ScheduleConfig",
     "TrainConfig",
     "config_from_dict",

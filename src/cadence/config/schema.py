@@ -205,6 +205,19 @@ class ModelConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    # DP-SGD (Opacus): each example's gradient clipped, Gaussian noise added, batches drawn by
+    # Poisson sampling at rate batch.size / training samples, and the privacy spent accounted
+    enabled: bool = False
+    target_epsilon: float | None = None  # the ε the run ends at: noise_multiplier derived from it
+    delta: float = 1e-5  # δ of (ε, δ)-DP; below 1 / the number of training samples
+    max_grad_norm: float = 1.0  # the L2 norm each example's gradient is clipped to
+    noise_multiplier: float | None = None  # σ: noise std / max_grad_norm (null: target_epsilon)
+    accountant: Literal["prv", "rdp"] = "prv"  # PRV (tight) or RDP (the classic bound)
+    max_epsilon: float | None = None  # stop at the last step whose ε stays within this
+
+
+@dataclass
 class Config:
     workload: str = "lm"  # see `cadence list workloads`, or package.module:function (your own)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -214,6 +227,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

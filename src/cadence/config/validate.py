@@ -28,6 +28,7 @@ from cadence.config.parts import (
     plateau_from,
     seq_len_schedule_from,
 )
+from cadence.config.privacy import check_privacy
 from cadence.config.schema import PILOT_BATCH, Config, ConfigError, ConfigWarning
 from cadence.data.checks import (
     check_max_bytes,
@@ -56,6 +57,7 @@ def validate(cfg: Config) -> None:
     _check_train(cfg)
     _check_data(cfg)
     _check_model(cfg)
+    check_privacy(cfg)
 
 
 def _check_model(cfg: Config) -> None:

@@ -41,6 +41,7 @@ from cadence.track.tensorboard import TensorBoardLogger
 from cadence.training.checkpoint import CheckpointError, agreed, latest_valid, restore
 from cadence.training.lawa import LAWA
 from cadence.training.loop import fit
+from cadence.training.privacy import resolve_privacy
 from cadence.training.signals import StopSignals
 from cadence.training.trainer import Trainer
 from cadence.tune.auto_recipe import choose_auto, plan_pilot
@@ -97,7 +98,11 @@ def train(
             holder["w"] = _workload(cfg, workload)
             # a budget the workload's counts make impossible fails before anything is written,
             # and so does one too small for batch.size: auto's pilot
-            check_horizon(provisional(cfg), holder["w"].n_train, holder["w"].tokens_per_sample)
+            w = holder["w"]
+            ahead = check_horizon(provisional(cfg), w.n_train, w.tokens_per_sample)
+            # privacy: the checks on the built model and the noise multiplier it will use
+            if cfg.privacy.enabled:
+                holder["private"] = resolve_privacy(cfg, w, ahead.steps, world)
             plan_pilot(cfg, holder["w"])
             prepare_run_dir(run_dir)
             tokenizer = holder["w"].extras.get("tokenizer")
@@ -124,6 +129,9 @@ def train(
             run_dir=run_dir if world.is_main else None,
             log=print if world.is_main else lambda _: None,
         )
+        # auto never runs beside privacy (resolve_privacy refuses it), so the noise decided
+        # before the run directory was made is the one config.yaml records
+        cfg = holder.get("private", cfg)  # type: ignore[assignment]
         summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots, auto)
     return summary
 

@@ -33,6 +33,7 @@ class StopKind(str, enum.Enum):
     CONVERGED_LOSS = "converged_loss"
     INTERRUPTED = "interrupted"  # SIGTERM / SIGINT: checkpointed, resumable
     NONFINITE = "nonfinite"  # a NaN/inf loss or gradient the policy could not get past
+    PRIVACY_BUDGET = "privacy_budget"  # privacy.max_epsilon: the next step would spend more
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,17 @@ class StopDecisions:
                 t, step=st.step, samples=st.samples, tokens=st.tokens, elapsed_s=st.elapsed_s
             )
         )
+        self.stop(self.privacy_budget_reached())
+
+    def privacy_budget_reached(self: Trainer) -> StopReason | None:
+        """privacy.max_epsilon: the run is at the last step whose ε stays within it."""
+        last = self.privacy.last_step if self.privacy is not None else None
+        if last is not None and self.state.step >= last:
+            return StopReason(StopKind.PRIVACY_BUDGET, step=last)
+        return None
 
     def check_stops(self: Trainer, read: StepRead) -> None:
         """Everything that may end the run after a good step, from the step's host read."""
         received = self.signals.received if self.signals is not None else None
         self.stop(stop_after_step(self.cfg.train, self.state, read, received))
+        self.stop(self.privacy_budget_reached())

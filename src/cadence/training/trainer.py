@@ -40,6 +40,7 @@ from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
 from cadence.training.noise import NoiseProbe
+from cadence.training.privacy import PrivateGradients
 from cadence.training.rows import RowLogger, run_summary
 from cadence.training.scheduled import ScheduledReads
 from cadence.training.state import RunClock, TrainState
@@ -127,6 +128,8 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
         self.sampler = workload.sampler(t.seed, shuffle=cfg.batch.size != "full")
+        private = cfg.privacy.enabled  # DP-SGD: each step's batch is a Poisson draw
+        self.privacy = PrivateGradients(cfg, self.optimizer, workload, steps) if private else None
         self.state = TrainState()
         self.clock = RunClock(self.state)
         self.rows = RowLogger(workload.n_train, workload.tokens_per_sample)
@@ -138,9 +141,11 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         # train.target, or the workload's own target when the config leaves it null
         self.target = t.target if t.target is not None else workload.target
         on = workload.prefetch and self.device.type == "cuda" if t.prefetch is None else t.prefetch
+        on = on and not private  # a private step's batch is a draw, not a data position
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
         _check_batches(self.ramp, self.seq_len, workload, world)
-        self.compiler = Compiler(t.compile, self.model, wrapped, self.device, steps, self.sharded)
+        compile_ = False if private else t.compile  # per-example gradient hooks run eagerly
+        self.compiler = Compiler(compile_, self.model, wrapped, self.device, steps, self.sharded)
 
     # ------------------------------------------------------------ events
 
@@ -173,7 +178,10 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
             self.log_metrics({"batch_target": size})
 
     def next_batches(self, size: int) -> tuple[list[Any], int]:
-        """The micro-batches of the next global batch, taken at the current data position."""
+        """The micro-batches of the next global batch, taken at the current data position
+        (privacy.enabled: the step's Poisson draw)."""
+        if self.privacy is not None:
+            return self.privacy.batches(self.state.step)
         if self.prefetcher is None:
             micro, units = self._read_batches(self.state.samples, size)
         else:
@@ -185,6 +193,8 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
 
     def backward(self, micro_batches: list[Any], units: int) -> tuple[Tensor, Tensor]:
         """Forward and backward of a global batch: (loss, grad norm), on the device."""
+        if self.privacy is not None:
+            return self.privacy.backward(micro_batches, units, self.state.step)
 
         def step(module: torch.nn.Module) -> tuple[Tensor, Tensor]:
             return backward_step(
@@ -296,6 +306,8 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         extra = {**self.scheduled, **self.pending}
         if self.plateau is not None:
             extra["plateau_scale"] = self.plateau.scale
+        if self.privacy is not None:
+            extra["epsilon"] = self.privacy.epsilon(self.state.step)
         extra.update(metrics or {})
         self.pending.clear()
         row = self.rows.row(
@@ -315,4 +327,6 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         done = run_summary(
             self.cfg, self.workload, self.state, self.last_metrics, self.params, self.target
         )
+        if self.privacy is not None:
+            done["privacy"] = self.privacy.summary(self.state.step)
         return {**done, **self.horizon.summary()}  # horizon_steps, horizon_budget

@@ -1,0 +1,242 @@
+"""Differentially private training (DP-SGD) with Opacus's parts: its per-example gradients, its
+clipping and noise, its accountants and its noise calibration.
+
+What cadence adds is the wiring into its own step, and one rule that makes the run exact to
+resume without any sampler state: step ``k``'s Poisson draw and its noise come from generators
+seeded by (train.seed, k). Opacus's `DPOptimizer` is used for what it does to gradients
+(`clip_and_accumulate` after each micro-batch, `add_noise` once per step), not as the
+optimizer: the run's own optimizer (any of cadence's) then steps on the private gradient, so
+every optimizer and schedule composes with privacy, and Opacus's data loader is not needed.
+
+The gradient of a step is (sum over the drawn examples of each one's gradient clipped to
+``max_grad_norm`` + N(0, (sigma * max_grad_norm)^2)) / batch.size -- the expected batch, not
+the drawn count, as DP-SGD with Poisson sampling has it (Abadi et al. 2016; Opacus does the
+same with ``loss_reduction="mean"``). An example's loss is its mean over its tokens for text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from cadence.config import Config, ConfigError
+from cadence.runtime.distributed import World
+from cadence.schedules import split_micro
+from cadence.training.step import grad_norm_and_clip
+
+if TYPE_CHECKING:
+    from cadence.optim import AnyOptimizer
+    from cadence.workloads import Workload
+
+_DRAW, _NOISE = 0x5DEECE66D, 0x2545F4914F6CDD1D  # separate streams for the draw and the noise
+
+
+def _generator(seed: int, step: int, stream: int, device: Any = "cpu") -> torch.Generator:
+    seeded = torch.Generator(device=device)
+    return seeded.manual_seed((seed * 1_000_003 + step * 7919 + stream) % 2**63)
+
+
+def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, cfg: Config) -> float:
+    """ε spent after ``steps`` steps at (σ, q), by the configured accountant: a function of the
+    step count alone, as every step has the same σ and q."""
+    from opacus.accountants import create_accountant
+
+    if steps <= 0:
+        return 0.0
+    accountant = create_accountant(cfg.privacy.accountant)
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": a looser bound
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta=cfg.privacy.delta))
+
+
+def last_step_within(
+    max_epsilon: float, horizon: int, noise_multiplier: float, sample_rate: float, cfg: Config
+) -> int:
+    """The last step (0..horizon) whose ε is at most ``max_epsilon`` (ε grows with steps)."""
+    low, high = 0, horizon  # invariant: eps(low) <= max_epsilon
+    if epsilon_after(high, noise_multiplier, sample_rate, cfg) <= max_epsilon:
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if epsilon_after(mid, noise_multiplier, sample_rate, cfg) <= max_epsilon:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def check_private_model(model: nn.Module) -> None:
+    """Refuse, in one line naming it, a layer Opacus cannot compute per-example gradients for
+    or one that mixes examples (BatchNorm)."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        first = str(errors[0]).strip().splitlines()[0]
+        raise ConfigError(
+            f"privacy.enabled: the model cannot train privately: {first} (use GroupNorm or "
+            "LayerNorm instead of BatchNorm, or set privacy.enabled: false)"
+        )
+
+
+def resolve_privacy(cfg: Config, workload: Workload, steps: int, world: World) -> Config:
+    """The config with the noise multiplier it trains with (derived from target_epsilon where
+    not given), after the checks that need the built model and data; unchanged when privacy is
+    off. Run before anything is written, so a refusal leaves nothing behind."""
+    p = cfg.privacy
+    if not p.enabled:
+        return cfg
+    if world.size > 1:
+        raise ConfigError(
+            "privacy.enabled: runs on one process for now; launch without torchrun/--nproc"
+        )
+    check_private_model(workload.model)
+    n, size = workload.n_train, int(cfg.batch.size)
+    if size >= n:
+        raise ConfigError(
+            f"batch.size: {size} samples of {n} would sample every example at every step; "
+            "privacy.enabled needs a batch smaller than the training set"
+        )
+    if n * p.delta > 1:
+        raise ConfigError(
+            f"privacy.delta: {p.delta} is above 1 / {n} training samples, which would allow "
+            "leaking an example outright; set privacy.delta below 1/n (1e-5 for n < 100,000)"
+        )
+    rate = size / n
+    sigma = p.noise_multiplier
+    if sigma is None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha"
+            warnings.simplefilter("ignore", UserWarning)
+            sigma = get_noise_multiplier(
+                target_epsilon=p.target_epsilon,
+                target_delta=p.delta,
+                sample_rate=rate,
+                steps=steps,
+                accountant=p.accountant,
+            )
+    try:  # the bound itself: a noise too small for the accountant fails here, not mid-run
+        spent = epsilon_after(steps, sigma, rate, cfg)
+    except (MemoryError, ValueError, OverflowError, RuntimeError):
+        raise ConfigError(
+            f"privacy.noise_multiplier: {sigma} is too small for the {p.accountant} "
+            "accountant to bound ε over the run; raise it (or set privacy.accountant: rdp)"
+        ) from None
+    given = p.target_epsilon is not None and p.noise_multiplier is not None
+    if given and spent > p.target_epsilon * 1.01:  # get_noise_multiplier's own tolerance
+        raise ConfigError(
+            f"privacy.noise_multiplier: {sigma} spends ε = {spent:.3g} over the "
+            f"{steps} steps, above privacy.target_epsilon {p.target_epsilon}; raise it or "
+            "remove it to derive it"
+        )
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(p, noise_multiplier=float(sigma)))
+
+
+class PrivateGradients:
+    """One run's DP-SGD: which examples a step draws, its private gradient, the ε spent."""
+
+    def __init__(
+        self, cfg: Config, optimizer: AnyOptimizer, workload: Workload, steps: int
+    ) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        p, model, n_train = cfg.privacy, workload.model, workload.n_train
+        check_private_model(model)
+        if p.noise_multiplier is None:
+            raise ConfigError(
+                "privacy.noise_multiplier: not resolved; build the run with cadence.train "
+                "(or pass the config through cadence.training.privacy.resolve_privacy)"
+            )
+        self.cfg, self.n, self.seed = cfg, n_train, cfg.train.seed
+        self.model, self.workload = model, workload
+        self.batch = int(cfg.batch.size)
+        self.sample_rate = self.batch / n_train
+        self.noise_multiplier = float(p.noise_multiplier)
+        self.max_grad_norm = p.max_grad_norm
+        # The hooks that compute per-example gradients go on the model's own layers; the run
+        # keeps calling the model itself, so names, checkpoints and exports are unchanged.
+        self.hooks = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        self.dp = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.batch,
+            loss_reduction="sum",
+        )
+        self.params = [q for q in self.dp.params if q.requires_grad]
+        within = p.max_epsilon
+        self.last_step = (
+            None
+            if within is None
+            else last_step_within(within, steps, self.noise_multiplier, self.sample_rate, cfg)
+        )
+
+    def draw(self, step: int) -> Tensor:
+        """Step ``step``'s examples: each one independently with probability batch.size / n."""
+        chosen = torch.rand(self.n, generator=_generator(self.seed, step, _DRAW)) < self.sample_rate
+        return torch.nonzero(chosen).flatten()
+
+    def batches(self, step: int) -> tuple[list[Any], int]:
+        """Step ``step``'s draw as micro-batches (batch.micro_size), and its loss units."""
+        drawn, w = self.draw(step), self.workload
+        micro, start = [], 0
+        for n in split_micro(len(drawn), self.cfg.batch.micro_size) if len(drawn) else []:
+            micro.append(w.batch(drawn[start : start + n]))
+            start += n
+        return micro, len(drawn) * max(1, w.tokens_per_sample)
+
+    def backward(
+        self, micro_batches: Sequence[Any], units: int, step: int
+    ) -> tuple[Tensor, Tensor]:
+        """Per-example gradients, clipped and summed micro-batch by micro-batch, then the noise:
+        (the drawn examples' mean loss, the private gradient's norm), on the device."""
+        self.dp.zero_grad(set_to_none=True)
+        units_per_example = max(1, self.workload.tokens_per_sample)
+        total = None
+        for batch in micro_batches:
+            loss = self.workload.loss_sum(self.model, batch)
+            with warnings.catch_warnings():  # Opacus's hooks on a first layer: inputs need no grad
+                warnings.filterwarnings("ignore", "Full backward hook is firing")
+                (loss / units_per_example).backward()
+            self.dp.clip_and_accumulate()
+            for q in self.params:
+                q.grad_sample = None
+            part = loss.detach().float()
+            total = part if total is None else total + part
+        for q in self.params:  # an empty draw still gets its noise
+            if q.summed_grad is None:
+                q.summed_grad = torch.zeros_like(q)
+        self.dp.generator = _generator(self.seed, step, _NOISE, self.params[0].device)
+        self.dp.add_noise()
+        for q in self.params:
+            q.grad /= self.batch
+            q.summed_grad = None
+        # train.clip_grad_norm then clips the private gradient as a whole: post-processing,
+        # which costs no privacy
+        norm = grad_norm_and_clip(self.params, self.cfg.train.clip_grad_norm)
+        mean = (total if total is not None else torch.zeros(())) / max(units, 1)
+        return mean, norm
+
+    def epsilon(self, steps: int) -> float:
+        return epsilon_after(steps, self.noise_multiplier, self.sample_rate, self.cfg)
+
+    def summary(self, steps: int) -> dict[str, Any]:
+        p = self.cfg.privacy
+        return {
+            "epsilon": self.epsilon(steps),
+            "delta": p.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+            "accountant": p.accountant,
+            "steps": steps,
+            "last_step_within_max_epsilon": self.last_step,
+        }
