@@ -129,9 +129,10 @@ def train(
             run_dir=run_dir if world.is_main else None,
             log=print if world.is_main else lambda _: None,
         )
-        # auto never runs beside privacy (resolve_privacy refuses it), so the noise decided
-        # before the run directory was made is the one config.yaml records
-        cfg = holder.get("private", cfg)  # type: ignore[assignment]
+        # auto never runs beside privacy (the config check refuses it): the noise rank 0
+        # decided before the run directory was made is the one every rank and config.yaml use
+        if cfg.privacy.enabled:
+            cfg = broadcast_object(holder.get("private"), world)
         summary = _execute(cfg, workload, run_dir, callbacks, None, world, plots, auto)
     return summary
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cadence.config import Config, ConfigError
-from cadence.runtime.distributed import World
+from cadence.runtime.distributed import SINGLE, World, shard
 from cadence.schedules import split_micro
 from cadence.training.step import grad_norm_and_clip
 
@@ -92,9 +92,10 @@ def resolve_privacy(cfg: Config, workload: Workload, steps: int, world: World) -
     p = cfg.privacy
     if not p.enabled:
         return cfg
-    if world.size > 1:
+    if world.active and world.mode != "ddp":
         raise ConfigError(
-            "privacy.enabled: runs on one process for now; launch without torchrun/--nproc"
+            f"train.distributed: {world.mode} does not run privately (per-example gradients "
+            "need whole parameters); set train.distributed: ddp"
         )
     check_private_model(workload.model)
     n, size = workload.n_train, int(cfg.batch.size)
@@ -143,7 +144,12 @@ class PrivateGradients:
     """One run's DP-SGD: which examples a step draws, its private gradient, the ε spent."""
 
     def __init__(
-        self, cfg: Config, optimizer: AnyOptimizer, workload: Workload, steps: int
+        self,
+        cfg: Config,
+        optimizer: AnyOptimizer,
+        workload: Workload,
+        steps: int,
+        world: World = SINGLE,
     ) -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -156,7 +162,7 @@ class PrivateGradients:
                 "(or pass the config through cadence.training.privacy.resolve_privacy)"
             )
         self.cfg, self.n, self.seed = cfg, n_train, cfg.train.seed
-        self.model, self.workload = model, workload
+        self.model, self.workload, self.world = model, workload, world
         self.batch = int(cfg.batch.size)
         self.sample_rate = self.batch / n_train
         self.noise_multiplier = float(p.noise_multiplier)
@@ -186,12 +192,13 @@ class PrivateGradients:
 
     def batches(self, step: int) -> tuple[list[Any], int]:
         """Step ``step``'s draw as micro-batches (batch.micro_size), and its loss units."""
-        drawn, w = self.draw(step), self.workload
+        everyone, w = self.draw(step), self.workload
+        drawn = shard(everyone, self.world)  # this process's contiguous share of the draw
         micro, start = [], 0
         for n in split_micro(len(drawn), self.cfg.batch.micro_size) if len(drawn) else []:
             micro.append(w.batch(drawn[start : start + n]))
             start += n
-        return micro, len(drawn) * max(1, w.tokens_per_sample)
+        return micro, len(everyone) * max(1, w.tokens_per_sample)
 
     def backward(
         self, micro_batches: Sequence[Any], units: int, step: int
@@ -214,6 +221,13 @@ class PrivateGradients:
         for q in self.params:  # an empty draw still gets its noise
             if q.summed_grad is None:
                 q.summed_grad = torch.zeros_like(q)
+        if self.world.active:
+            # The clipped sums of every process add up before the one noise draw, which every
+            # process makes alike (the same seeded generator): the gradient is the one a single
+            # process would compute, up to the order of float additions. DDP's own reduction
+            # never runs: the model is called directly, not through its DDP wrapper.
+            for q in self.params:
+                torch.distributed.all_reduce(q.summed_grad)
         self.dp.generator = _generator(self.seed, step, _NOISE, self.params[0].device)
         self.dp.add_noise()
         for q in self.params:
@@ -222,7 +236,9 @@ class PrivateGradients:
         # train.clip_grad_norm then clips the private gradient as a whole: post-processing,
         # which costs no privacy
         norm = grad_norm_and_clip(self.params, self.cfg.train.clip_grad_norm)
-        mean = (total if total is not None else torch.zeros(())) / max(units, 1)
+        # scaled as `_local_loss` scales a share: the step's read averages them over processes
+        share = max(units, 1) / self.world.size
+        mean = (total if total is not None else torch.zeros(())) / share
         return mean, norm
 
     def epsilon(self, steps: int) -> float:
@@ -240,3 +256,12 @@ class PrivateGradients:
             "steps": steps,
             "last_step_within_max_epsilon": self.last_step,
         }
+
+
+def private_gradients(
+    cfg: Config, optimizer: AnyOptimizer, workload: Workload, steps: int, world: World = SINGLE
+) -> PrivateGradients | None:
+    """The run's DP-SGD where ``privacy.enabled`` asks for it; None for a plain run."""
+    if not cfg.privacy.enabled:
+        return None
+    return PrivateGradients(cfg, optimizer, workload, steps, world)

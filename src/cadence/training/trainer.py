@@ -40,7 +40,7 @@ from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
 from cadence.training.noise import NoiseProbe
-from cadence.training.privacy import PrivateGradients
+from cadence.training.privacy import private_gradients
 from cadence.training.rows import RowLogger, run_summary
 from cadence.training.scheduled import ScheduledReads
 from cadence.training.state import RunClock, TrainState
@@ -128,8 +128,7 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         self.ema = EMA(self.model, t.ema) if t.ema else None
         # Full-batch GD visits the training set in order, every sample once per step.
         self.sampler = workload.sampler(t.seed, shuffle=cfg.batch.size != "full")
-        private = cfg.privacy.enabled  # DP-SGD: each step's batch is a Poisson draw
-        self.privacy = PrivateGradients(cfg, self.optimizer, workload, steps) if private else None
+        self.privacy = private_gradients(cfg, self.optimizer, workload, steps, world)  # DP-SGD
         self.state = TrainState()
         self.clock = RunClock(self.state)
         self.rows = RowLogger(workload.n_train, workload.tokens_per_sample)
@@ -141,10 +140,10 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         # train.target, or the workload's own target when the config leaves it null
         self.target = t.target if t.target is not None else workload.target
         on = workload.prefetch and self.device.type == "cuda" if t.prefetch is None else t.prefetch
-        on = on and not private  # a private step's batch is a draw, not a data position
+        on = on and self.privacy is None  # a private step's batch is a draw, not a position
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
         _check_batches(self.ramp, self.seq_len, workload, world)
-        compile_ = False if private else t.compile  # per-example gradient hooks run eagerly
+        compile_ = t.compile if self.privacy is None else False  # per-example hooks run eagerly
         self.compiler = Compiler(compile_, self.model, wrapped, self.device, steps, self.sharded)
 
     # ------------------------------------------------------------ events
