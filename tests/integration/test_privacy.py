@@ -55,10 +55,13 @@ def test_derived_noise_is_opacus_own_calibration(accountant: str) -> None:
     assert 0.98 * 2 <= spent <= 2 * 1.01  # calibrated to the target within Opacus's tolerance
 
 
-def test_each_example_is_clipped_then_noised_once_per_step() -> None:
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_each_example_is_clipped_then_noised_once_per_step(clipping: str) -> None:
     """The private gradient equals (sum of each example's own gradient, clipped alone) / B
-    plus the noise, the noise being N(0, (σC)^2) / B from the step's seeded generator."""
-    cfg, w, steps = _private("privacy.noise_multiplier=0.7", "privacy.max_grad_norm=0.05")
+    plus the noise, the noise being N(0, (σC)^2) / B from the step's seeded generator. Flat:
+    the example's whole gradient clipped to C; per layer: each of its k tensors to C/sqrt(k)."""
+    sets = ("privacy.noise_multiplier=0.7", "privacy.max_grad_norm=0.05")
+    cfg, w, steps = _private(*sets, f"privacy.clipping={clipping}")
     model = w.model
     trainer = Trainer(cfg, w)
     priv = trainer.privacy
@@ -68,18 +71,23 @@ def test_each_example_is_clipped_then_noised_once_per_step() -> None:
     priv.backward(micro, len(drawn), step=3)
     got = [p.grad.clone() for p in priv.params]
 
+    k = len(priv.params)
     summed = [torch.zeros_like(p) for p in priv.params]
     norms = []
     for i in drawn.tolist():  # the plain reference: one example at a time
         model.zero_grad(set_to_none=True)
         w.loss_sum(model, w.batch(torch.tensor([i]))).backward()
         grads = [p.grad for p in priv.params]
-        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-        scale = min(1.0, 0.05 / (float(norm) + 1e-6))
-        norms.append(float(norm) * scale)
-        for s, g in zip(summed, grads):
-            s += g * scale
-    assert max(norms) <= 0.05 + 1e-9 and min(norms) > 0.04  # these examples all get clipped
+        if clipping == "flat":
+            norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            scales = [min(1.0, 0.05 / (norm + 1e-6))] * k
+        else:
+            scales = [min(1.0, 0.05 / k**0.5 / (float(g.norm()) + 1e-6)) for g in grads]
+        clipped = [g * c for g, c in zip(grads, scales)]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped]))))
+        for s, g in zip(summed, clipped):
+            s += g
+    assert max(norms) <= 0.05 * (1 + 1e-5) and min(norms) > 0.04  # every example is clipped
     gen = torch.Generator().manual_seed(
         (cfg.train.seed * 1_000_003 + 3 * 7919 + 0x2545F4914F6CDD1D) % 2**63
     )

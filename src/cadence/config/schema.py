@@ -214,6 +214,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # the L2 norm each example's gradient is clipped to
     noise_multiplier: float | None = None  # σ: noise std / max_grad_norm (null: target_epsilon)
     accountant: Literal["prv", "rdp"] = "prv"  # PRV (tight) or RDP (the classic bound)
+    # flat: an example's whole gradient clipped to max_grad_norm; per_layer: each parameter
+    # tensor to max_grad_norm / sqrt(tensors), which keeps the whole within max_grad_norm
+    clipping: Literal["flat", "per_layer"] = "flat"
     max_epsilon: float | None = None  # stop at the last step whose ε stays within this
 
 

@@ -17,6 +17,7 @@ same with ``loss_reduction="mean"``). An example's loss is its mean over its tok
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -152,7 +153,7 @@ class PrivateGradients:
         world: World = SINGLE,
     ) -> None:
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
         p, model, n_train = cfg.privacy, workload.model, workload.n_train
         check_private_model(model)
@@ -170,10 +171,17 @@ class PrivateGradients:
         # The hooks that compute per-example gradients go on the model's own layers; the run
         # keeps calling the model itself, so names, checkpoints and exports are unchanged.
         self.hooks = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-        self.dp = DPOptimizer(
+        # per_layer: each parameter tensor clipped to max_grad_norm / sqrt(k) on its own, so an
+        # example's whole gradient still has norm <= max_grad_norm and the noise is the same
+        clip: float | list[float] = self.max_grad_norm
+        kind: type = DPOptimizer
+        if p.clipping == "per_layer":
+            k = sum(1 for g in optimizer.param_groups for q in g["params"] if q.requires_grad)
+            clip, kind = [self.max_grad_norm / math.sqrt(k)] * k, DPPerLayerOptimizer
+        self.dp = kind(
             optimizer,
             noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
+            max_grad_norm=clip,
             expected_batch_size=self.batch,
             loss_reduction="sum",
         )
@@ -252,6 +260,7 @@ class PrivateGradients:
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "max_grad_norm": self.max_grad_norm,
+            "clipping": p.clipping,
             "accountant": p.accountant,
             "steps": steps,
             "last_step_within_max_epsilon": self.last_step,
