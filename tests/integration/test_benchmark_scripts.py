@@ -75,3 +75,13 @@ def test_weight_averaging_runs_at_tiny_sizes(tmp_path) -> None:
         timeout=600,
     )
     assert "| constant | 0 |" in out and len(list(tmp_path.glob("weight_averaging-*.json"))) == 1
+
+
+def test_dp_runs_at_tiny_sizes(tmp_path) -> None:
+    out = _run(
+        str(BENCHMARKS / "dp.py"),
+        *("--quick", "--threads", "1", "--out", str(tmp_path)),
+        timeout=600,
+    )
+    assert "| 8 | 256 | 1 |" in out and out.count("| best |") == 1
+    assert len(list(tmp_path.glob("dp-*.json"))) == 1

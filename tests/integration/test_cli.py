@@ -124,6 +124,35 @@ def test_list_names_every_registry_entry():
         assert name in res.stdout, name
 
 
+def test_list_keys_names_every_config_key_with_its_meaning():
+    import dataclasses
+
+    from cadence.config import Config
+    from cadence.config.keys import config_keys
+
+    rows = config_keys()
+    assert all(meaning for _, _, meaning in rows), [k for k, _, m in rows if not m]
+    keys = {k for k, _, _ in rows}
+    for section in dataclasses.fields(Config):
+        default = getattr(Config(), section.name)
+        names = (
+            [f.name for f in dataclasses.fields(default)]
+            if dataclasses.is_dataclass(default)
+            else []
+        )
+        for name in names:
+            assert any(
+                k == f"{section.name}.{name}" or k.startswith(f"{section.name}.{name}.")
+                for k in keys
+            )
+    res = cadence("list", "keys")
+    assert res.returncode == 0
+    flat = " ".join(res.stdout.split())
+    for key in ("privacy.target_epsilon", "privacy.max_epsilon", "batch.size", "model.peft.r"):
+        assert key in flat, key
+    assert "DP-SGD (Opacus)" in flat
+
+
 def test_help_lists_commands():
     res = cadence("--help", real=True)
     assert res.returncode == 0 and "train" in res.stdout and "list" in res.stdout

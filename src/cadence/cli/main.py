@@ -77,13 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_cooldown_parser(sub)
 
     p = sub.add_parser(
-        "list", help="list optimizers, schedules, workloads, recipes or parametrizations"
+        "list",
+        help="list optimizers, schedules, workloads, recipes, parametrizations or config keys",
     )
     p.add_argument(
         "what",
         nargs="?",
         default="all",
-        choices=["optimizers", "schedules", "workloads", "recipes", "parametrizations", "all"],
+        choices=["optimizers", "schedules", "workloads", "recipes", "parametrizations", "keys"]
+        + ["all"],
+        help="keys: every config key with its default and meaning (not part of all)",
     )
     p.set_defaults(func=cmd_list)
 
@@ -105,6 +108,16 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     from cadence.schedules.hparams import HPARAM_SCHEDULES
     from cadence.workloads import WORKLOADS
 
+    if args.what == "keys":
+        from cadence.config.keys import config_keys
+
+        table = Table(title="config keys", title_justify="left")
+        for column in ("key", "default", "meaning"):
+            table.add_column(column)
+        for key, default, meaning in config_keys():
+            table.add_row(f"[bold]{escape(key)}", escape(default), escape(meaning))
+        console.print(table)
+        return 0
     sections = {
         "optimizers": [(n, s.description) for n, s in OPTIMIZERS.items()],
         "schedules": [*SCHEDULES.items(), *HPARAM_SCHEDULES.items(), *BATCH_SCHEDULES.items()],
