@@ -231,3 +231,27 @@ def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_path, cap
     assert (part / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     a, b = (json.loads((d / "summary.json").read_text())["privacy"] for d in (whole, part))
     assert a["epsilon"] == b["epsilon"] and a["noise_multiplier"] == b["noise_multiplier"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hugging_face_models_train_privately_or_are_refused_naming_the_layer(
+    tmp_path, capsys, arch: str
+) -> None:
+    """Llama's layers all have per-example gradients; GPT-2's position embeddings get one row
+    of positions for the whole batch, so no gradient of theirs belongs to one example."""
+    from hf_models import HF_RUN, SPECS, hf_config_set
+
+    sets = [*HF_RUN, hf_config_set(SPECS[arch]), "train.max_steps=3", "optimizer.name=adamw"]
+    sets += ["privacy.enabled=true", "privacy.target_epsilon=8", "privacy.accountant=rdp"]
+    capsys.readouterr()
+    code = main(["train", *as_sets(sets), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    if arch == "llama":
+        assert code == 0, err
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["steps"] == 3 and summary["privacy"]["epsilon"] <= 8 * 1.01
+    else:
+        err = [line for line in err if not line.startswith("cadence: preparing")]
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("cadence: error: privacy.enabled: the model cannot train")
+        assert "wpe.weight" in err[0] and not (tmp_path / "run").exists()

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from cadence.config import Config, ConfigError
 from cadence.runtime.distributed import SINGLE, World, shard
 from cadence.schedules import split_micro
+from cadence.training.rng import rng_preserved
 from cadence.training.step import grad_norm_and_clip
 
 if TYPE_CHECKING:
@@ -86,6 +87,33 @@ def check_private_model(model: nn.Module) -> None:
         )
 
 
+def check_per_example_gradients(workload: Workload) -> None:
+    """Refuse a model whose per-example gradients do not split by example, found by one
+    backward on two examples: a layer fed one input for the whole batch (GPT-2's position
+    embeddings get one row of positions, broadcast) yields a gradient of batch 1 that no clip
+    can attribute. The weights, gradients and random streams are left as they were."""
+    from opacus import GradSampleModule
+
+    model = workload.model
+    hooks = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        with rng_preserved(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            workload.loss_sum(model, workload.batch(torch.arange(2))).backward()
+        for name, p in model.named_parameters():
+            sample = getattr(p, "grad_sample", None)
+            if p.requires_grad and (sample is None or sample.shape[0] != 2):
+                got = "none" if sample is None else f"a batch of {sample.shape[0]}"
+                raise ConfigError(
+                    f"privacy.enabled: the model cannot train privately: {name} gets {got} "
+                    "per-example gradients for 2 examples (a layer that shares its input "
+                    "across the batch); use a model without it or set privacy.enabled: false"
+                )
+    finally:
+        hooks.cleanup()  # removes the hooks and the per-example gradients
+        model.zero_grad(set_to_none=True)
+
+
 def resolve_privacy(cfg: Config, workload: Workload, steps: int, world: World) -> Config:
     """The config with the noise multiplier it trains with (derived from target_epsilon where
     not given), after the checks that need the built model and data; unchanged when privacy is
@@ -99,6 +127,7 @@ def resolve_privacy(cfg: Config, workload: Workload, steps: int, world: World) -
             "need whole parameters); set train.distributed: ddp"
         )
     check_private_model(workload.model)
+    check_per_example_gradients(workload)
     n, size = workload.n_train, int(cfg.batch.size)
     if size >= n:
         raise ConfigError(
