@@ -255,3 +255,15 @@ def test_hugging_face_models_train_privately_or_are_refused_naming_the_layer(
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith("cadence: error: privacy.enabled: the model cannot train")
         assert "wpe.weight" in err[0] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["find-lr", "find-batch"])
+def test_measuring_commands_refuse_a_private_config(tmp_path, capsys, command: str) -> None:
+    """Their steps would read the training data without privacy: they run on public data."""
+    capsys.readouterr()
+    sets = [*DIGITS, "privacy.target_epsilon=3"]
+    code = main([command, *as_sets(sets), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"cadence: error: privacy.enabled: {command} measures on the")
+    assert not (tmp_path / "out").exists()

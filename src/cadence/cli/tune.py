@@ -19,6 +19,7 @@ from rich.table import Table
 
 from cadence.cli.args import add_config_args
 from cadence.config import ConfigError
+from cadence.config.privacy import refuse_unaccounted
 
 __all__ = ["add_parsers", "cmd_find_batch", "cmd_find_lr", "cmd_tune"]
 
@@ -103,6 +104,7 @@ def cmd_find_lr(args: argparse.Namespace, console: Console) -> int:
     from cadence.workloads import build_workload
 
     cfg = load_config(args.config, args.overrides)
+    refuse_unaccounted(cfg, "find-lr")
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
     workload = build_workload(cfg)
@@ -151,6 +153,7 @@ def cmd_find_batch(args: argparse.Namespace, console: Console) -> int:
     from cadence.workloads import build_workload
 
     cfg = load_config(args.config, args.overrides)
+    refuse_unaccounted(cfg, "find-batch")
     if args.train_steps < 0:
         raise ConfigError(f"--train-steps: must be >= 0, got {args.train_steps}")
     workload = build_workload(cfg)

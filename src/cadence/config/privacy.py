@@ -70,3 +70,16 @@ def _check_strategy(cfg: Config) -> None:
             "train.compile: true cannot compile the per-example gradient hooks of "
             "privacy.enabled; set train.compile: false (or auto)"
         )
+
+
+def refuse_unaccounted(cfg: Config, command: str) -> None:
+    """``find-lr`` / ``find-batch`` on a private config: their steps read the training data
+    without privacy, which the run's ε would not account. They run on data one may look at
+    (public or synthetic, of the same kind) with privacy off, as DP practice has it."""
+    if cfg.privacy.enabled:
+        raise ConfigError(
+            f"privacy.enabled: {command} measures on the training data without privacy, which "
+            "the run's ε would not account; run it with privacy.enabled: false on public or "
+            "synthetic data of the same kind (another data.path), then train privately at what "
+            "it suggests"
+        )
