@@ -125,7 +125,12 @@ def _cli(tmp_path, capsys, *sets: str) -> tuple[int, list[str]]:
 
 
 def test_a_private_run_records_its_noise_and_epsilon(tmp_path, capsys) -> None:
-    code, err = _cli(tmp_path, capsys, "privacy.target_epsilon=3", "privacy.accountant=rdp")
+    """With the strategies that compose with privacy: Adam, a cosine schedule with warmup, the
+    loss-driven plateau on validation loss, and an EMA of the weights (post-processing)."""
+    sets = ("privacy.target_epsilon=3", "privacy.accountant=rdp", "optimizer.name=adamw")
+    sets += ("optimizer.lr=0.01", "schedule.name=cosine", "schedule.warmup=5")
+    sets += ("plateau.enabled=true", "train.ema=0.9")
+    code, err = _cli(tmp_path, capsys, *sets)
     assert code == 0, err
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
