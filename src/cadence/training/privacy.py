@@ -235,7 +235,9 @@ class PrivateGradients:
         for n in split_micro(len(drawn), self.cfg.batch.micro_size) if len(drawn) else []:
             micro.append(w.batch(drawn[start : start + n]))
             start += n
-        return micro, len(everyone) * max(1, w.tokens_per_sample)
+        counted = w.batch_units(everyone)  # a masked loss counts only some tokens
+        units = len(everyone) * max(1, w.tokens_per_sample) if counted is None else counted
+        return micro, max(1, units)
 
     def backward(
         self, micro_batches: Sequence[Any], units: int, step: int
@@ -277,6 +279,10 @@ class PrivateGradients:
         share = max(units, 1) / self.world.size
         mean = (total if total is not None else torch.zeros(())) / share
         return mean, norm
+
+    def close(self) -> None:
+        """The model without Opacus's hooks and per-example attributes, as it was built."""
+        self.hooks.cleanup()
 
     def epsilon(self, steps: int) -> float:
         return epsilon_after(steps, self.noise_multiplier, self.sample_rate, self.cfg)

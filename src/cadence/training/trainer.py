@@ -216,11 +216,11 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         )
 
     def close(self) -> None:
-        """Stop the background reader and undo in-place compilation (fit calls it however the
-        loop ends)."""
-        if self.prefetcher is not None:
-            self.prefetcher.close()
-        self.compiler.close()
+        """Stop the background reader, undo in-place compilation and take privacy's hooks off
+        the model (fit calls it however the loop ends)."""
+        for part in (self.prefetcher, self.privacy, self.compiler):
+            if part is not None:
+                part.close()
 
     def read(self, local_loss: Tensor, grad_norm: Tensor) -> StepRead:
         """The step's one host read, with this process's signal and time flags agreed."""
