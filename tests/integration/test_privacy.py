@@ -272,3 +272,48 @@ def test_measuring_commands_refuse_a_private_config(tmp_path, capsys, command: s
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"cadence: error: privacy.enabled: {command} measures on the")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["workload=mnist", "model.arch=cnn", "train.eval_samples=64"],  # conv, pooling, linear
+        ["workload=speech", "data.voices=2", "model.channels=[8,16]"],  # conv with GroupNorm
+    ],
+    ids=["mnist-cnn", "speech-groupnorm-cnn"],
+)
+def test_convolutional_models_train_privately(sets: list[str]) -> None:
+    cfg = parse_config(
+        None,
+        [*sets, "optimizer.name=sgd", "optimizer.lr=0.5", "batch.size=16", "train.max_steps=3"]
+        + ["train.progress=false", "privacy.enabled=true", "privacy.noise_multiplier=1.0"]
+        + [f"privacy.delta={1e-5 if 'mnist' in sets[0] else 1e-3}", "privacy.accountant=rdp"],
+    )
+    w = build_workload(cfg)
+    cfg = resolve_privacy(cfg, w, 3, SINGLE)
+    before = [p.detach().clone() for p in w.model.parameters()]
+    summary = fit(Trainer(cfg, w))
+    assert summary["steps"] == 3 and summary["privacy"]["epsilon"] > 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, w.model.parameters()))
+
+
+def test_a_users_dataset_workload_trains_privately(tmp_path) -> None:
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import cadence
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 5, generator=g), torch.randint(0, 3, (400,), generator=g)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    w = cadence.DatasetWorkload(
+        model, TensorDataset(x[:300], y[:300]), TensorDataset(x[300:], y[300:]), F.cross_entropy
+    )
+    sets = ["batch.size=32", "train.max_steps=5", "train.progress=false", "optimizer.name=sgd"]
+    sets += ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.delta=1e-3"]
+    summary = cadence.train(
+        parse_config(None, sets), run_dir=tmp_path / "run", workload=w, plots=False
+    )
+    assert summary["steps"] == 5 and summary["privacy"]["epsilon"] <= 4 * 1.01
+    assert summary["privacy"]["sample_rate"] == 32 / 300
