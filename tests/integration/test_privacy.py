@@ -312,6 +312,7 @@ def test_a_users_dataset_workload_trains_privately(tmp_path) -> None:
     )
     sets = ["batch.size=32", "train.max_steps=5", "train.progress=false", "optimizer.name=sgd"]
     sets += ["privacy.enabled=true", "privacy.target_epsilon=4", "privacy.delta=1e-3"]
+    sets += ["privacy.accountant=rdp"]
     summary = cadence.train(
         parse_config(None, sets), run_dir=tmp_path / "run", workload=w, plots=False
     )
