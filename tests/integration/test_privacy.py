@@ -15,7 +15,13 @@ from cadence.config import parse_config
 from cadence.config.horizon import horizon
 from cadence.runtime.distributed import SINGLE
 from cadence.training import Trainer, fit
-from cadence.training.privacy import PrivateGradients, epsilon_after, resolve_privacy
+from cadence.training.privacy import (
+    _NOISE,
+    PrivateGradients,
+    _generator,
+    epsilon_after,
+    resolve_privacy,
+)
 from cadence.workloads import build_workload
 from cli_helpers import as_sets
 
@@ -88,9 +94,7 @@ def test_each_example_is_clipped_then_noised_once_per_step(clipping: str) -> Non
         for s, g in zip(summed, clipped):
             s += g
     assert max(norms) <= 0.05 * (1 + 1e-5) and min(norms) > 0.04  # every example is clipped
-    gen = torch.Generator().manual_seed(
-        (cfg.train.seed * 1_000_003 + 3 * 7919 + 0x2545F4914F6CDD1D) % 2**63
-    )
+    gen = _generator(cfg.train.seed, 3, _NOISE)  # the generator step 3's noise comes from
     for p, s, g in zip(priv.params, summed, got):
         noise = torch.normal(0, 0.7 * 0.05, size=p.shape, generator=gen)
         torch.testing.assert_close(g, (s + noise) / 64, rtol=1e-5, atol=1e-7)

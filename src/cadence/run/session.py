@@ -103,7 +103,7 @@ def train(
             # privacy: the checks on the built model and the noise multiplier it will use
             if cfg.privacy.enabled:
                 holder["private"] = resolve_privacy(cfg, w, ahead.steps, world)
-            plan_pilot(cfg, holder["w"])
+            plan_pilot(cfg, w)
             prepare_run_dir(run_dir)
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:

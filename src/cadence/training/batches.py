@@ -33,20 +33,34 @@ def global_batch(
     Every rank draws the same global batch and keeps its contiguous share: the data order, and
     so the run, do not depend on the number of processes.
     """
-    everyone = sampler.indices(position, size)
+    return share_of(workload, sampler.indices(position, size), world, micro_size, pad_to=size)
+
+
+def share_of(
+    workload: Workload,
+    everyone: torch.Tensor,
+    world: World,
+    micro_size: int | None,
+    pad_to: int | None = None,
+) -> tuple[list[Any], int]:
+    """This process's contiguous share of the global batch ``everyone`` (sample indices, the
+    same on every rank) as micro-batches of at most ``micro_size``, and the global batch's loss
+    units. ``pad_to`` (the global batch size) pads a smaller share with empty micro-batches
+    under torch.distributed; a batch with no collective in its forward passes None."""
     indices = distributed.shard(everyone, world)
-    sizes = split_micro(len(indices), micro_size)
-    if world.active:
+    sizes = split_micro(len(indices), micro_size) if len(indices) else []
+    if world.active and pad_to is not None:
         # Every rank must run as many forward/backward passes as the one with the largest
         # share (DDP broadcasts buffers and FSDP2 gathers parameters in each forward): a
         # smaller share is padded with empty micro-batches, which add nothing to the loss.
-        most = split_micro(-(-size // world.size), micro_size)
+        most = split_micro(-(-pad_to // world.size), micro_size)
         sizes += [0] * (len(most) - len(sizes))
     micro, start = [], 0
     for n in sizes:
         micro.append(workload.batch(indices[start : start + n]))
         start += n
     counted = workload.batch_units(everyone)  # a masked loss counts only some tokens
+    size = len(everyone)
     units = size * max(1, workload.tokens_per_sample) if counted is None else max(1, counted)
     return micro, units
 

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from cadence.config import Config, ConfigError
-from cadence.runtime.distributed import SINGLE, World, shard
-from cadence.schedules import split_micro
+from cadence.runtime.distributed import SINGLE, World
+from cadence.training.batches import share_of
 from cadence.training.rng import rng_preserved
 from cadence.training.step import grad_norm_and_clip
 
@@ -229,15 +229,9 @@ class PrivateGradients:
 
     def batches(self, step: int) -> tuple[list[Any], int]:
         """Step ``step``'s draw as micro-batches (batch.micro_size), and its loss units."""
-        everyone, w = self.draw(step), self.workload
-        drawn = shard(everyone, self.world)  # this process's contiguous share of the draw
-        micro, start = [], 0
-        for n in split_micro(len(drawn), self.cfg.batch.micro_size) if len(drawn) else []:
-            micro.append(w.batch(drawn[start : start + n]))
-            start += n
-        counted = w.batch_units(everyone)  # a masked loss counts only some tokens
-        units = len(everyone) * max(1, w.tokens_per_sample) if counted is None else counted
-        return micro, max(1, units)
+        # no padding across ranks: the model is called outside DDP, so no forward is collective
+        micro_size = self.cfg.batch.micro_size
+        return share_of(self.workload, self.draw(step), self.world, micro_size, pad_to=None)
 
     def backward(
         self, micro_batches: Sequence[Any], units: int, step: int
