@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_model
 
-from cli_helpers import as_sets, cadence_cmd, cli_env
+from cadence.cli import main as cadence_main
+from cli_helpers import Forked, ForkedCLI, as_sets
 
 from .conftest import (
     DIGITS,
@@ -241,14 +242,8 @@ def test_killed_rank_fails_the_run_instead_of_hanging(tmp_path: Path) -> None:
         *LM, "train.max_steps=100000", "train.eval_every=1000", "train.dist_timeout_s=20",
         "train.compile=false",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cadence_cmd("train", *as_sets(cfg), "--run-dir", str(run_dir), "--nproc", "2"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        start_new_session=True,
-    )
+    # forked from this process (its own process group, as a new session would be)
+    proc = ForkedCLI("train", *as_sets(cfg), "--run-dir", str(run_dir), "--nproc", "2")
     try:
         deadline = time.monotonic() + 120
         workers: list[int] = []
@@ -290,14 +285,18 @@ def _state(pid: int) -> str:
 
 def test_bad_config_fails_once_before_launching(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cmd = cadence_cmd(
-        "train", *as_sets([*LM, "optimizer.lr=-1"]), "--run-dir", str(run_dir), "--nproc", "2"
-    )
-    # without OMP_NUM_THREADS (tests/conftest.py sets it), so torchrun would warn that it sets it
-    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    args = ["train", *as_sets([*LM, "optimizer.lr=-1"]), "--run-dir", str(run_dir), "--nproc", "2"]
+
+    def without_omp_setting() -> int:
+        # without OMP_NUM_THREADS (tests/conftest.py sets it), so torchrun would warn that it
+        # sets it
+        os.environ.pop("OMP_NUM_THREADS", None)
+        return cadence_main(args)
+
+    proc = Forked(without_omp_setting)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cadence: error: optimizer.lr"), proc.stderr
-    assert "OMP_NUM_THREADS" not in proc.stdout + proc.stderr  # torchrun never started
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cadence: error: optimizer.lr"), stderr
+    assert "OMP_NUM_THREADS" not in stdout + stderr  # torchrun never started
     assert not run_dir.exists()

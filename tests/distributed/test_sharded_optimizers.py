@@ -11,23 +11,17 @@ gathered tensors (cadence.optim.sharded). Parameters must be *equal*, not close,
 from __future__ import annotations
 
 import copy
-import os
-import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cadence.cli.launch import launch
 from cadence.models import GPT, GPTConfig
 from cadence.optim import OPTIMIZERS, build_optimizer
 from cadence.optim.sharded import ShardedMuon, is_sharded
 from cadence.runtime.distributed import World, wrap
-
-try:
-    from .conftest import run
-except ImportError:  # run by torchrun as a script: the worker needs no test helpers
-    run = None  # type: ignore[assignment]
 
 # d_model 24 and vocab 67: most matrices have a row count that two ranks split unevenly.
 CONFIG = GPTConfig(vocab_size=67, seq_len=8, n_layer=2, n_head=2, d_model=24)
@@ -42,7 +36,7 @@ def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _worker() -> None:
-    """One rank's part, run under torchrun (python -m torch.distributed.run THIS_FILE)."""
+    """One rank's part."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -83,22 +77,15 @@ def _worker() -> None:
         dist.destroy_process_group()
 
 
-def test_every_optimizer_on_fsdp2_shards_equals_it_on_whole_tensors() -> None:
-    # torchrun, like the trainer's own launches (a spawn()ed gloo pair aborted once under load).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    run([*cmd, __file__], timeout=300)
-
-
-if __name__ == "__main__":
+def _rank(argv: list[str]) -> None:
+    """A rank's entry point for cadence's launcher (which passes the argument list)."""
     _worker()
-    # Every check has run and the process group is destroyed. About one exit in five then
-    # aborts in a C++ destructor ("terminate called without an active exception", no Python
-    # frame; seen 2026-12-04 on torch 2.13.0+cpu, gloo, both ranks past their last line), which
-    # torchrun reports as a failed rank. Skip the interpreter's teardown; a failed check above
-    # still raises before this line and fails the run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+
+
+def test_every_optimizer_on_fsdp2_shards_equals_it_on_whole_tensors() -> None:
+    # torchrun's own agent and rendezvous, as `cadence train --nproc 2` launches them: the ranks
+    # are forked from this process (a failed check is a rank's traceback and a non-zero status)
+    assert launch(2, [], _rank) == 0
 
 
 def test_orthogonalising_shards_separately_would_differ() -> None:

@@ -74,6 +74,23 @@ def test_onnx_export_transcribes_like_pytorch(asr_run: Path, tmp_path: Path) -> 
     assert manifest["output"]["name"] == "log_probs"
     q = result.quantization
     assert q is not None and q["val_cer_fp32"] < 0.5 and abs(q["val_cer_change"]) < 0.1
+    # beyond the export's own check (two batch sizes, two clip lengths): lengths that no
+    # convolution stride divides, long and short, at a third batch size
+    import onnxruntime as ort
+
+    from cadence.deploy.rundir import load_run
+
+    model = load_run(asr_run).model
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    gen = torch.Generator().manual_seed(5)
+    for batch, samples in [(2, 3 * 16000 + 123), (4, 16000 // 2 + 1)]:
+        audio = 0.1 * torch.randn(batch, samples, generator=gen)
+        got = session.run(None, {"inputs": audio.numpy()})[0]
+        with torch.no_grad():
+            want = model(audio).numpy()
+        frames = int(model.output_lengths(torch.tensor([samples]))[0])
+        assert got.shape == want.shape == (batch, frames, want.shape[-1])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 def test_serve_transcribes_a_wav_upload(asr_run: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import save_model
 
 import cadence
 from cadence.config import ConfigError, dump_config
-from cadence.deploy.export import ONNX_TOLERANCE, export_run, random_inputs
+from cadence.deploy.export import ONNX_TOLERANCE, ExportResult, export_run, random_inputs
 from cadence.deploy.rundir import load_run
 from cadence.models.generate import SamplingParams, generate
 from cadence.workloads import build_model
@@ -112,10 +112,20 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def test_onnx_export_of_gpt_matches_pytorch_with_dynamic_axes(lm_run: Path, tmp_path: Path) -> None:
-    result = export_run(lm_run, "onnx", tmp_path / "onnx")
+@pytest.fixture(scope="module")
+def lm_onnx(lm_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
+    """The GPT's ONNX export with its int8 graph (the fp32 graph is the same either way); an
+    export traces the model through torch.export, seconds that two tests need not pay twice."""
+    out = tmp_path_factory.mktemp("deploy") / "onnx"
+    return out, export_run(lm_run, "onnx", out, quantize="int8")
+
+
+def test_onnx_export_of_gpt_matches_pytorch_with_dynamic_axes(
+    lm_run: Path, lm_onnx: tuple[Path, ExportResult]
+) -> None:
+    out, result = lm_onnx
     assert result.max_abs_diff < ONNX_TOLERANCE
-    session = _session(tmp_path / "onnx" / "model.onnx")
+    session = _session(out / "model.onnx")
     (inp,) = session.get_inputs()
     assert inp.name == "idx" and inp.shape == ["batch", "seq"]
     run = load_run(lm_run)
@@ -146,13 +156,14 @@ def test_onnx_export_of_cnn_with_int8_quantisation(cnn_run: Path, tmp_path: Path
 
 
 def test_int8_export_of_gpt_scores_both_graphs_on_validation_windows(
-    lm_run: Path, tmp_path: Path
+    lm_run: Path, lm_onnx: tuple[Path, ExportResult]
 ) -> None:
     """A language model's quality under int8 is its validation loss; the fp32 graph's is the
     PyTorch model's own on the same windows."""
     from cadence.workloads import build_workload
 
-    q = export_run(lm_run, "onnx", tmp_path / "onnx", quantize="int8").quantization
+    out, result = lm_onnx
+    q = result.quantization
     assert q is not None and "val_accuracy_change" not in q
     run = load_run(lm_run)
     run.config.train.device = "cpu"
@@ -162,7 +173,7 @@ def test_int8_export_of_gpt_scores_both_graphs_on_validation_windows(
     ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), blocks[:, 1:].flatten())
     assert abs(q["val_loss_fp32"] - float(ref)) < 1e-4
     assert q["val_loss_change"] == q["val_loss_int8"] - q["val_loss_fp32"]
-    manifest = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    manifest = json.loads((out / "export.json").read_text())
     assert manifest["kind"] == "lm" and manifest["input"]["name"] == "idx"
 
 

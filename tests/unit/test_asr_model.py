@@ -12,7 +12,6 @@ import random
 from collections.abc import Iterator
 from functools import cache
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from cadence.models.asr import (
     greedy_decode,
 )
 from cadence.models.audio import SpeechCNN, normalise_utterance
-from onnx_helpers import onnx_export
 
 SR = 16000
 VOCAB = len(ALPHABET) + 1
@@ -303,24 +301,3 @@ def test_overfits_tone_sequences_to_zero_cer() -> None:
     hyps = [decode_ids(ids) for ids in greedy_decode(lp, lengths)]
     assert hyps == texts, f"loss {loss.item():.3f}"
     assert cer(hyps, texts) == 0.0
-
-
-def test_onnx_export_with_dynamic_batch_and_samples(tmp_path) -> None:
-    import onnxruntime as ort
-    from torch.export import Dim
-
-    torch.manual_seed(0)
-    model = SpeechCTC(dim=32, layers=2).eval()
-    path = tmp_path / "asr.onnx"
-    dims = {0: Dim("batch", min=1, max=64), 1: Dim("samples", min=SR // 2, max=10 * SR)}
-    onnx_export(model, torch.randn(2, 2 * SR), path, dynamic_shapes=(dims,))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(5)
-    for batch, samples in [(1, SR), (3, 3 * SR + 123), (2, SR // 2 + 1)]:
-        audio = torch.randn(batch, samples, generator=gen)
-        got = session.run(None, {session.get_inputs()[0].name: audio.numpy()})[0]
-        with torch.no_grad():
-            want = model(audio).numpy()
-        frames = int(model.output_lengths(torch.tensor([samples]))[0])
-        assert got.shape == want.shape == (batch, frames, VOCAB)
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)

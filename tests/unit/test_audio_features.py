@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from cadence.models.audio import LogMel, SpecAugment, SpeechCNN, mel_filterbank
-from onnx_helpers import onnx_export
 
 SR, N_FFT, WIN, HOP, N_MELS, F_MIN = 16000, 512, 400, 160, 40, 20.0
 
@@ -166,25 +165,6 @@ def test_logmel_stays_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(out, m(audio))
 
 
-def test_logmel_onnx_export_with_dynamic_batch_and_length(tmp_path) -> None:
-    """torch.stft lowers to ONNX STFT; the graph must hold at lengths it was not traced at."""
-    import onnxruntime as ort
-    from torch.export import Dim
-
-    m = LogMel().eval()
-    path = tmp_path / "logmel.onnx"
-    dims = {0: Dim("batch", min=1, max=64), 1: Dim("time", min=SR, max=10 * SR)}
-    onnx_export(m, torch.randn(2, SR), path, dynamic_shapes=(dims,))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    gen = torch.Generator().manual_seed(3)
-    for batch, num_samples in [(1, SR), (3, SR + 4321), (2, 3 * SR)]:
-        audio = torch.randn(batch, num_samples, generator=gen)
-        got = session.run(None, {session.get_inputs()[0].name: audio.numpy()})[0]
-        want = m(audio).numpy()
-        assert got.shape == want.shape == (batch, N_MELS, 1 + num_samples // HOP)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
 # --- SpecAugment ----------------------------------------------------------------------------
 
 
@@ -288,27 +268,6 @@ def test_speechcnn_gradients_reach_every_parameter() -> None:
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-
-
-def test_speechcnn_onnx_export_matches_torch(tmp_path) -> None:
-    import onnxruntime as ort
-
-    torch.manual_seed(0)
-    model = SpeechCNN(n_classes=4, channels=(8, 16, 32)).eval()
-    # Non-trivial BN statistics, so the export is checked on more than the identity.
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(2, SR)
-    path = tmp_path / "speech.onnx"
-    onnx_export(model, x, path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probe = torch.randn(2, SR, generator=torch.Generator().manual_seed(7))  # not the trace input
-    got = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
-    with torch.no_grad():
-        want = model(probe).numpy()
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 def _eval_accuracy_with_precise_bn(model: SpeechCNN, audio: torch.Tensor, labels) -> float:

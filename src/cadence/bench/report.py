@@ -189,8 +189,11 @@ def _series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float]
 
 
 def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes. Its callers lay it out with tight_layout, so the save does not
+    ask for bbox_inches="tight" too: that draws the whole figure once more only to crop a
+    margin tight_layout has already trimmed (a sixth of the report's drawing time)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
 
