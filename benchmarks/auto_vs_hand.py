@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here")
     args = ap.parse_args(argv)
     root = args.out or Path(tempfile.mkdtemp(prefix="auto-vs-hand-"))
+    root.mkdir(parents=True, exist_ok=True)
     load = [loadavg()]
     cases = [
         (c, s, int(b), [*corpus_sets(c, root), *SIZES[s], f"train.max_tokens={b}"])
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.budgets.split(",")
     ]
     if args.hf:
-        cases.append(("code", "hf-llama", int(args.budgets.split(",")[0]), hf_sets(root)))
+        budget = int(args.budgets.split(",")[0])
+        cases.append(("code", "hf-llama", budget, [*hf_sets(root), f"train.max_tokens={budget}"]))
     table, ratios = [], {"default": [], "auto": []}
     for corpus, size, budget, sets in cases:
         sets = [*sets, f"train.eval_every={args.eval_every}"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import types
+from typing import cast
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from trainer_helpers import TINY
 import cadence
 from cadence.cli import main
 from cadence.config import parse_config
-from cadence.tune.auto_recipe import MIN_STEPS, choose_auto
+from cadence.tune.auto_recipe import MIN_STEPS, PEAK_DIVISOR, choose_auto, peak_lr
+from cadence.tune.lr_finder import LRFindResult
 from cadence.workloads import build_workload
 from cli_helpers import as_sets
 
@@ -65,8 +68,23 @@ def test_an_auto_run_decides_pays_for_its_pilot_and_writes_it_down(make_config, 
     assert summary["auto"]["batch.size"] == size and summary["auto"]["pilot"] == pilot
     assert json.loads((run_dir / "summary.json").read_text())["auto"] == summary["auto"]
     assert (run_dir / "lr_find.json").is_file()
+    # the peak LR of this annealed (WSD) run: two thirds of the LR at the loss minimum of the
+    # range test at the chosen batch
+    at_size = record["measured"]["lr_range_test_chosen_batch"]
+    assert at_size["batch"] == size
+    assert decided["optimizer.lr"] == at_size["min_loss_lr"] / PEAK_DIVISOR
     # a resume reads config.yaml, where nothing is auto any more: nothing is decided again
     assert choose_auto(saved, None) == (saved, None)  # type: ignore[arg-type]
+
+
+def test_the_peak_lr_is_near_the_edge_only_where_the_schedule_anneals(make_config) -> None:
+    # a range test's result, as far as the rule reads it
+    found = cast(LRFindResult, types.SimpleNamespace(suggestion=0.001, min_loss_lr=0.03))
+    for name in ("cosine", "wsd", "linear"):
+        lr, why = peak_lr(make_config("lm", f"schedule.name={name}"), found)
+        assert lr == 0.03 / PEAK_DIVISOR and name in why
+    for name in ("constant", "step"):
+        assert peak_lr(make_config("lm", f"schedule.name={name}"), found)[0] == 0.001
 
 
 def test_the_pilot_leaves_the_weights_and_random_streams_as_they_were(make_config):

@@ -189,10 +189,11 @@ def resume_config(
         cfg = config
     else:
         cfg = load_config(config if config is not None else saved_path, overrides)
+    before = flatten(saved.to_dict())
     changed = sorted(
         k
         for k, v in flatten(cfg.to_dict()).items()
-        if flatten(saved.to_dict()).get(k) != v and k not in RESUMABLE_KEYS
+        if before.get(k) != v and k not in RESUMABLE_KEYS
     )
     if changed:
         raise ConfigError(
