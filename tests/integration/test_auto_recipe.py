@@ -73,6 +73,11 @@ def test_an_auto_run_decides_pays_for_its_pilot_and_writes_it_down(make_config, 
     at_size = record["measured"]["lr_range_test_chosen_batch"]
     assert at_size["batch"] == size
     assert decided["optimizer.lr"] == at_size["min_loss_lr"] / PEAK_DIVISOR
+    # whose ramp spans a decade either side of the small batch's loss-minimum LR
+    small = record["measured"]["lr_range_test_small_batch"]["min_loss_lr"]
+    ramp = json.loads((run_dir / "lr_find.json").read_text())["settings"]
+    assert ramp["min_lr"] == pytest.approx(small / 10) and ramp["batch_size"] == size
+    assert ramp["max_lr"] == pytest.approx(small * 10)
     # a resume reads config.yaml, where nothing is auto any more: nothing is decided again
     assert choose_auto(saved, None) == (saved, None)  # type: ignore[arg-type]
 
