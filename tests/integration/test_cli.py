@@ -147,6 +147,9 @@ def test_list_keys_names_every_config_key_with_its_meaning():
             )
     res = cadence("list", "keys")
     assert res.returncode == 0
+    lines = res.stdout.splitlines()  # a pipe: rich's 80 columns
+    missing = [k for k in keys if not any(f" {k} " in line for line in lines)]
+    assert not missing, missing  # every key whole on a line, never cut short
     flat = " ".join(res.stdout.split())
     for key in ("privacy.target_epsilon", "privacy.max_epsilon", "batch.size", "model.peft.r"):
         assert key in flat, key
