@@ -14,8 +14,8 @@ The batch comes from a pilot on the user's own model and data, within ``batch.pi
    only grows), never so large that the budget leaves fewer than :data:`MIN_STEPS` optimizer
    steps (a run of a few steps cannot warm up, decay or average) nor that the pilot's share
    cannot hold a range test at it, in whole micro-batches;
-5. the peak LR for that batch: a range test at it, on a narrow ramp around the small batch's
-   LR, when the pilot's share still holds one; else the small batch's LR moved by a scaling rule
+5. the peak LR for that batch: a range test at it, on a ramp a decade either side of the small
+   batch's loss-minimum LR, when the pilot's share still holds one; else the small batch's LR moved by a scaling rule
    (square root for Adam-like updates, Malladi et al. 2022; McCandlish's
    ``eps_max / (1 + B_noise / B)`` for SGD). From a range test, an annealed schedule's peak is
    two thirds of the loss minimum's LR, a constant LR the test's cautious suggestion
