@@ -111,13 +111,14 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     if args.what == "keys":
         from cadence.config.keys import config_keys
 
+        rows = config_keys()
         table = Table(title="config keys", title_justify="left")
         # the key whole on one line, however narrow the terminal (or a pipe's 80 columns): it
         # is what a user copies into --set or greps for; the meaning wraps instead
-        table.add_column("key", no_wrap=True, min_width=max(len(k) for k, _, _ in config_keys()))
+        table.add_column("key", no_wrap=True, min_width=max(len(k) for k, _, _ in rows))
         table.add_column("default")
         table.add_column("meaning")
-        for key, default, meaning in config_keys():
+        for key, default, meaning in rows:
             table.add_row(f"[bold]{escape(key)}", escape(default), escape(meaning))
         console.print(table)
         return 0

@@ -2,6 +2,7 @@
 
 from cadence.schedules.batch import LR_SCALING_RULES, AutoBatchRamp, BatchRamp, split_micro
 from cadence.schedules.lr import (
+    ANNEALING,
     SCHEDULES,
     Schedule,
     build_schedule,
@@ -23,6 +24,7 @@ from cadence.schedules.plateau import EMASmoother, Plateau
 
 __all__ = [
     "LR_SCALING_RULES",
+    "ANNEALING",
     "SCHEDULES",
     "AutoBatchRamp",
     "BatchRamp",

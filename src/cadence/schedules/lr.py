@@ -49,6 +49,7 @@ from cadence.schedules.checks import (
 from cadence.schedules.compose import _with_warmup, join, warmup
 
 __all__ = [
+    "ANNEALING",
     "SCHEDULES",
     "Schedule",
     "build_schedule",
@@ -81,6 +82,10 @@ SCHEDULES: dict[str, str] = {
     "(or decay_steps)",
 }
 
+# The bodies shaped by the run's horizon: they anneal the LR to the end of the run (build_schedule
+# ends them exactly at total_steps). The rest hold or decay by step counts of their own.
+ANNEALING = frozenset({"linear", "cosine", "polynomial", "onecycle", "wsd"})
+
 
 def build_schedule(
     name: str,
@@ -102,8 +107,8 @@ def build_schedule(
     """Build the named schedule from config values, with ``warmup`` linear steps in front.
 
     The body runs on its own clock that starts after warmup and spans
-    ``total_steps - warmup`` steps, so horizon-based bodies (cosine, linear, polynomial, wsd,
-    onecycle) end exactly at ``total_steps``. Step-count parameters (``step_size``,
+    ``total_steps - warmup`` steps, so horizon-based bodies (:data:`ANNEALING`) end exactly at
+    ``total_steps``. Step-count parameters (``step_size``,
     ``milestones``, ``every``, ``timescale``) are likewise counted from the end of warmup.
 
     Defaults: ``step_size=None`` means ``max(1, total_steps // 3)`` (three decays per run, as in

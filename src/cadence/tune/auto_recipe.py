@@ -15,11 +15,11 @@ The batch comes from a pilot on the user's own model and data, within ``batch.pi
    steps (a run of a few steps cannot warm up, decay or average) nor that the pilot's share
    cannot hold a range test at it, in whole micro-batches;
 5. the peak LR for that batch: a range test at it, on a ramp a decade either side of the small
-   batch's loss-minimum LR, when the pilot's share still holds one; else the small batch's LR moved by a scaling rule
-   (square root for Adam-like updates, Malladi et al. 2022; McCandlish's
-   ``eps_max / (1 + B_noise / B)`` for SGD). From a range test, an annealed schedule's peak is
-   two thirds of the loss minimum's LR, a constant LR the test's cautious suggestion
-   (:func:`peak_lr`).
+   batch's loss-minimum LR, when the pilot's share still holds one; else the small batch's
+   peak moved by a scaling rule (square root for Adam-like updates, Malladi et al. 2022;
+   McCandlish's ``eps_max / (1 + B_noise / B)`` for SGD). From a range test, an annealed
+   schedule's peak is two thirds of the loss minimum's LR, a constant LR the test's cautious
+   suggestion (:func:`peak_lr`).
 
 The weights and every random stream are put back after the pilot, so the run starts where it
 would have. ``schedule.warmup: auto`` is ``2 / (1 - beta2)`` steps for optimizers with a second
@@ -43,6 +43,7 @@ from cadence.config.horizon import horizon
 from cadence.config.schema import PILOT_BATCH
 from cadence.io import atomic_write_json
 from cadence.optim import OPTIMIZERS
+from cadence.schedules import ANNEALING
 from cadence.training.rng import rng_preserved
 from cadence.tune.lr_finder import LRFindResult, lr_range_test, write_lr_find
 from cadence.tune.noise_scale import estimate_noise_scale, lr_for_batch, train_first
@@ -62,9 +63,6 @@ __all__ = [
 ]
 
 MIN_STEPS = 100  # the fewest optimizer steps batch.size: auto leaves the run
-# Schedules that anneal the LR to the end of the run: their peak may sit closer to the range
-# test's edge than a constant LR can (see peak_lr).
-ANNEALING = frozenset({"linear", "cosine", "polynomial", "onecycle", "wsd"})
 PEAK_DIVISOR = 1.5  # an annealed run's peak LR: the range test's loss-minimum LR over this
 WARMUP_CAP = 0.1  # schedule.warmup: auto is at most this share of the run
 LR_STEPS = (10, 40)  # the pilot's range tests: fewest and most steps
@@ -287,6 +285,7 @@ def choose_auto(
         )
         decided["batch.size"] = size
         if o.lr == "auto":
+            assert lr_result is not None  # o.lr == "auto": the small batch's test ran
             steps = min(LR_STEPS[1], (plan.allowance - spent) // size)
             if steps >= LR_STEPS[0]:
                 # a decade either side of the small batch's loss-minimum LR: the larger batch
@@ -294,7 +293,6 @@ def choose_auto(
                 # the steps where it matters, and the minimum the peak is taken from lies
                 # inside the ramp, not at its end (a ramp that stops while the loss still
                 # falls reports its last LR as the minimum)
-                assert lr_result is not None  # o.lr == "auto": the small batch's test ran
                 low, high = lr_result.min_loss_lr / 10, lr_result.min_loss_lr * 10
                 second = _range_test(cfg, workload, size, steps, min_lr=low, max_lr=high)
                 decided["optimizer.lr"], rule = peak_lr(cfg, second)
@@ -306,7 +304,6 @@ def choose_auto(
                 measured["lr_range_test_chosen_batch"] = _range_summary(second, size)
                 lr_result = second
             else:
-                assert lr_result is not None  # o.lr == "auto": the small batch's test ran
                 peak, rule = peak_lr(cfg, lr_result)
                 decided["optimizer.lr"], scaled = _scaled_lr(
                     cfg, peak, plan.batch, size, est.b_simple
@@ -364,8 +361,8 @@ def peak_lr(cfg: Config, result: LRFindResult) -> tuple[float, str]:
     """
     if cfg.schedule.name in ANNEALING:
         return result.min_loss_lr / PEAK_DIVISOR, (
-            f"two thirds of the LR at its loss minimum ({result.min_loss_lr:.3g}), the peak of "
-            f"an annealed {cfg.schedule.name} schedule"
+            f"the LR at its loss minimum ({result.min_loss_lr:.3g}) / {PEAK_DIVISOR:g}, the peak "
+            f"of an annealed {cfg.schedule.name} schedule"
         )
     return result.suggestion, "its suggestion, for a schedule that does not anneal"
 
