@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cadence.config import ConfigError
-from cadence.training.stopping import StopReason
+from cadence.training.stopping import StopKind, StopReason
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -90,6 +90,14 @@ def report(summary: dict, console: Console) -> int:
             file=sys.stderr,
         )
         return 143 if reason.detail == "SIGTERM" else 130
+    if reason is not None and reason.kind is StopKind.SPIKE:
+        print(
+            f"cadence: error: training stopped: {reason}; the last good state is checkpointed "
+            f"in {summary['run_dir']}/checkpoints. Try a lower optimizer.lr or "
+            "train.clip_grad_norm; `cadence inspect` shows which layer moved first",
+            file=sys.stderr,
+        )
+        return 1
     if reason is not None and reason.failed:
         print(
             f"cadence: error: training stopped: {reason} (loss or gradient not finite); the last "

@@ -127,6 +127,18 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
+    # a loss spike: a training loss spike_z robust deviations (median, MAD) above the last
+    # spike_window losses; off | warn (record it) | skip (drop that update) | rollback (reload
+    # the newest checkpoint, skip the data since it, LR x rollback_lr_factor)
+    on_spike: Literal["off", "warn", "skip", "rollback"] = "off"
+    spike_z: float = 6.0  # how many robust deviations above the median make a spike
+    spike_window: int = 100  # recent losses the median and MAD are taken over
+    skip_samples: list[list[int]] | None = None  # data windows [start, end) (sample positions)
+    # the run jumps over, as a rollback after a spike does (e.g. [[38400, 39744]])
+    inspect_every: int | None = None  # per-layer health every N steps (inspect.jsonl; null = off)
+    sharpness_every: int | None = (
+        None  # the loss Hessian's top eigenvalue every N steps (null = off)
+    )
     compile: bool | Literal["auto"] = "auto"  # torch.compile per block; auto = where it pays
     # (Transformer blocks, >= 1000 steps, a C++ compiler on CPU; not under FSDP)
     prefetch: bool | None = None  # read the next batch in the background (null = on CUDA for

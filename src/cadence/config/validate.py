@@ -29,7 +29,7 @@ from cadence.config.parts import (
     seq_len_schedule_from,
 )
 from cadence.config.privacy import check_privacy
-from cadence.config.schema import PILOT_BATCH, Config, ConfigError, ConfigWarning
+from cadence.config.schema import PILOT_BATCH, Config, ConfigError, ConfigWarning, TrainConfig
 from cadence.data.checks import (
     check_max_bytes,
     check_text_path,
@@ -333,6 +333,29 @@ def _check_batch(cfg: Config) -> None:
     )
 
 
+def _check_inspection(t: TrainConfig) -> None:
+    """inspect_every, sharpness_every, the spike policy and skipped data windows."""
+    for key in ("inspect_every", "sharpness_every"):
+        v = getattr(t, key)
+        _check(v is None or v >= 1, f"train.{key}: must be >= 1 (steps) or null, got {v}")
+    _check(t.spike_z > 0, f"train.spike_z: must be > 0, got {t.spike_z}")
+    _check(t.spike_window >= 5, f"train.spike_window: must be >= 5 losses, got {t.spike_window}")
+    _check(
+        t.on_spike != "rollback" or t.checkpoint_every is not None,
+        "train.on_spike: rollback needs train.checkpoint_every (a checkpoint to go back to)",
+    )
+    for w in t.skip_samples or ():
+        _check(
+            len(w) == 2 and 0 <= w[0] < w[1],
+            f"train.skip_samples: each window is [start, end) with 0 <= start < end, got {w}",
+        )
+    _check(
+        t.sharpness_every is None or (t.compile is not True and t.distributed != "fsdp"),
+        "train.sharpness_every: Hessian-vector products need eager, whole-tensor models; set "
+        "train.compile=false and train.distributed=ddp, or remove train.sharpness_every",
+    )
+
+
 def _check_train(cfg: Config) -> None:
     t = cfg.train
     for key in ("max_samples", "max_tokens", "max_time_s", "eval_samples", "checkpoint_every"):
@@ -349,6 +372,7 @@ def _check_train(cfg: Config) -> None:
         t.on_nonfinite != "rollback" or t.checkpoint_every is not None,
         "train.on_nonfinite: rollback needs train.checkpoint_every (a checkpoint to go back to)",
     )
+    _check_inspection(t)
     _check(t.eval_every >= 1, f"train.eval_every: must be >= 1, got {t.eval_every}")
     _check(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     _check(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,12 +218,7 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k, v = self._heads(x, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(
                 q,
@@ -240,6 +236,33 @@ class CausalSelfAttention(nn.Module):
             )
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.proj(y)
+
+    def _heads(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v as [batch, head, time, head_dim]."""
+        b, t, c = x.shape
+        q, k, v = (
+            z.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+            for z in self.qkv(x).split(c, dim=2)
+        )
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attention_entropy(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest: Any
+    ) -> torch.Tensor:
+        """Mean entropy (nats) of this layer's attention rows, for forward's arguments (``rest``:
+        cache, layer, start_pos, mask). Fused attention never forms the probabilities, so
+        ``train.inspect_every`` asks here, on inspected steps only: heads collapsing onto one
+        token show as entropy near 0."""
+        t = x.shape[1]
+        q, k, _ = self._heads(x, cos, sin)
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        scores = (q @ k.transpose(-2, -1)).float() * scale
+        mask = rest[3] if len(rest) > 3 and rest[3] is not None else None
+        allowed = mask if mask is not None else torch.ones(t, t, dtype=torch.bool).tril()
+        p = scores.masked_fill(~allowed.to(scores.device), float("-inf")).softmax(-1)
+        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
 
 
 class MLPBlock(nn.Module):

@@ -35,7 +35,7 @@ from cadence.runtime.distributed import (
     shutdown,
 )
 from cadence.runtime.events import Callback
-from cadence.track.metrics import MetricsWriter
+from cadence.track.metrics import InspectWriter, MetricsWriter
 from cadence.track.progress import ProgressBar
 from cadence.track.tensorboard import TensorBoardLogger
 from cadence.training.checkpoint import CheckpointError, agreed, latest_valid, restore
@@ -262,6 +262,8 @@ def run_callbacks(
         every = t.noise_scale_every or t.eval_every
         cbs.append(NoiseScaleMonitor(every=every))  # writes noise_scale.jsonl on rank 0
     if world.is_main:
+        if t.inspect_every:
+            cbs.append(InspectWriter(run_dir / "inspect.jsonl"))
         cbs.append(TensorBoardLogger(run_dir / "tensorboard"))
         if t.progress:
             cbs.append(ProgressBar(steps))

@@ -66,6 +66,9 @@ class TrainerView(Protocol):
     @property
     def stopping(self) -> bool: ...  # a stop reason is set: the loop ends after this step
 
+    @property
+    def inspection(self) -> dict[str, Any] | None: ...  # this step's per-layer health record
+
     def batch_size(self) -> int: ...  # the global batch, in samples, of the current step
 
     def log_metrics(self, values: dict[str, Any]) -> None: ...  # add to this step's metrics row

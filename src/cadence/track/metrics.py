@@ -15,6 +15,8 @@ def _clean(value: Any) -> Any:
     # JSON has no NaN/inf; a diverged run still writes valid lines (as null).
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
     return value
 
 
@@ -66,3 +68,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 raise
             # The last append was torn by a crash; a resumed run logs that step again.
     return rows
+
+
+class InspectWriter(MetricsWriter):
+    """inspect.jsonl (``train.inspect_every``): one record per inspected step, ``{"step": N,
+    "layers": {group: {stat: value}}}``, kept in step with rollbacks and resumes as
+    metrics.jsonl is."""
+
+    def on_log(self, trainer: TrainerView, row: dict[str, Any]) -> None:
+        pass  # its records come from the steps, not the metrics rows
+
+    def on_step(self, trainer: TrainerView) -> None:
+        if trainer.inspection is not None:
+            super().on_log(trainer, trainer.inspection)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cadence.runtime.events import Callback, TrainerView
 
@@ -36,6 +39,22 @@ class TensorBoardLogger(Callback):
             if key not in _SKIP and isinstance(value, (int, float)):
                 group = "val" if key.startswith(("val_", "ema_")) else "train"
                 self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+
+    def on_step(self, trainer: TrainerView) -> None:
+        """train.inspect_every: each layer's statistics as scalars, and their spread over the
+        layers as histograms (one per statistic and inspected step)."""
+        record = trainer.inspection
+        if record is None:
+            return
+        step = record["step"]
+        spread: dict[str, list[float]] = {}
+        for layer, stats in record["layers"].items():
+            for stat, value in stats.items():
+                self.writer.add_scalar(f"layers/{stat}/{layer}", value, step)
+                if math.isfinite(value):
+                    spread.setdefault(stat, []).append(value)
+        for stat, values in spread.items():
+            self.writer.add_histogram(f"layers/{stat}", np.asarray(values), step)
 
     def on_end(self, trainer: TrainerView, summary: dict[str, Any]) -> None:
         self.close()

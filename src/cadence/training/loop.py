@@ -19,14 +19,18 @@ def fit(trainer: Trainer) -> dict[str, Any]:
             size = t.batch_size()
             micro_batches, units = t.next_batches(size)
             lr = t.apply_lr()
-            loss, grad_norm = t.backward(micro_batches, units)
+            with t.watching():  # train.inspect_every: per-layer hooks on an inspected step
+                loss, grad_norm = t.backward(micro_batches, units)
             read = t.read(loss, grad_norm)  # the step's one host read (and one all-reduce)
             if not read.finite:
                 t.handle_nonfinite(size)  # the update is not applied
                 continue
-            t.optimizer.step()
+            if t.handle_spike(read, size):  # train.on_spike: skip, or roll back past the data
+                continue
+            t.update()  # the optimizer step (measured per layer on an inspected step)
             t.advance(size, read)  # the counters, and the time the schedules follow
             t.decide_batch()  # batch.schedule: auto: the measured noise scale may grow the batch
+            t.measure_sharpness()  # train.sharpness_every: the loss Hessian's top eigenvalue
             t.emit("on_step")
             t.check_stops(read)
             final = t.stopping and not t.interrupted

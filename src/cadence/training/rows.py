@@ -116,6 +116,7 @@ def run_summary(
         # Model FLOPs (6N + attention, see GPT.flops_per_token) and their rate: MFU's numerator.
         "flops_per_token": flops,
         "model_flops_per_s": None if flops is None else flops * st.tokens / train,
+        "spikes": st.spikes,  # train.on_spike: each spike, what was done, the layer named
         "stop_reason": None if reason is None else str(reason),
         "stop": None if reason is None else reason.to_dict(),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cadence.training.stopping import StopReason
@@ -42,6 +42,9 @@ class TrainState:
     rollbacks: int = 0  # reloads of the last checkpoint after a non-finite step
     lr_scale: float = 1.0  # LR multiplier lowered by each rollback
     prev_loss: float | None = None  # previous step's loss, for the tol_rel_loss criterion
+    # train.on_spike: the recent training losses a spike is judged against, and the spikes
+    recent_losses: list[float] = field(default_factory=list)
+    spikes: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: StopReason | None = None
 
     def state_dict(self) -> dict[str, Any]:

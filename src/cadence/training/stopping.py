@@ -34,6 +34,7 @@ class StopKind(str, enum.Enum):
     INTERRUPTED = "interrupted"  # SIGTERM / SIGINT: checkpointed, resumable
     NONFINITE = "nonfinite"  # a NaN/inf loss or gradient the policy could not get past
     PRIVACY_BUDGET = "privacy_budget"  # privacy.max_epsilon: the next step would spend more
+    SPIKE = "spike"  # train.on_spike skipped or rolled back too many loss spikes in a row
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,15 @@ class StopReason:
     @property
     def failed(self) -> bool:
         """The run could not continue (exit status 1), as opposed to ending by its rules."""
-        return self.kind is StopKind.NONFINITE
+        return self.kind in (StopKind.NONFINITE, StopKind.SPIKE)
 
     def __str__(self) -> str:
         if self.kind is StopKind.INTERRUPTED:
             return f"interrupted ({self.detail})"
         if self.kind is StopKind.NONFINITE:
             return f"nonfinite at step {self.step}" + (f": {self.detail}" if self.detail else "")
+        if self.kind is StopKind.SPIKE:
+            return f"loss spikes at step {self.step}: {self.detail}"
         return self.kind.value
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,11 +34,13 @@ from cadence.runtime import distributed
 from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
 from cadence.schedules import AutoBatchRamp
-from cadence.training import checkpoint, evaluation, nonfinite
+from cadence.training import evaluation
 from cadence.training.batches import Prefetcher, cut_to_length, global_batch, trained_tokens
 from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
 from cadence.training.ema import EMA
+from cadence.training.guards import Guards
+from cadence.training.health import InspectDecisions, LayerHealth, SharpnessProbe
 from cadence.training.noise import NoiseProbe
 from cadence.training.privacy import private_gradients
 from cadence.training.rows import RowLogger, run_summary
@@ -81,7 +83,7 @@ def _check_batches(ramp: Any, seq_len: Any, workload: Workload, world: World) ->
         )
 
 
-class Trainer(Checkpointable, StopDecisions, ScheduledReads):
+class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDecisions):
     def __init__(
         self,
         cfg: Config,
@@ -126,6 +128,10 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         self.seq_len = seq_len_schedule_from(cfg, steps)
         self.plateau = plateau_from(cfg) if cfg.plateau.enabled else None
         self.ema = EMA(self.model, t.ema) if t.ema else None
+        every = t.inspect_every  # per-layer health (inspect.jsonl), read by callbacks
+        self.health = LayerHealth(self.model, every, world) if every else None
+        self.inspection: dict[str, Any] | None = None  # this step's record, if inspected
+        self.sharpness = SharpnessProbe(t.sharpness_every) if t.sharpness_every else None
         # Full-batch GD visits the training set in order, every sample once per step.
         self.sampler = workload.sampler(t.seed, shuffle=cfg.batch.size != "full")
         self.privacy = private_gradients(cfg, self.optimizer, workload, steps, world)  # DP-SGD
@@ -143,7 +149,8 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         on = on and self.privacy is None  # a private step's batch is a draw, not a position
         self.prefetcher = Prefetcher(self._read_batches, self.device) if on else None
         _check_batches(self.ramp, self.seq_len, workload, world)
-        compile_ = t.compile if self.privacy is None else False  # per-example hooks run eagerly
+        # per-example hooks run eagerly; Hessian-vector products need eager blocks
+        compile_ = False if self.privacy is not None or t.sharpness_every else t.compile
         self.compiler = Compiler(compile_, self.model, wrapped, self.device, steps, self.sharded)
 
     # ------------------------------------------------------------ events
@@ -181,6 +188,7 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
         (privacy.enabled: the step's Poisson draw)."""
         if self.privacy is not None:
             return self.privacy.batches(self.state.step)
+        self.skip_data()  # train.skip_samples, or the window a spike's rollback skips
         if self.prefetcher is None:
             micro, units = self._read_batches(self.state.samples, size)
         else:
@@ -245,30 +253,6 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads):
 
     def due(self, every: int | None) -> bool:
         return every is not None and self.state.step % every == 0
-
-    # ------------------------------------------------------------ stopping
-
-    def handle_nonfinite(self, size: int) -> None:
-        def latest() -> Path | None:
-            if self.run_dir is None:
-                return None
-            root = self.run_dir / "checkpoints"
-            return checkpoint.agreed(lambda: checkpoint.latest_valid(root), self.world)[0]
-
-        t = self.cfg.train
-        self.stop(
-            nonfinite.handle_nonfinite(
-                self.state,
-                policy=t.on_nonfinite,
-                size=size,
-                tokens_per_sample=trained_tokens(self.workload, self.seq_len, self.position),
-                rollback_lr_factor=t.rollback_lr_factor,
-                latest_checkpoint=latest,
-                restore=lambda path: checkpoint.restore(self, path, verified=True),
-            )
-        )
-        if t.on_nonfinite == "rollback" and not self.stopping:
-            self.emit("on_rewind", self.state.step)
 
     # ------------------------------------------------------------ evaluation and logging
 
