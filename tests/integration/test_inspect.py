@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from resume_helpers import TINY_LM, assert_same_run, crash_then_resume, rows, weights
 
 import cadence
+from browser import CHROMIUM, colours, render
 from cadence.runtime.distributed import SINGLE
 from cadence.training import Callback
 from cadence.training.batches import global_batch
@@ -115,20 +117,21 @@ def corrupted_digits(cfg: cadence.Config) -> Any:
     return workload
 
 
+SPIKE_RUN = [
+    "model.hidden=[16]",
+    "optimizer.name=sgd",
+    "optimizer.lr=0.05",
+    "optimizer.momentum=0.9",
+    f"batch.size={BATCH}",
+    "train.max_steps=40",
+    "train.checkpoint_every=10",
+    "train.log_every=1",
+    "train.clip_grad_norm=1.0",  # a kept spike (warn) does not wreck the weights
+]
+
+
 def spike_config(make_config, *extra: str) -> cadence.Config:
-    return make_config(
-        "digits",
-        "model.hidden=[16]",
-        "optimizer.name=sgd",
-        "optimizer.lr=0.05",
-        "optimizer.momentum=0.9",
-        f"batch.size={BATCH}",
-        "train.max_steps=40",
-        "train.checkpoint_every=10",
-        "train.log_every=1",
-        "train.clip_grad_norm=1.0",  # a kept spike (warn) does not wreck the weights
-        *extra,
-    )
+    return make_config("digits", *SPIKE_RUN, *extra)
 
 
 @pytest.mark.parametrize("policy", ["warn", "skip"])
@@ -194,3 +197,69 @@ def test_bad_inspection_settings_are_one_line_exit_2(tmp_path, override, says):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0], done.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def spiked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """A rolled-back spike, with per-layer health and sharpness, then `cadence inspect`."""
+    from cadence.cli.main import main
+
+    root = tmp_path_factory.mktemp("inspect")
+    overrides = [
+        "workload=digits",
+        "train.progress=false",
+        *SPIKE_RUN,
+        "train.on_spike=rollback",
+        "train.inspect_every=2",
+        "train.sharpness_every=10",
+    ]
+    cfg = cadence.load_config(None, overrides)
+    summary = cadence.train(cfg, run_dir=root / "run", workload=corrupted_digits(cfg), plots=False)
+    assert main(["inspect", str(root / "run")]) == 0
+    return root / "run", summary
+
+
+def test_inspect_tells_the_spike_its_step_and_layer(spiked_run, capsys):
+    from cadence.run.account import RunRecords, account
+
+    run, summary = spiked_run
+    (event,) = summary["spikes"]
+    lines = account(RunRecords.read(run))
+    (told,) = [line for line in lines if "loss spike" in line]
+    assert told.startswith(f"Step {SPIKE_STEP}: loss spike") and event["layer"] in told
+    assert "rolled back to step 20, skipped samples 320-480" in told
+    assert any("Update ratios" in line for line in lines)
+    assert any("stability threshold" in line for line in lines)
+    page = (run / "inspect.html").read_text()
+    assert told.replace("'", "&#x27;") in page and "<script" not in page
+    pngs = {p.name for p in (run / "inspect").glob("*.png")}
+    assert pngs == {"loss.png", "lr.png", "update_ratio.png", "depth.png", "sharpness.png"}
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed")
+def test_inspect_page_renders_in_headless_chromium(spiked_run, tmp_path):
+    dom, shot = render(spiked_run[0] / "inspect.html", tmp_path, size="1200,3000")
+    assert 'data-loaded-images="5"' in dom, dom[:500]
+    assert f"Step {SPIKE_STEP}: loss spike" in dom
+    assert colours(shot) > 50
+
+
+def test_inspect_of_a_folder_without_a_run_is_one_line_exit_2(tmp_path):
+    done = run_forked("inspect", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "holds no metrics.jsonl" in done.stderr
+    assert not (tmp_path / "inspect.html").exists()
+
+
+def test_a_resume_may_turn_inspection_on_and_skip_data(make_config, tmp_path):
+    """What a user does after seeing a spike: resume with the window skipped, watching."""
+    from cadence.run import resume
+
+    cfg = spike_config(make_config, "train.max_steps=10")
+    cadence.train(cfg, run_dir=tmp_path / "run")
+    window = [10 * BATCH, 20 * BATCH]  # the next ten batches
+    extra = ["train.max_steps=12", "train.inspect_every=1", f"train.skip_samples=[{window}]"]
+    summary = resume(tmp_path / "run", overrides=extra)
+    assert summary["samples"] == 20 * BATCH + 2 * BATCH
+    records = (tmp_path / "run" / "inspect.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records] == [11, 12]

@@ -49,7 +49,7 @@ from cadence.tune.noise_scale import NoiseScaleMonitor
 from cadence.workloads import Workload, build_workload, prepare
 
 # Keys that may differ when a run is resumed: budgets, cadence of evaluation/logging/saving,
-# stopping targets and presentation. Anything else would make the continuation a different run.
+# stopping targets, presentation and inspection. Anything else would make the continuation a different run.
 RESUMABLE_KEYS = frozenset(
     {
         "train.max_steps",
@@ -66,6 +66,14 @@ RESUMABLE_KEYS = frozenset(
         "train.early_stop_patience",
         "train.progress",
         "train.threads",
+        # what the run measures (read-only), and its answer to spikes: a user who has seen one
+        # turns these on, or skips the data that caused it, when resuming
+        "train.inspect_every",
+        "train.sharpness_every",
+        "train.on_spike",
+        "train.spike_z",
+        "train.spike_window",
+        "train.skip_samples",
     }
 )
 

@@ -8,7 +8,7 @@ from typing import Any
 from cadence.io import atomic_path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend, imported at the first plot: its import
     costs most of a second, which runs that write no plot (and ``cadence --help``) need not pay."""
     import matplotlib
@@ -27,7 +27,7 @@ def _series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], li
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
@@ -38,7 +38,7 @@ def plot_run(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> list
         ("tokens" if rows and "tokens" in rows[0] else "samples", ""),
     ]
     written = []
-    plt = _pyplot()
+    plt = pyplot()
     for name, keys, ylabel, logy in (
         ("loss.png", ("train_loss", "val_loss"), "loss", True),
         ("lr.png", ("lr", "batch_size"), "learning rate / batch size", False),

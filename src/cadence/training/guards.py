@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cadence.training import checkpoint, nonfinite
 from cadence.training.batches import trained_tokens
 from cadence.training.health import group_of
-from cadence.training.spikes import blame, robust_z
+from cadence.training.spikes import blame, describe_spike, robust_z
 from cadence.training.stopping import StopKind, StopReason
 
 if TYPE_CHECKING:
@@ -147,21 +147,3 @@ class Guards:
 def _remember(losses: list[float], loss: float, window: int) -> None:
     losses.append(loss)
     del losses[:-window]
-
-
-def describe_spike(event: dict[str, Any]) -> str:
-    """One plain-language line: "step 1,240: loss spike (z = 9.3); ...; rolled back to ...\""""
-    text = f"step {event['step']:,}: loss spike {event['loss']:.4g} (z = {event['z']:.1f}"
-    text += f" above the median {event['median']:.4g})"
-    if event.get("layer"):
-        text += f"; {event['layer']}: {event['why']}"
-    action = event["action"]
-    if action == "rollback":
-        a, b = event["skipped"]
-        text += (
-            f"; rolled back to step {event['rolled_back_to']:,}, skipped samples {a:,}-{b:,}"
-            f", LR x {event['lr_scale']:.3g}"
-        )
-    else:
-        text += {"warn": "; kept", "skip": "; update skipped", "stop": "; run stopped"}[action]
-    return text

@@ -13,6 +13,7 @@ functions here are pure, so a custom loop can call them too.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 MAD_TO_SIGMA = 1.4826  # MAD x this = the standard deviation, for normally distributed noise
 MIN_HISTORY = 20  # losses needed before anything is called a spike (or the whole window)
 RISE_FACTOR = 2.0  # a layer's update ratio this far above its median has "risen"
+RECENT = 3  # the inspection records before a spike in which a rise is looked for
 
 
 def robust_z(history: Sequence[float], loss: float, window: int) -> tuple[float, float] | None:
@@ -36,28 +38,29 @@ def robust_z(history: Sequence[float], loss: float, window: int) -> tuple[float,
 
 
 def rose_first(
-    history: Sequence[dict[str, Any]], factor: float = RISE_FACTOR
+    history: Sequence[dict[str, Any]], factor: float = RISE_FACTOR, recent: int = RECENT
 ) -> tuple[str, int, float] | None:
     """From per-layer records (``inspect.jsonl``'s, oldest first): the layer whose update ratio
-    first rose ``factor`` times above its own median over the records, with the step and the
-    multiple; None when none rose (or there are fewer than three records to judge by)."""
-    if len(history) < 3:
+    rose ``factor`` times above its own median in the last ``recent`` records, the first to do
+    so, with the step and the multiple. The median is taken over the records before those (the
+    run's baseline: early steps, whose updates are large for every layer, weigh as little as
+    any). None when none rose, or there are too few records to have a baseline."""
+    if len(history) < recent + 3:
         return None
+    base, window = history[:-recent], history[-recent:]
     medians: dict[str, float] = {}
-    for layer in history[-1]["layers"]:
-        values = [
-            r["layers"][layer]["update_ratio"]
-            for r in history
-            if layer in r["layers"]
-            and r["layers"][layer]["update_ratio"] == r["layers"][layer]["update_ratio"]
-        ]
+    for layer in window[-1]["layers"]:
+        values = [r["layers"][layer]["update_ratio"] for r in base if layer in r["layers"]]
+        values = [v for v in values if v is not None and math.isfinite(v)]
         if values:
             medians[layer] = statistics.median(values)
-    for record in history:
+    for record in window:
         risen = [
             (stats["update_ratio"] / medians[layer], layer)
             for layer, stats in record["layers"].items()
-            if medians.get(layer, 0) > 0 and stats["update_ratio"] > factor * medians[layer]
+            if medians.get(layer, 0) > 0
+            and stats.get("update_ratio") is not None
+            and stats["update_ratio"] > factor * medians[layer]
         ]
         if risen:
             multiple, layer = max(risen)
@@ -108,3 +111,21 @@ def blame(history: Sequence[dict[str, Any]], ratios: dict[str, float]) -> tuple[
     if baseline and baseline.get(layer):
         return layer, f"largest gradient rise at the spike ({x:.1f}x its median)"
     return layer, f"largest gradient relative to its weights at the spike ({x:.3g})"
+
+
+def describe_spike(event: dict[str, Any]) -> str:
+    """One plain-language line: "step 1,240: loss spike (z = 9.3); ...; rolled back to ...\""""
+    text = f"step {event['step']:,}: loss spike {event['loss']:.4g} (z = {event['z']:.1f}"
+    text += f" above the median {event['median']:.4g})"
+    if event.get("layer"):
+        text += f"; {event['layer']}: {event['why']}"
+    action = event["action"]
+    if action == "rollback":
+        a, b = event["skipped"]
+        text += (
+            f"; rolled back to step {event['rolled_back_to']:,}, skipped samples {a:,}-{b:,}"
+            f", LR x {event['lr_scale']:.3g}"
+        )
+    else:
+        text += {"warn": "; kept", "skip": "; update skipped", "stop": "; run stopped"}[action]
+    return text
