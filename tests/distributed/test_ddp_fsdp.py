@@ -40,7 +40,7 @@ from .conftest import (
 # 12 steps, evaluated and checkpointed every 4: the runs the equivalence, resume and rank-0 tests
 # share.
 LM_RUN = [*LM, "train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=4"]
-LM_RUN += ["train.keep_checkpoints=10"]
+LM_RUN += ["train.keep_checkpoints=10", "train.inspect_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,27 @@ def test_two_processes_match_one_on_lm(lm: dict, mode: str) -> None:
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     assert (s2["steps"], s2["tokens"], s2["stop_reason"]) == (12, 12 * 7 * 16, "max_steps")
     assert s2["params"] == s1["params"]  # the whole model, not one rank's shard
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_per_layer_health_is_the_whole_models_on_any_number_of_processes(
+    lm: dict, mode: str
+) -> None:
+    """Sharded norms summed, DDP's whole ones not double-counted, activations over every
+    process's share of the batch (7 samples split 4 + 3, in micro-batches of 2)."""
+
+    def records(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "inspect.jsonl").read_text().splitlines()]
+
+    got, want = records(lm[mode]["two"]), records(lm[mode]["one"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8, 12]
+    for a, b in zip(got, want):
+        assert a["layers"].keys() == b["layers"].keys() == {"tok_emb", "blocks.0", "norm_f"}
+        assert "attn_entropy" in a["layers"]["blocks.0"]
+        for layer, stats in b["layers"].items():
+            assert a["layers"][layer].keys() == stats.keys()
+            for stat, value in stats.items():
+                assert a["layers"][layer][stat] == pytest.approx(value, rel=1e-4), (layer, stat)
 
 
 def test_fsdp_and_ddp_configs_agree_on_one_process(lm: dict) -> None:

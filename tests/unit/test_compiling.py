@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,16 +56,26 @@ def test_auto_compiles_transformers_on_long_runs_only(monkeypatch) -> None:
     assert compiling.wants_compile("auto", gpt, torch.device("cuda"), n)
 
 
+def _inspected(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "inspect.jsonl").read_text().splitlines()]
+
+
 def test_compiled_run_matches_eager_and_keeps_the_weights_names(tmp_path) -> None:
     from safetensors.torch import load_file
 
     runs = {}
     for flag in ("false", "true"):
-        cfg = cadence.load_config(None, [*TINY, f"train.compile={flag}"])
+        # with per-layer health on: its hooks must run inside compiled blocks too
+        cfg = cadence.load_config(None, [*TINY, f"train.compile={flag}", "train.inspect_every=2"])
         cadence.train(cfg, run_dir=tmp_path / flag, plots=False)
         runs[flag] = tmp_path / flag
     eager, compiled = _losses(runs["false"]), _losses(runs["true"])
     assert compiled == pytest.approx(eager, rel=1e-4)  # the same math, other kernels
+    for want, got in zip(*(_inspected(runs[f]) for f in ("false", "true")), strict=True):
+        assert want["layers"].keys() == got["layers"].keys()
+        for layer, stats in want["layers"].items():
+            assert "attn_entropy" in stats or not layer.startswith("blocks.")
+            assert got["layers"][layer] == pytest.approx(stats, rel=1e-3, abs=1e-6)
     a = load_file(runs["false"] / "model.safetensors")
     b = load_file(runs["true"] / "model.safetensors")
     assert a.keys() == b.keys()  # per-block compile leaves the module tree and its names

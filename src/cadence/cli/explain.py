@@ -42,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(language models), or a class index or name (classifiers)",
     )
     p.add_argument(
-        "--steps", type=int, default=50, help="integration steps (default 50; more if delta is large)"
+        "--steps",
+        type=int,
+        default=50,
+        help="integration steps (default 50; more if delta is large)",
     )
     p.add_argument(
         "--score",
@@ -81,9 +84,9 @@ def cmd_explain(args: argparse.Namespace, console: Console) -> int:
     )
     for line in expl.summary():
         console.print(escape(line), highlight=False)
-    table = Table(title=f"largest attributions ({expl.score_label})", title_justify="left")
-    table.add_column("part")
-    table.add_column("attribution", justify="right")
+    table = Table()
+    table.add_column("largest attributions")
+    table.add_column(f"share of {expl.score_label}", justify="right")
     for name, value in expl.top(max(args.top, 0)):
         table.add_row(escape(name), f"{value:+.4g}")
     console.print(table)

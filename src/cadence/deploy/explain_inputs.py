@@ -119,7 +119,8 @@ def read_array(run: LoadedRun, text: str) -> torch.Tensor:
     if arr.dtype.kind not in "fiub":
         raise ConfigError(f"--input: {path} holds {arr.dtype} values; it must hold numbers")
     size = int(np.prod(shape))
-    if arr.size != size or (arr.ndim > 1 and arr.shape not in (shape, (1, *shape))):
+    forms = {shape, (1, *shape), (side, side) if image else shape}  # flat is always taken
+    if arr.size != size or (arr.ndim > 1 and arr.shape not in forms):
         raise ConfigError(f"--input: {path} has shape {list(arr.shape)}; {run.what} takes {wants}")
     if not np.isfinite(arr).all():
         raise ConfigError(f"--input: {path} holds NaN or infinite values")

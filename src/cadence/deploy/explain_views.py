@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from cadence.deploy.explain import Explanation, View
+from cadence.deploy.explain_result import Explanation, View
 from cadence.io import atomic_path, atomic_write_text
 from cadence.track.plots import pyplot
 
-__all__ = ["render_html", "render_png", "write_explanation"]
+__all__ = ["FIGURES", "render_html", "render_png", "write_explanation"]
 
 POSITIVE, NEGATIVE = (214, 39, 40), (31, 119, 180)  # matplotlib's red and blue, as RdBu shows
 
@@ -29,6 +29,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 60em; color: 
 .prompt { font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9;
           border: 1px solid #ddd; padding: 1em; }
 .prompt span { border-radius: 3px; padding: 0.1em 0; }
+.prompt .next { outline: 2px dashed #888; margin-left: 0.3em; }
 table { border-collapse: collapse; margin-top: 1em; }
 td, th { padding: 0.2em 0.8em; text-align: left; border-bottom: 1px solid #eee; }
 td.num { text-align: right; font-family: ui-monospace, monospace; }
@@ -72,7 +73,8 @@ def render_html(expl: Explanation) -> str:
             f"{_visible(t)}</span>"
             for t, v in zip(expl.tokens, expl.attributions)
         )
-        figure = f'<div class="prompt">{spans}</div>'
+        following = f'<span class="next" title="explained">{_visible(expl.target)}</span>'
+        figure = f'<div class="prompt">{spans}{following}</div>'
         k = len(expl.tokens)
     else:
         png = base64.b64encode(render_png(expl)).decode("ascii")
@@ -130,7 +132,7 @@ def _bars(plt: Any, expl: Explanation, labels: list[str]) -> Any:
 
 
 def _image(plt: Any, expl: Explanation) -> Any:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.6), layout="constrained")
     left.imshow(expl.shown, cmap="gray")
     left.set_title("input")
     _signed(plt, right, expl.attributions)
@@ -145,7 +147,7 @@ def _image(plt: Any, expl: Explanation) -> Any:
 def _spectrogram(plt: Any, expl: Explanation) -> Any:
     mels, frames = expl.attributions.shape
     extent = (0.0, frames * expl.seconds_per_frame, 0.0, float(mels))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.0, 6.5), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9.0, 6.5), sharex=True, layout="constrained")
     im = top.imshow(expl.shown, origin="lower", aspect="auto", extent=extent, cmap="magma")
     plt.colorbar(im, ax=top, label="log-mel energy")
     top.set_title("input (log-mel)")
@@ -158,18 +160,26 @@ def _spectrogram(plt: Any, expl: Explanation) -> Any:
     return fig
 
 
+def _token_bars(plt: Any, expl: Explanation) -> Any:
+    return _bars(plt, expl, [repr(t)[1:-1].replace(" ", "\u2423")[:12] for t in expl.tokens])
+
+
+def _feature_bars(plt: Any, expl: Explanation) -> Any:
+    return _bars(plt, expl, [str(i) for i in range(expl.attributions.size)])
+
+
+FIGURES = {
+    View.TOKENS: _token_bars,
+    View.FEATURES: _feature_bars,
+    View.IMAGE: _image,
+    View.SPECTROGRAM: _spectrogram,
+}
+
+
 def render_png(expl: Explanation) -> bytes:
     """The picture: bars per token or feature, heatmaps beside an image or a spectrogram."""
     plt = pyplot()
-    if expl.view is View.TOKENS:
-        labels = [repr(t)[1:-1][:12] or " " for t in expl.tokens]
-        fig = _bars(plt, expl, labels)
-    elif expl.view is View.FEATURES:
-        fig = _bars(plt, expl, [str(i) for i in range(expl.attributions.size)])
-    elif expl.view is View.IMAGE:
-        fig = _image(plt, expl)
-    else:
-        fig = _spectrogram(plt, expl)
+    fig = FIGURES[expl.view](plt, expl)
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -251,10 +251,10 @@ class CausalSelfAttention(nn.Module):
     def attention_entropy(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *rest: Any
     ) -> torch.Tensor:
-        """Mean entropy (nats) of this layer's attention rows, for forward's arguments (``rest``:
-        cache, layer, start_pos, mask). Fused attention never forms the probabilities, so
-        ``train.inspect_every`` asks here, on inspected steps only: heads collapsing onto one
-        token show as entropy near 0."""
+        """The entropy (nats) of each of this layer's attention rows, [batch, head, time], for
+        forward's arguments (``rest``: cache, layer, start_pos, mask). Fused attention never
+        forms the probabilities, so ``train.inspect_every`` asks here, on inspected steps only:
+        heads collapsing onto one token show as entropy near 0."""
         t = x.shape[1]
         q, k, _ = self._heads(x, cos, sin)
         scale = self.scale if self.scale is not None else self.head_dim**-0.5
@@ -262,7 +262,7 @@ class CausalSelfAttention(nn.Module):
         mask = rest[3] if len(rest) > 3 and rest[3] is not None else None
         allowed = mask if mask is not None else torch.ones(t, t, dtype=torch.bool).tril()
         p = scores.masked_fill(~allowed.to(scores.device), float("-inf")).softmax(-1)
-        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+        return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
 class MLPBlock(nn.Module):
@@ -302,6 +302,11 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, start_pos, mask))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
+
+    def attention_entropy(self, x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        """The attention's row entropies for this block's inputs. Asked of the block, not of
+        its attention, because a hook on a module inside a compiled block never runs."""
+        return self.attn.attention_entropy(self.norm1(x), *rest)
 
 
 class GPT(nn.Module):

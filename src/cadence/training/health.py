@@ -79,13 +79,13 @@ class LayerHealth:
                 self.groups.setdefault(group_of(name), []).append(p)
         modules = dict(model.named_modules())
         self.modules = {g: modules[g] for g in self.groups if g in modules}
-        self.attention = {
-            group_of(name + ".x"): m
-            for name, m in modules.items()
-            if callable(getattr(m, "attention_entropy", None))
-        }
-        self._acts: dict[str, list[Tensor]] = {}
-        self._ents: dict[str, list[Tensor]] = {}
+        # the outermost module that can say its attention entropy (a GPT block, whose hooks
+        # run under per-block compilation, rather than the attention inside it)
+        able = [n for n, m in modules.items() if callable(getattr(m, "attention_entropy", None))]
+        outer = [n for n in able if not any(n.startswith(f"{o}.") for o in able if o != n)]
+        self.attention = {group_of(n + ".x"): modules[n] for n in outer}
+        self._acts: dict[str, list[tuple[Tensor, int]]] = {}  # (sum of squares, count)
+        self._ents: dict[str, list[tuple[Tensor, int]]] = {}  # (sum of row entropies, rows)
         self.history: list[dict[str, Any]] = []  # the newest records, for a spike's account
 
     def rewind(self, step: int) -> None:
@@ -115,16 +115,16 @@ class LayerHealth:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             t = _first_tensor(out)
             if t is not None and t.is_floating_point():
-                self._acts.setdefault(group, []).append(t.detach().float().pow(2).mean())
+                t = t.detach().float()
+                self._acts.setdefault(group, []).append((t.pow(2).sum(), t.numel()))
 
         return hook
 
     def _entropy_hook(self, group: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
             with torch.no_grad():
-                self._ents.setdefault(group, []).append(
-                    module.attention_entropy(*args, **kwargs).detach().float()
-                )
+                rows = module.attention_entropy(*args, **kwargs).detach().float()
+                self._ents.setdefault(group, []).append((rows.sum(), rows.numel()))
 
         return hook
 
@@ -138,57 +138,57 @@ class LayerHealth:
         optimizer_step()
         weight, update = [], []
         for ps, olds in zip(params, before, strict=True):
-            weight.append(torch.stack([o.float().pow(2).sum() for o in olds]).sum())
+            weight.append(_total([o.float().pow(2).sum() for o in olds], dev))
             update.append(
-                torch.stack(
-                    [(_local(p).detach() - o).float().pow(2).sum() for p, o in zip(ps, olds)]
-                ).sum()
+                _total(
+                    [(_local(p).detach() - o).float().pow(2).sum() for p, o in zip(ps, olds)], dev
+                )
             )
-        sums = torch.stack(grads + weight + update)
-        acts = [_mean(self._acts.get(g), dev) for g in names]
-        ents = [_mean(self._ents.get(g), dev) for g in names]
-        means = torch.stack([a for a, _ in acts] + [e for e, _ in ents])
-        present = [n > 0 for _, n in acts] + [n > 0 for _, n in ents]
-        sums, means = self._reduce(sums, means)
+        # Activations as (sum, count) over every forward pass of the step on every process:
+        # the mean comes out the same however the batch was split into micro-batches and ranks.
+        seen = [_sum_count(store.get(g), dev) for store in (self._acts, self._ents) for g in names]
+        parts = grads + weight + update + [s for s, _ in seen] + [c for _, c in seen]
+        values = self._reduce(torch.stack(parts).double(), 3 * len(names)).tolist()
         k = len(names)
-        sums_l, means_l = sums.tolist(), means.tolist()
         layers: dict[str, dict[str, float]] = {}
         for i, g in enumerate(names):
-            g2, w2, u2 = sums_l[i], sums_l[k + i], sums_l[2 * k + i]
+            g2, w2, u2 = values[i], values[k + i], values[2 * k + i]
             row = {"grad_norm": g2**0.5, "weight_norm": w2**0.5}
             row["update_ratio"] = (u2 / w2) ** 0.5 if w2 > 0 else float("nan")
-            if present[i]:
-                row["act_rms"] = means_l[i] ** 0.5
-            if present[k + i]:
-                row["attn_entropy"] = means_l[k + i]
+            for j, stat in ((i, "act_rms"), (k + i, "attn_entropy")):
+                total, count = values[3 * k + j], values[5 * k + j]
+                if count > 0:
+                    row[stat] = (total / count) ** 0.5 if stat == "act_rms" else total / count
             layers[g] = row
         self._acts, self._ents = {}, {}
         record = {"step": step, "layers": layers}
         self.history = [*self.history[-(HISTORY - 1) :], record]
         return record
 
-    def _reduce(self, sums: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
-        """FSDP2: every process holds a shard, so sums of squares add up; activations differ
-        per process under both DDP and FSDP2, so they are averaged."""
+    def _reduce(self, values: Tensor, per_model: int) -> Tensor:
+        """Summed over processes. The first ``per_model`` values are sums of squares of the
+        model's tensors: FSDP2 shards add up to the whole, while DDP's whole tensors are the
+        same on every process, so there the sum is divided back. The activations' sums and
+        counts add up either way."""
         if not self.world.active:
-            return sums, means
-        both = torch.cat([sums, means]).double()
-        dist.all_reduce(both, op=dist.ReduceOp.SUM)
-        n = self.world.size
-        # DDP: whole tensors, the same sums on every process, so their sum is n times one
-        whole = n if self.world.mode != "fsdp" else 1
-        return both[: len(sums)] / whole, both[len(sums) :] / n
+            return values
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if self.world.mode != "fsdp":
+            values[:per_model] /= self.world.size
+        return values
 
 
 def _total(values: list[Tensor], device: torch.device) -> Tensor:
     return torch.stack(values).sum() if values else torch.zeros((), device=device)
 
 
-def _mean(values: list[Tensor] | None, device: torch.device) -> tuple[Tensor, int]:
-    """The mean over a step's forward passes (micro-batches), and how many there were."""
-    if not values:
-        return torch.zeros((), device=device), 0
-    return torch.stack([v.to(device) for v in values]).mean(), len(values)
+def _sum_count(
+    pairs: list[tuple[Tensor, int]] | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    if not pairs:
+        return torch.zeros((), device=device), torch.zeros((), device=device)
+    total = torch.stack([s.to(device) for s, _ in pairs]).sum()
+    return total, torch.tensor(float(sum(n for _, n in pairs)), device=device)
 
 
 class SharpnessProbe:
