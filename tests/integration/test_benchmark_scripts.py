@@ -30,6 +30,22 @@ def test_gpu_check_runs_at_tiny_sizes_on_cpu() -> None:
     assert [r.split("|")[2].strip() for r in rows] == ["eager", "compiled"] * 2, rows
 
 
+def test_inspect_overhead_runs_at_tiny_sizes() -> None:
+    out = _run(
+        str(BENCHMARKS / "inspect_overhead.py"),
+        *("--tiny", "--steps", "3", "--rounds", "1"),
+        timeout=600,
+    )
+    rows = [r for r in out.splitlines() if r.startswith("| ") and "variant" not in r]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "off",
+        "inspect 10",
+        "inspect 100",
+        "spike warn",
+        "sharpness 100",
+    ]
+
+
 def test_time_to_target_runs_with_a_short_budget() -> None:
     # eager: the default recipe's horizon would compile its GPT (train.compile: auto), C++
     # builds that cost a minute here and that test_compiling and gpu.py already cover
