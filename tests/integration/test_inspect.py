@@ -81,9 +81,18 @@ def test_per_layer_health_equals_a_hand_computation(make_config, tmp_path):
     hand = ByHand()
     cadence.train(cfg, run_dir=tmp_path / "run", callbacks=[hand])
     assert hand.checked == 4
-    lines = (tmp_path / "run" / "inspect.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
-    assert set(json.loads(lines[0])["layers"]) == {"net.0", "net.2"}
+    records = [json.loads(line) for line in (tmp_path / "run" / "inspect.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert set(records[0]["layers"]) == {"net.0", "net.2"}
+    # TensorBoard has the same numbers, and their spread over the layers as histograms
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = events.Scalars("layers/update_ratio/net.0")
+    want = [r["layers"]["net.0"]["update_ratio"] for r in records]
+    assert [e.step for e in logged] == [1, 2, 3, 4]
+    assert [e.value for e in logged] == pytest.approx(want, rel=1e-6)
+    assert "layers/grad_norm" in events.Tags()["histograms"]
 
 
 def test_inspection_and_sharpness_leave_the_run_bitwise_unchanged(make_config, tmp_path):
