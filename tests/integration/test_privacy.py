@@ -178,6 +178,9 @@ def test_max_epsilon_stops_at_the_last_step_within_it(tmp_path, capsys) -> None:
         (["privacy.noise_multiplier=0.5", "privacy.target_epsilon=0.1"],
          "privacy.noise_multiplier: 0.5 spends"),
         (["privacy.enabled=false", "privacy.max_epsilon=2"], "privacy.max_epsilon: set while"),
+        (["privacy.target_epsilon=3", "train.on_spike=skip"], "train.on_spike: skip decides"),
+        (["privacy.target_epsilon=3", "train.on_nonfinite=rollback",
+          "train.checkpoint_every=5"], "train.on_nonfinite: rollback decides"),
     ],
 )  # fmt: skip
 def test_what_would_break_the_guarantee_is_one_line_exit_2(tmp_path, capsys, sets, start):

@@ -65,6 +65,13 @@ def _check_strategy(cfg: Config) -> None:
             f"train.precision: {t.precision} is not supported with privacy.enabled "
             "(per-example gradients in fp32); set train.precision: fp32"
         )
+    if t.on_spike in ("skip", "rollback") or t.on_nonfinite == "rollback":
+        key = "on_spike" if t.on_spike in ("skip", "rollback") else "on_nonfinite"
+        raise ConfigError(
+            f"train.{key}: {getattr(t, key)} decides from a private batch's loss whether its "
+            "update counts, or goes back over steps whose privacy is already spent, which "
+            "privacy.enabled does not account; use train.on_spike: warn (it only records)"
+        )
     if t.compile is True:
         raise ConfigError(
             "train.compile: true cannot compile the per-example gradient hooks of "
