@@ -133,8 +133,9 @@ class TrainConfig:
     on_spike: Literal["off", "warn", "skip", "rollback"] = "off"
     spike_z: float = 6.0  # how many robust deviations above the median make a spike
     spike_window: int = 100  # recent losses the median and MAD are taken over
-    skip_samples: list[list[int]] | None = None  # data windows [start, end) (sample positions)
-    # the run jumps over, as a rollback after a spike does (e.g. [[38400, 39744]])
+    # data windows [start, end) of sample positions the run jumps over, as a rollback after a
+    # spike does (e.g. [[38400, 39744]])
+    skip_samples: list[list[int]] | None = None
     inspect_every: int | None = None  # per-layer health every N steps (inspect.jsonl; null = off)
     sharpness_every: int | None = (
         None  # the loss Hessian's top eigenvalue every N steps (null = off)
