@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Explain one prediction of RUN_DIR's model with integrated gradients "
         "(Captum): how much each prompt token (language models), pixel (mnist, digits), "
         "feature (logreg) or time x mel region of a clip (speech) moved the explained "
-        "output away from a baseline that carries no evidence. The attributions add up to "
+        "output away from its value at a baseline: a 'no text' token at every position, a "
+        "black image, all-zero features, white noise. The attributions add up to "
         "F(input) - F(baseline); the printed convergence delta is how far they miss it.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or safetensors export")

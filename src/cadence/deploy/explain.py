@@ -78,7 +78,11 @@ def explain(
     steps: int = DEFAULT_STEPS,
     score: str = "logprob",
 ) -> Explanation:
-    """Attribute ``run``'s prediction for ``input`` (a prompt or a file name, as --input)."""
+    """Attribute ``run``'s prediction for ``input`` (a prompt or a file name, as --input).
+
+    The run's model is left with ``requires_grad`` off: gradients are needed for the input
+    alone, and a graph through every weight would only cost memory.
+    """
     check_options(steps, score, None)
     explainer = EXPLAINERS.get(run.kind)
     if explainer is None:
@@ -86,7 +90,7 @@ def explain(
         raise ConfigError(
             f"{run.path}: {run.what} cannot be explained yet; explain takes a {kinds} run"
         )
-    run.model.requires_grad_(False)  # gradients reach the input alone: no graph for weights
+    run.model.requires_grad_(False)
     return explainer(run, input, target, steps, score)
 
 

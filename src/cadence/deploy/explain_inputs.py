@@ -18,12 +18,22 @@ from cadence.config import ConfigError
 from cadence.deploy.kinds.classifier import INPUT_SHAPES
 from cadence.deploy.rundir import LoadedRun
 
-__all__ = ["IMAGE_SUFFIXES", "baseline_token", "read_array", "read_clip", "read_prompt"]
+__all__ = [
+    "IMAGE_SIDES",
+    "IMAGE_SUFFIXES",
+    "baseline_token",
+    "read_array",
+    "read_clip",
+    "read_prompt",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"})
 ARRAY_SUFFIXES = frozenset({".npy"})
 FILE_SUFFIXES = IMAGE_SUFFIXES | AUDIO_SUFFIXES | ARRAY_SUFFIXES
+# The classifiers whose inputs are square grayscale images, by side (digits stores its 8x8
+# flat); the others' inputs are feature vectors.
+IMAGE_SIDES = {"mnist": 28, "digits": 8}
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -95,8 +105,8 @@ def read_array(run: LoadedRun, text: str) -> torch.Tensor:
     model's, anything else is refused rather than distorted.
     """
     shape = INPUT_SHAPES[run.config.workload]
-    image = run.config.workload != "logreg"
-    side = int(round(np.sqrt(int(np.prod(shape)))))  # mnist 28, digits 8
+    side = IMAGE_SIDES.get(run.config.workload)
+    image = side is not None
     wants = (
         f"a {side}x{side} grayscale image (PNG/JPEG) or a .npy of shape {list(shape)}"
         if image
@@ -104,7 +114,7 @@ def read_array(run: LoadedRun, text: str) -> torch.Tensor:
     )
     path = _existing(run, text, wants)
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES and image:
+    if suffix in IMAGE_SUFFIXES and side is not None:
         arr = _read_image(path, side)
     elif suffix in ARRAY_SUFFIXES:
         try:

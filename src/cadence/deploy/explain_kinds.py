@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from cadence.config import ConfigError
-from cadence.deploy.explain_inputs import baseline_token, read_array, read_clip, read_prompt
+from cadence.deploy.explain_inputs import (
+    IMAGE_SIDES,
+    baseline_token,
+    read_array,
+    read_clip,
+    read_prompt,
+)
 from cadence.deploy.explain_result import Explanation, View
 from cadence.deploy.kinds.classifier import AUDIO
 from cadence.deploy.rundir import LoadedRun
@@ -195,12 +201,12 @@ def explain_classifier(
     if audio:
         return _explain_clip(model, forward, x, base, steps, common)
     attr, delta = _integrate(forward, x, base, steps)
-    if run.config.workload == "logreg":
+    side = IMAGE_SIDES.get(run.config.workload)
+    if side is None:  # a feature vector (standardised: 0 is the training mean)
         shown = x[0].double().numpy()
         return Explanation(
             View.FEATURES, attr, delta=delta, baseline="all features 0", shown=shown, **common
         )
-    side = int(round(np.sqrt(attr.size)))
     image = x[0].double().numpy().reshape(side, side)
     return Explanation(
         View.IMAGE,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ class TensorBoardLogger(Callback):
         self._open_at(step)
 
     def _open_at(self, step: int) -> None:
+        _without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         if self.writer is not None:
@@ -66,3 +69,11 @@ class TensorBoardLogger(Callback):
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def _without_tensorflow() -> None:
+    """TensorBoard imports TensorFlow for its file I/O when TensorFlow is installed (cadence's
+    ``[tensorflow]`` extra installs it), which costs seconds and puts TensorFlow in the
+    training process beside torch. Its own switch, a ``tensorboard.compat.notf`` module, makes
+    it use the built-in stub, which writes the same event files."""
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
