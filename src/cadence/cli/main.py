@@ -2,7 +2,7 @@
 
 All argument parsing of every command lives in this package (`cadence.cli`): train.py, tune.py
 (find-lr, find-batch, tune), compare.py, deploy.py (export, generate, serve), prepare.py
-(prepare-data) and inspect_run.py (inspect) each register their subcommands and call the library; this module assembles them,
+(prepare-data), inspect_run.py (inspect) and explain.py (explain) each register their subcommands and call the library; this module assembles them,
 maps user errors to one line and exit status 2, and prints config warnings as one line each.
 """
 
@@ -22,6 +22,7 @@ from rich.table import Table
 from cadence.cli.args import add_config_args
 from cadence.cli.compare import add_parsers as add_compare_parsers
 from cadence.cli.deploy import add_parsers as add_deploy_parsers
+from cadence.cli.explain import add_parser as add_explain_parser
 from cadence.cli.inspect_run import add_parser as add_inspect_parser
 from cadence.cli.prepare import add_parsers as add_prepare_parsers
 from cadence.cli.train import add_cooldown_parser, cmd_train
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune_parsers(sub)
     add_compare_parsers(sub)
     add_deploy_parsers(sub)
+    add_explain_parser(sub)
     add_prepare_parsers(sub)
     add_inspect_parser(sub)
     return parser
