@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2] / "src" / "cadence"
 LAYERS: list[set[str]] = [
     {"io", "runtime", "schedules", "optim", "models", "data", "track"},  # leaves
     {"config"},
+    {"keras"},  # cadence's strategies for Keras' own loop: schedules and config only
     {"workloads"},
     {"training"},
     {"tune"},
@@ -428,6 +429,13 @@ def test_dependencies_point_down_the_layers() -> None:
         or (layer_of(dep) == layer_of(unit) and layer_of(unit) != 0)
     ]
     assert not upward, "imports against the layers: " + "; ".join(upward)
+
+
+def test_nothing_of_cadence_imports_keras() -> None:
+    """cadence.keras loads Keras (and TensorFlow with its default backend): it is for users'
+    Keras runs only, so no unit of cadence's own imports it, not even inside a function."""
+    users = sorted(unit for unit, deps in import_graph().items() if "keras" in deps)
+    assert not users, "cadence.keras imported by: " + ", ".join(f"cadence.{u}" for u in users)
 
 
 def test_files_and_classes_stay_small() -> None:

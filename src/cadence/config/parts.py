@@ -17,31 +17,13 @@ from torch import nn
 from cadence.config.horizon import batch_ramp_over, horizon, seq_len_over
 from cadence.optim import OPTIMIZERS, build_optimizer, check_hparams
 from cadence.schedules import BatchRamp, Plateau, Schedule, build_schedule
+from cadence.schedules.checks import steps_of
 from cadence.schedules.hparams import HyperSchedules, piecewise_linear
 from cadence.schedules.seq_len import SeqLenSchedule
 
 if TYPE_CHECKING:
     from cadence.config.schema import Config
     from cadence.optim import AnyOptimizer
-
-
-def steps_of(value: int | float, total: int, key: str) -> int:
-    """An integer is a number of steps; a float is a fraction of the run's `total` steps (its
-    horizon).
-
-    A fraction rounds to the nearest step and stays below `total`, so ``schedule.warmup: 0.1``
-    works for a 20-step smoke run (2 steps) and a 300-step run (30) alike.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{key}: expected steps (an integer) or a run fraction, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"{key}: a fraction of the run must be in [0, 1), got {value}; "
-            "give a number of steps as an integer"
-        )
-    return max(0, min(round(value * total), total - 1))
 
 
 def _steps(cfg: Config, steps: int | None) -> int:

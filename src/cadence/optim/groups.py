@@ -18,8 +18,11 @@ _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def embedding_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of embedding weights; ids rather than names so a head tied to an embedding matches."""
-    return {id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)}
+    """Ids of embedding weights; ids rather than names so a head tied to an embedding matches.
+    A model whose tables are not ``nn.Embedding`` (a Keras model) names them with
+    ``embedding_parameter_names()``."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, _EMBEDDINGS)}
+    return ids | (_named_ids(model, "embedding_parameter_names") or set())
 
 
 def _is_no_decay(param: nn.Parameter, embedding_ids: set[int]) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "in_closed",
     "is_int",
     "positive_int",
+    "steps_of",
 ]
 
 Schedule = Callable[[int], float]
@@ -84,3 +85,22 @@ def check_milestones(milestones: Sequence[int]) -> tuple[int, ...]:
     if any(b <= a for a, b in zip(ms, ms[1:])):
         raise fail("schedule.milestones", f"must be strictly increasing, got {list(ms)}")
     return ms
+
+
+def steps_of(value: int | float, total: int, key: str) -> int:
+    """An integer is a number of steps; a float is a fraction of the run's `total` steps (its
+    horizon).
+
+    A fraction rounds to the nearest step and stays below `total`, so ``schedule.warmup: 0.1``
+    works for a 20-step smoke run (2 steps) and a 300-step run (30) alike.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key}: expected steps (an integer) or a run fraction, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"{key}: a fraction of the run must be in [0, 1), got {value}; "
+            "give a number of steps as an integer"
+        )
+    return max(0, min(round(value * total), total - 1))

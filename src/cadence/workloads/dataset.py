@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from cadence.models.keras_module import as_torch_module
 from cadence.runtime.distributed import all_reduce_sums
 from cadence.workloads.protocol import Workload, val_ranges
 
@@ -50,6 +51,7 @@ class DatasetWorkload(Workload):
         name: str = "",
     ) -> None:
         super().__init__()
+        model = as_torch_module(model)  # a Keras model (torch backend): stable names, roles
         if not isinstance(model, nn.Module):
             raise TypeError(f"DatasetWorkload: model must be an nn.Module, got {type(model)}")
         for what, ds in (("train", train), ("val", val)):
