@@ -59,12 +59,16 @@ def start_method() -> str:
     return "spawn" if torch.cuda.is_available() else "fork"
 
 
-def launch(nproc: int, argv: list[str], entry: Callable[[list[str]], None]) -> int:
+def launch(
+    nproc: int, argv: list[str], entry: Callable[[list[str]], None], max_restarts: int = 0
+) -> int:
     """Run `entry(argv)` on `nproc` local ranks; the exit status of the whole launch.
 
     `entry` must be a module-level function (spawn pickles it). A failed rank fails the launch:
-    torch's agent stops the other ranks, and the first failure's exit code is returned with one
-    line naming the rank (the rank's own output, traceback or `cadence: error:` line, came first).
+    torch's agent stops the other ranks and, while `max_restarts` allows, starts them all again
+    (TORCHELASTIC_RESTART_COUNT counts the restarts; `cadence train` resumes from the newest
+    checkpoint then). Past that, the first failure's exit code is returned with one line naming
+    the rank (the rank's own output, traceback or `cadence: error:` line, came first).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -73,8 +77,11 @@ def launch(nproc: int, argv: list[str], entry: Callable[[list[str]], None]) -> i
 
     if nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1, got {nproc}")
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be >= 0, got {max_restarts}")
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "-m", "cadence", *argv]
+        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+        + ["-m", "cadence", *argv]
     )
     # what `torchrun --standalone` sets (torch.distributed.run.run): a private c10d store on a
     # free port of this host, under a fresh run id

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RUN_DIR",
         help="continue RUN_DIR (or --run-dir) from its newest valid checkpoint; --set may raise "
-        "budgets such as train.max_steps",
+        "budgets such as train.max_steps. `--resume auto --run-dir DIR`: resume DIR if it has "
+        "a checkpoint, else start it fresh (what a torchrun restart does by itself)",
     )
     p.add_argument(
         "--nproc",
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train on N processes of this machine (torchrun; DDP or FSDP2 by "
         "train.distributed); for several machines run torchrun yourself",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --nproc: when a rank fails, restart every rank up to N times; each restart "
+        "resumes from the newest checkpoint",
     )
     p.set_defaults(func=cmd_train)
     add_cooldown_parser(sub)

@@ -15,12 +15,19 @@ from cadence.training.stopping import StopKind, StopReason
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    from cadence.run import load_config, resume, train
+    from cadence.run import auto_resume, load_config, restart_count, resume, train
 
     if args.nproc is not None:
         return launch(args)
 
-    if args.resume is not None:
+    if args.resume == "auto" or (args.resume is None and restart_count() > 0):
+        if args.run_dir is None:
+            raise ConfigError(
+                "--resume auto: name the run's directory with --run-dir DIR (it resumes from its "
+                "newest checkpoint, or starts there fresh)"
+            )
+        summary = auto_resume(args.run_dir, config=args.config, overrides=args.overrides)
+    elif args.resume is not None:
         summary = resume(_resume_dir(args), config=args.config, overrides=args.overrides)
     else:
         summary = train(load_config(args.config, args.overrides), run_dir=args.run_dir)
@@ -141,7 +148,7 @@ def launch(args: argparse.Namespace) -> int:
     from cadence.run import load_config, resume_config
 
     # a bad config (or a resume of nothing) fails here, once, not on every rank
-    if args.resume is None:
+    if args.resume in (None, "auto"):
         load_config(args.config, args.overrides)
     else:
         resume_config(_resume_dir(args), args.config, args.overrides)
@@ -150,13 +157,13 @@ def launch(args: argparse.Namespace) -> int:
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in ("--nproc", "--max-restarts"):
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         rest.append(a)
-    return launch_ranks(args.nproc, rest, args.rank_entry)
+    return launch_ranks(args.nproc, rest, args.rank_entry, max_restarts=args.max_restarts)
 
 
 def _num(value: float | None) -> str:

@@ -19,8 +19,11 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.workload}-{cfg.optimizer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    if (run_dir / "metrics.jsonl").exists():
+def prepare_run_dir(run_dir: Path, over_partial: bool = False) -> None:
+    """Make the run's directory, refusing one that holds a run. ``over_partial``: a run that
+    died before its first checkpoint (``--resume auto``, a torchrun restart) has nothing to
+    resume, and starts again in its directory."""
+    if (run_dir / "metrics.jsonl").exists() and not over_partial:
         raise ConfigError(
             f"--run-dir {run_dir}: already holds a run; resume it with "
             f"`cadence train --resume {run_dir}`, or choose another directory"

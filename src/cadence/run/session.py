@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def train(
     *,
     workload: Workload | None = None,
     plots: bool = True,
+    over_partial: bool = False,
 ) -> dict[str, Any]:
     """Train one run and return its summary (also written to run_dir/summary.json).
 
@@ -95,6 +97,7 @@ def train(
     directory is created, so a bad invocation leaves nothing behind. Under torchrun every process
     calls this; rank 0 alone writes files. ``plots=False`` skips the PNGs (matplotlib costs
     seconds, more than a tiny run trains; ``compare`` draws its own from metrics.jsonl).
+    ``over_partial`` starts again over a run that has no checkpoint (see :func:`auto_resume`).
     """
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     with _process_group(cfg) as world:
@@ -112,7 +115,7 @@ def train(
             if cfg.privacy.enabled:
                 holder["private"] = resolve_privacy(cfg, w, ahead.steps, world)
             plan_pilot(cfg, w)
-            prepare_run_dir(run_dir)
+            prepare_run_dir(run_dir, over_partial)
             tokenizer = holder["w"].extras.get("tokenizer")
             if tokenizer is not None:
                 tokenizer.save(run_dir)
@@ -179,6 +182,43 @@ def resume(
         built = _workload(cfg, workload, tokenizer_dir=run_dir)
         summary = _execute(cfg, built, run_dir, callbacks, checkpoint, world, plots)
     return summary
+
+
+def restart_count() -> int:
+    """How many times torchrun's agent has restarted this job's workers (0: the first start)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def auto_resume(
+    run_dir: str | Path,
+    config: Config | str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """``--resume auto`` and torchrun's restarts: continue ``run_dir`` from its newest valid
+    checkpoint, or start it fresh when it has none (a new directory, or a run that died before
+    its first checkpoint). The choice reads only checkpoints, which no process can write before
+    every process has joined the run, so all of them choose alike; a resume then takes the
+    checkpoint rank 0 verified. A resumed run follows its config.yaml: of ``overrides`` only
+    the keys a resume may change (RESUMABLE_KEYS: budgets, cadence) apply, since the rest were
+    decided when the run started (an ``auto`` LR, for one)."""
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    found = latest_valid(root)[0] if root.is_dir() else None
+    n = restart_count()
+    why = f"torchrun restart {n}" if n else "--resume auto"
+    say = os.environ.get("RANK", "0") == "0"
+    if found is not None:
+        if say:
+            print(f"cadence: {why}: resuming {run_dir} from {found.name}", flush=True)
+        keep = [o for o in overrides if o.split("=", 1)[0].strip() in RESUMABLE_KEYS]
+        return resume(run_dir, overrides=keep)
+    if say:
+        print(f"cadence: {why}: {run_dir} holds no checkpoint; starting it fresh", flush=True)
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    return train(cfg, run_dir=run_dir, over_partial=True)
 
 
 def resume_config(

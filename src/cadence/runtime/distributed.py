@@ -62,11 +62,42 @@ def init_world(mode: str, timeout_s: float) -> World:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        timeout = timedelta(seconds=timeout_s)
+        backend = "nccl" if cuda else "gloo"
+        store = _restart_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            rank = int(os.environ["RANK"])
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=size, timeout=timeout
+            )
     resolved = "ddp" if mode == "auto" else mode
     return World(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
+
+
+def _restart_store(timeout: timedelta) -> dist.Store | None:
+    """After a torchrun restart, the process group's store under a prefix of its own.
+
+    torchrun's agent keeps one store for the whole job, and the process group writes its
+    connection keys (each rank's address) there under the same names every time; the workers of
+    a restart then read the dead workers' addresses and fail to connect ("Connection refused",
+    seen with gloo on torch 2.13). A prefix per restart keeps each attempt's keys apart. The
+    first attempt uses torch's own env:// rendezvous, unchanged."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0"):
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    base = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=env_world_size(),
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"cadence/restart_{attempt}", base)
 
 
 def shutdown(world: World, clean: bool = True) -> None:
