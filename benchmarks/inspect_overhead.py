@@ -22,14 +22,12 @@ the median over rounds is printed with the spread.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
+from machine import header
 
 import cadence
 
@@ -65,10 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a one-layer model (a smoke test)")
     args = parser.parse_args()
-    print(
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or 'cpu'}"
-        f", {os.cpu_count()} cores, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}"
-    )
+    print(header())
     ratios: dict[str, list[float]] = {n: [] for n in VARIANTS}
     walls: dict[str, list[float]] = {n: [] for n in VARIANTS}
     times: dict[str, list[float]] = {n: [] for n in VARIANTS}

@@ -46,6 +46,17 @@ def test_inspect_overhead_runs_at_tiny_sizes() -> None:
     ]
 
 
+def test_checkpoint_stall_runs_at_tiny_sizes() -> None:
+    out = _run(
+        str(BENCHMARKS / "checkpoint_stall.py"), "--small", "--steps", "4", "--every", "2",
+        timeout=600,
+    )  # fmt: skip
+    assert [r.split("|")[1].strip() for r in out.splitlines() if r.startswith("| s")] == [
+        "synchronous"
+    ]
+    assert any(r.startswith("| background thread |") for r in out.splitlines())
+
+
 def test_time_to_target_runs_with_a_short_budget() -> None:
     # eager: the default recipe's horizon would compile its GPT (train.compile: auto), C++
     # builds that cost a minute here and that test_compiling and gpu.py already cover

@@ -125,6 +125,9 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # clip the global gradient norm to this
     checkpoint_every: int | None = None  # save a checkpoint every N steps (always at the end)
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
+    # write checkpoints on a background thread: training pauses only to copy the state to host
+    # memory (not for sharded FSDP2 checkpoints; the run's last checkpoint is written at once)
+    async_checkpoint: bool = False
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload
     # a loss spike: a training loss spike_z robust deviations (median, MAD) above the last

@@ -62,6 +62,7 @@ RESUMABLE_KEYS = frozenset(
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.async_checkpoint",
         "train.target",
         "train.stop_at_target",
         "train.early_stop_patience",

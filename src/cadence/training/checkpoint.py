@@ -102,25 +102,34 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
 
     Sharded runs: every rank writes its shards into the temporary folder rank 0 created; rank 0
     then adds trainer.pt and the manifest and renames the folder into place. Otherwise rank 0
-    alone writes (DDP replicas are identical).
+    alone writes (DDP replicas are identical), in the background with train.async_checkpoint
+    (async_save.py) unless this is the run's last checkpoint.
     """
     world = trainer.world
     final = root / f"step_{trainer.state.step:08d}"
     tmp = root / f".{final.name}.tmp-{broadcast_object(os.getpid(), world)}"
+    writer = trainer.writer
+    if writer is not None:
+        writer.wait()  # the previous write is on disk before this one starts
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(world)
+    if writer is not None and not trainer.sharded and not trainer.stopping:
+        if world.is_main:
+            job = _Job(trainer, root, tmp, final, keep_last, snapshot=True)
+            writer.submit(job.write)
+        barrier(world)
+        return final
     try:
         sharded = save_sharded(trainer, tmp / DIRNAME) if trainer.sharded else None  # collective
         if world.is_main:
-            state = trainer.state_dict()  # no collective: sharded tensors are in the shards
+            job = _Job(trainer, root, tmp, final, keep_last, snapshot=False)
             if sharded is not None:
-                state["sharded"] = sharded
-            _write_checkpoint(trainer, root, tmp, final, state)
-            prune(root, keep_last)
+                job.state["sharded"] = sharded
+            job.write()
     finally:
         if world.is_main and tmp.exists():
             shutil.rmtree(tmp)
@@ -132,33 +141,61 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def _write_checkpoint(
-    trainer: Trainer, root: Path, tmp: Path, final: Path, state: dict[str, Any]
-) -> None:
-    _save_state({"format": FORMAT, **state}, tmp / "trainer.pt")
-    if "sharded" not in state:
-        trainer.save_weights(tmp / "model.safetensors")
-    metric, higher_is_better = trainer.checkpoint_metric
-    files = _files(tmp)
-    manifest = {
-        "format": FORMAT,
-        "layout": "sharded" if "sharded" in state else "whole",
-        "step": trainer.state.step,
-        "world_size": trainer.world.size,
-        "metric": metric,
-        "higher_is_better": higher_is_better,
-        "files": {name: sha256_file(tmp / name) for name in files},
-    }
-    (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
-    for name in [*files, "checkpoint.json"]:
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
-    for folder in {(tmp / name).parent for name in files}:
-        _fsync_dir(folder)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+class _Job:
+    """One checkpoint's contents and how to write them. ``snapshot``: copied to host memory now
+    (the write happens later, on another thread, while training changes the live tensors);
+    otherwise read from the trainer while writing, as a synchronous save does."""
+
+    def __init__(
+        self, trainer: Trainer, root: Path, tmp: Path, final: Path, keep: int, snapshot: bool
+    ) -> None:
+        self.root, self.tmp, self.final, self.keep = root, tmp, final, keep
+        self.state = trainer.state_dict()  # no collective: sharded tensors are in the shards
+        self.metric, self.higher_is_better = trainer.checkpoint_metric
+        self.step, self.world_size = trainer.state.step, trainer.world.size
+        self.weights: Callable[[Path], None] = trainer.save_weights
+        if snapshot:
+            from cadence.training.async_save import host_copy
+
+            self.state = host_copy(self.state)
+            with trainer.averaged_weights():  # what save_weights would write
+                weights = host_copy(dict(trainer.model.state_dict()))
+            model = trainer.model
+            self.weights = lambda path: save_whole_weights(model, weights, path)
+
+    def write(self) -> None:
+        try:
+            self._write()
+        finally:
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+
+    def _write(self) -> None:
+        tmp, state = self.tmp, self.state
+        _save_state({"format": FORMAT, **state}, tmp / "trainer.pt")
+        if "sharded" not in state:
+            self.weights(tmp / "model.safetensors")
+        files = _files(tmp)
+        manifest = {
+            "format": FORMAT,
+            "layout": "sharded" if "sharded" in state else "whole",
+            "step": self.step,
+            "world_size": self.world_size,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "files": {name: sha256_file(tmp / name) for name in files},
+        }
+        (tmp / "checkpoint.json").write_text(json.dumps(manifest, indent=2))
+        for name in [*files, "checkpoint.json"]:
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        for folder in {(tmp / name).parent for name in files}:
+            _fsync_dir(folder)
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(tmp, self.final)
+        _fsync_dir(self.root)
+        prune(self.root, self.keep)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

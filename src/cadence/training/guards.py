@@ -33,6 +33,8 @@ class Guards:
         """The newest valid checkpoint, as every rank agrees (None without a run directory)."""
         if self.run_dir is None:
             return None
+        if self.writer is not None:
+            self.writer.wait()  # the newest checkpoint may still be being written
         root = self.run_dir / "checkpoints"
         return checkpoint.agreed(lambda: checkpoint.latest_valid(root), self.world)[0]
 

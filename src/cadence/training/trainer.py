@@ -35,6 +35,7 @@ from cadence.runtime.distributed import SINGLE, World
 from cadence.runtime.events import Callback
 from cadence.schedules import AutoBatchRamp
 from cadence.training import evaluation
+from cadence.training.async_save import BackgroundWriter
 from cadence.training.batches import Prefetcher, cut_to_length, global_batch, trained_tokens
 from cadence.training.checkpointable import Checkpointable
 from cadence.training.compiling import Compiler
@@ -140,6 +141,7 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
         self.rows = RowLogger(workload.n_train, workload.tokens_per_sample)
         self.autocast = autocast_context(self.device, t.precision)
         self.sharded = t.distributed == "fsdp"  # FSDP runs save sharded (DCP) checkpoints
+        self.writer = BackgroundWriter() if t.async_checkpoint else None  # checkpoints' thread
         self.last_metrics: dict[str, float] | None = None
         self.pending: dict[str, Any] = {}  # what callbacks logged for this step's row
         self.signals = None  # a StopSignals while fit() runs under cadence.train / resume
@@ -224,9 +226,9 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
         )
 
     def close(self) -> None:
-        """Stop the background reader, undo in-place compilation and take privacy's hooks off
-        the model (fit calls it however the loop ends)."""
-        for part in (self.prefetcher, self.privacy, self.compiler):
+        """Stop the background reader, undo in-place compilation, take privacy's hooks off the
+        model and wait for a checkpoint being written (fit calls it however the loop ends)."""
+        for part in (self.prefetcher, self.privacy, self.compiler, self.writer):
             if part is not None:
                 part.close()
 

@@ -1,0 +1,72 @@
+"""How long a checkpoint stops training: synchronous against ``train.async_checkpoint``.
+
+A GPT large enough that its checkpoint takes a noticeable time to write (8 blocks of width
+512 with AdamW: the weights and two moments, about 300 MB) trains the same steps twice, saving
+every few steps, once writing each checkpoint in the loop and once handing it to the
+background writer. The stall per checkpoint is the run's ``checkpoint_time_s`` (the time the
+loop spent in saves) over the number of saves; the training time beside it shows what the
+writer thread costs the steps that overlap it.
+
+    python benchmarks/checkpoint_stall.py                      # 30 steps, a save every 5
+    python benchmarks/checkpoint_stall.py --small --steps 6    # does it run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from machine import header
+
+import cadence
+
+LARGE = ["model.n_layer=8", "model.d_model=512", "model.n_head=8"]
+SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.eval_samples=16"]
+
+
+def run(async_: bool, steps: int, every: int, size: list[str], root: Path) -> dict:
+    cfg = cadence.load_config(
+        "default",
+        [
+            *size,
+            "optimizer.name=adamw",
+            "batch.size=8",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_every={every}",
+            f"train.eval_every={steps}",
+            "train.keep_checkpoints=2",
+            "train.compile=false",
+            "train.progress=false",
+            f"train.async_checkpoint={str(async_).lower()}",
+        ],
+    )
+    name = "async" if async_ else "sync"
+    return cadence.train(cfg, run_dir=root / name, plots=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--small", action="store_true", help="a one-layer model (a smoke test)")
+    args = parser.parse_args()
+    print(header())
+    size = SMALL if args.small else LARGE
+    saves = args.steps // args.every  # the last one (at the end) is synchronous in both
+    print("| checkpoints | saves | stall per save (s) | training s | wall s |")
+    print("|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for async_ in (False, True):
+            s = run(async_, args.steps, args.every, size, Path(tmp))
+            label = "background thread" if async_ else "synchronous"
+            print(
+                f"| {label} | {saves} | {s['checkpoint_time_s'] / saves:.3f} "
+                f"| {s['train_time_s']:.1f} | {s['wall_time_s']:.1f} |"
+            )
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
