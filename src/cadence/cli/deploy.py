@@ -23,18 +23,21 @@ def add_parsers(sub: Any) -> None:
     """Register ``export``, ``generate`` and ``serve`` on the main CLI's subparsers."""
     p = sub.add_parser(
         "export",
-        help="export a run as safetensors, ONNX, the Hugging Face format or a peft adapter "
-        "folder (checked vs PyTorch)",
+        help="export a run as safetensors, ONNX, the Hugging Face format, a peft adapter "
+        "folder, or a Keras run as .keras, SavedModel or TFLite (checked vs PyTorch)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `cadence train`")
     p.add_argument(
         "--format",
         required=True,
-        choices=["safetensors", "onnx", "hf", "peft"],
+        choices=["safetensors", "onnx", "hf", "peft", "keras", "savedmodel", "tflite"],
         dest="fmt",
         help="hf: a folder transformers' from_pretrained loads (HF runs; cadence GPT with "
         "model.norm=layernorm, as GPT-NeoX); peft: a model.peft run's adapter folder, which "
-        "PeftModel.from_pretrained loads onto the model.hf folder (the others merge them)",
+        "PeftModel.from_pretrained loads onto the model.hf folder (the others merge them); "
+        "keras, savedmodel, tflite: a Keras run (KERAS_BACKEND=torch) as files TensorFlow "
+        "loads (model.keras, the SavedModel folder, model.tflite), checked in a TensorFlow "
+        "process",
     )
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/FORMAT)")
     _add_weight_choice(p, "export model_ema.safetensors (train.ema)")
@@ -100,10 +103,11 @@ def _add_weight_choice(p: argparse.ArgumentParser, ema_help: str) -> None:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from cadence.deploy.export import export_run
+    from cadence.deploy.export_keras import KERAS_FORMATS, export_keras
 
     t0 = time.perf_counter()
     try:
-        result = export_run(
+        result = (export_keras if args.fmt in KERAS_FORMATS else export_run)(
             args.run_dir,
             args.fmt,
             args.out,
@@ -124,6 +128,9 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         "onnx": "onnxruntime vs PyTorch",
         "hf": "from_pretrained vs PyTorch",
         "peft": "PeftModel.from_pretrained on the base vs PyTorch",
+        "keras": "keras.models.load_model (TensorFlow) vs PyTorch",
+        "savedmodel": "tf.saved_model.load(...).serve vs PyTorch",
+        "tflite": "tf.lite.Interpreter vs PyTorch",
     }[args.fmt]
     console.print(
         f"  {what}: max abs diff {result.max_abs_diff:.3g} (tolerance {result.tolerance:g})"

@@ -53,7 +53,7 @@ class LoadedRun:
         return next(self.model.parameters()).dtype
 
 
-def _weights_file(run_dir: Path, ema: bool, lawa: bool = False) -> Path:
+def weights_file(run_dir: Path, ema: bool, lawa: bool = False) -> Path:
     name = "model_ema" if ema else "model_lawa" if lawa else "model"
     path = run_dir / f"{name}.safetensors"
     if path.is_file():
@@ -70,7 +70,7 @@ def _weights_file(run_dir: Path, ema: bool, lawa: bool = False) -> Path:
     raise ConfigError(f"{path}: not found; the run did not finish{hint}")
 
 
-def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
+def checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
     """`latest`, a step number, a `step_N` name or a path -> a verified checkpoint folder."""
     from cadence.training.checkpoint import CheckpointError, latest_valid, verify
 
@@ -95,6 +95,26 @@ def _checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
     except CheckpointError as exc:
         raise ConfigError(f"--checkpoint: {exc}") from None
     return path
+
+
+def load_weights(model: nn.Module, weights: Path, *, from_checkpoint: bool, ema: bool) -> None:
+    """A run's weights into ``model`` (a checkpoint's, or a safetensors file), all of them; a
+    file that does not fit is one line naming it (ConfigError), never a traceback."""
+    from safetensors.torch import load_model
+
+    try:
+        if from_checkpoint:
+            model.load_state_dict(checkpoint_weights(model, weights, ema), strict=True)
+        else:
+            load_model(model, str(weights), strict=True, device="cpu")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"{weights}: corrupt or does not match config.yaml ({reason[:200]}); "
+            "re-export or retrain the run"
+        ) from None
 
 
 def checkpoint_weights(model: nn.Module, path: Path, ema: bool) -> dict[str, torch.Tensor]:
@@ -150,8 +170,6 @@ def load_run(
             "--lawa: reads model_lawa.safetensors, the run's final LAWA average; "
             "it does not combine with --ema or --checkpoint"
         )
-    from safetensors.torch import load_model
-
     from cadence.data import DataError
     from cadence.data.tokenizers import load_tokenizer
     from cadence.models.adapters import has_adapters, merge_adapters
@@ -178,7 +196,7 @@ def load_run(
         except Exception as exc:  # a tokenizer.json that `tokenizers` cannot parse
             raise ConfigError(f"{path / 'tokenizer.json'}: cannot be read ({exc})") from None
     labels = _labels(path)
-    weights = _checkpoint_dir(path, checkpoint) if checkpoint else _weights_file(path, ema, lawa)
+    weights = checkpoint_dir(path, checkpoint) if checkpoint else weights_file(path, ema, lawa)
     try:
         model = build_model(
             cfg,
@@ -189,19 +207,7 @@ def load_run(
         adapt_model(model, cfg)  # a model.peft run's weights hold the adapters beside the base
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: {exc}") from None
-    try:
-        if checkpoint:
-            model.load_state_dict(checkpoint_weights(model, weights, ema), strict=True)
-        else:
-            load_model(model, str(weights), strict=True, device="cpu")
-    except ConfigError:
-        raise
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"{weights}: corrupt or does not match config.yaml ({reason[:200]}); "
-            "re-export or retrain the run"
-        ) from None
+    load_weights(model, weights, from_checkpoint=bool(checkpoint), ema=ema)
     # Adapters are folded into the weights they adapt (peft's merge): what is exported, served
     # and generated from is the plain model, with its own structure and parameter names, and
     # the config says so (an export of it is a plain model). `merge=False` keeps them apart
