@@ -32,6 +32,7 @@ EXPECTED = {
     "autocast": lambda v: isinstance(v(), AbstractContextManager),
     "clock": lambda v: isinstance(v, RunClock),
     "stopping": lambda v: v is False,
+    "inspection": lambda v: v is None,  # no step inspected (train.inspect_every off)
     "batch_size": lambda v: isinstance(v(), int) and v() == 16,
     "log_metrics": callable,
     "averaged_weights": lambda v: isinstance(v(), AbstractContextManager),

@@ -101,8 +101,10 @@ class LayerHealth:
         """Forward hooks for the activation statistics, on for the block it wraps only."""
         self._acts, self._ents = {}, {}
         handles = [m.register_forward_hook(self._act_hook(g)) for g, m in self.modules.items()]
+        # before the forward: its inputs are all the entropy needs, and FSDP2 has gathered
+        # the block's weights by then (a hook after it would find them resharded)
         handles += [
-            m.register_forward_hook(self._entropy_hook(g), with_kwargs=True)
+            m.register_forward_pre_hook(self._entropy_hook(g), with_kwargs=True)
             for g, m in self.attention.items()
         ]
         try:
@@ -121,7 +123,7 @@ class LayerHealth:
         return hook
 
     def _entropy_hook(self, group: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             with torch.no_grad():
                 rows = module.attention_entropy(*args, **kwargs).detach().float()
                 self._ents.setdefault(group, []).append((rows.sum(), rows.numel()))
