@@ -80,3 +80,18 @@ def test_describe_spike_says_what_was_done():
         "first; rolled back to step 1,200, skipped samples 38,400-39,744, LR x 0.5"
     )
     assert describe_spike({**event, "action": "skip"}).endswith("; update skipped")
+
+
+def test_a_rollback_keeps_the_runs_record_of_its_trouble():
+    """Either kind of rollback (a non-finite step or a spike) goes through nonfinite.reload:
+    counters come back from the checkpoint, the spikes, skips and rollbacks seen since do not."""
+    from cadence.training.nonfinite import reload
+    from cadence.training.state import TrainState
+
+    saved = TrainState(step=20, samples=320, recent_losses=[1.0, 2.0]).state_dict()
+    st = TrainState(step=29, samples=464, skipped_steps=2, rollbacks=1, lr_scale=0.5)
+    st.spikes = [{"step": 25}]
+    reload(st, "ckpt", lambda path: st.load_state_dict(saved), lr_factor=0.5)
+    assert (st.step, st.samples, st.recent_losses) == (20, 320, [1.0, 2.0])
+    assert (st.rollbacks, st.skipped_steps, st.lr_scale) == (2, 2, 0.25)
+    assert st.spikes == [{"step": 25}]

@@ -48,13 +48,21 @@ class Guards:
                 tokens_per_sample=trained_tokens(self.workload, self.seq_len, self.position),
                 rollback_lr_factor=t.rollback_lr_factor,
                 latest_checkpoint=self.latest_checkpoint,
-                restore=lambda path: checkpoint.restore(self, path, verified=True),
+                restore=self.restore_verified,
             )
         )
         if t.on_nonfinite == "rollback" and not self.stopping:
-            if self.health is not None:
-                self.health.rewind(self.state.step)
-            self.emit("on_rewind", self.state.step)
+            self.rewound()
+
+    def restore_verified(self: Trainer, path: Path) -> None:
+        """Back to a checkpoint that latest_checkpoint already verified."""
+        checkpoint.restore(self, path, verified=True)
+
+    def rewound(self: Trainer) -> None:
+        """After a rollback: records of steps that no longer happened are dropped."""
+        if self.health is not None:
+            self.health.rewind(self.state.step)
+        self.emit("on_rewind", self.state.step)
 
     def skip_data(self: Trainer) -> None:
         """``train.skip_samples``: a data position inside a window jumps to its end."""
@@ -98,10 +106,8 @@ class Guards:
         if t.on_spike == "rollback" and self.roll_back(event, size):
             return True
         event["action"] = "skip"  # rollback without a checkpoint (yet) or rollbacks left skips
-        st.skipped_steps += 1
-        st.consecutive_skips += 1
-        st.samples += size  # drop this batch, keep the data order of the run
-        st.tokens += size * trained_tokens(self.workload, self.seq_len, self.position)
+        tokens = trained_tokens(self.workload, self.seq_len, self.position)
+        nonfinite.drop_batch(st, size, tokens)
         self.record_spike(event)
         return True
 
@@ -113,17 +119,11 @@ class Guards:
         if path is None or st.rollbacks >= nonfinite.MAX_ROLLBACKS:
             return False
         end = st.samples + size
-        kept = (st.rollbacks + 1, st.lr_scale, st.skipped_steps, st.spikes)
-        checkpoint.restore(self, path, verified=True)  # every counter back to the checkpoint's
-        st = self.state
-        st.rollbacks, st.skipped_steps, st.spikes = kept[0], kept[2], kept[3]
-        st.lr_scale = kept[1] * self.cfg.train.rollback_lr_factor
-        if self.health is not None:
-            self.health.rewind(st.step)
+        nonfinite.reload(st, path, self.restore_verified, self.cfg.train.rollback_lr_factor)
         event.update(rolled_back_to=st.step, skipped=[st.samples, end], lr_scale=st.lr_scale)
         st.samples = end
         self.record_spike(event)
-        self.emit("on_rewind", st.step)
+        self.rewound()
         return True
 
     def record_spike(self: Trainer, event: dict[str, Any]) -> None:

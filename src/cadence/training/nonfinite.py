@@ -40,23 +40,36 @@ def handle_nonfinite(
     (both agreed across processes by the caller).
     """
     bad_step = st.step + 1
-    st.skipped_steps += 1
-    st.consecutive_skips += 1
-    if policy == "stop":
-        return StopReason(StopKind.NONFINITE, bad_step)
     if policy == "skip":
-        st.samples += size  # drop this batch, keep the data order of the run
-        st.tokens += size * tokens_per_sample
+        drop_batch(st, size, tokens_per_sample)
         if st.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             why = f"{st.consecutive_skips} steps in a row"
             return StopReason(StopKind.NONFINITE, bad_step, why)
         return None
+    st.skipped_steps += 1
+    st.consecutive_skips += 1
+    if policy == "stop":
+        return StopReason(StopKind.NONFINITE, bad_step)
     path = latest_checkpoint()
     if path is None or st.rollbacks >= MAX_ROLLBACKS:
         why = "no checkpoint to roll back to" if path is None else "too many rollbacks"
         return StopReason(StopKind.NONFINITE, bad_step, why)
-    kept = (st.rollbacks + 1, st.lr_scale, st.skipped_steps)
-    restore(path)  # replaces every counter of `st` with the checkpoint's
-    st.rollbacks, st.skipped_steps = kept[0], kept[2]
-    st.lr_scale = kept[1] * rollback_lr_factor
+    reload(st, path, restore, rollback_lr_factor)
     return None
+
+
+def drop_batch(st: TrainState, size: int, tokens_per_sample: int) -> None:
+    """A bad step's batch passed over without an update (a non-finite loss or a spike): the
+    data order of the run is kept, and the step counts as skipped."""
+    st.skipped_steps += 1
+    st.consecutive_skips += 1
+    st.samples += size
+    st.tokens += size * tokens_per_sample
+
+
+def reload(st: TrainState, path: Path, restore: Callable[[Path], None], lr_factor: float) -> None:
+    """A rollback to ``path``: every counter becomes the checkpoint's, except the run's record
+    of its trouble (rollbacks, one more; skipped steps; spikes), and the LR scale is lowered."""
+    kept = (st.rollbacks + 1, st.lr_scale * lr_factor, st.skipped_steps, st.spikes)
+    restore(path)  # replaces every counter of `st` with the checkpoint's
+    st.rollbacks, st.lr_scale, st.skipped_steps, st.spikes = kept
