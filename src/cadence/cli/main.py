@@ -46,6 +46,22 @@ def _distributed_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _transport_error(exc: RuntimeError) -> bool:
+    """gloo reports a peer that died mid-collective as a plain RuntimeError from its TCP
+    transport ("Connection reset by peer", "Connection closed by peer"), not as a DistError."""
+    text = str(exc)
+    return "gloo/transport" in text or "Connection closed by peer" in text
+
+
+def _lost_group(exc: BaseException) -> int:
+    """Another process of the group died or timed out: one line, not N tracebacks. Exit 1, so
+    torchrun restarts the job when --max-restarts allows (it then resumes by itself)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    rank = os.environ.get("RANK", "?")
+    print(f"cadence: error: rank {rank} lost the process group ({first[:200]})", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadence",
@@ -207,13 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cadence: interrupted", file=sys.stderr)
         return 130
     except _distributed_errors() as exc:
-        # Another process of the group died or timed out: one line, not N tracebacks.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"cadence: error: rank {rank} lost the process group ({first[:200]})", file=sys.stderr
-        )
-        return 1
+        return _lost_group(exc)
+    except RuntimeError as exc:
+        if not _transport_error(exc):
+            raise
+        return _lost_group(exc)
     except OSError as exc:
         # A runtime fault of the machine (disk full, permissions): one line, exit 1. Saves are
         # atomic, so earlier checkpoints and files are intact.

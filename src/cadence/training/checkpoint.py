@@ -303,6 +303,30 @@ def restore(trainer: Trainer, path: Path, verified: bool = False) -> None:
                 f"remove {path} to resume from an earlier one"
             ) from None
     trainer.load_state_dict(state)
+    adapt_to_world(trainer, int(manifest.get("world_size") or trainer.world.size))
+
+
+def adapt_to_world(trainer: Trainer, written_by: int) -> None:
+    """A run resumed on another number of processes than wrote its checkpoint (an elastic job
+    that lost or gained a node, or a resume with another ``--nproc``): the global batch is the
+    config's whatever the count, so only each process's share changes. With fewer processes and
+    no batch.micro_size, each one would hold a larger share in one pass, which is more memory
+    than it had; it accumulates over passes of its former share instead (``pass_size``, kept
+    in the state from then on). Rank 0 says what changed."""
+    now = trainer.world.size
+    if written_by == now:
+        return
+    limit = trainer.cfg.batch.micro_size or trainer.state.pass_size
+    if written_by > now and limit is None:
+        limit = trainer.state.pass_size = -(-trainer.ramp.max_size // written_by)
+    if trainer.world.is_main:
+        passes = f"; each process accumulates passes of at most {limit} samples" if limit else ""
+        plural = "es" if now > 1 else ""
+        print(
+            f"cadence: resuming on {now} process{plural} (the checkpoint was written by "
+            f"{written_by}): the global batch stays as configured{passes}",
+            flush=True,
+        )
 
 
 def agreed(fn: Callable[[], T], world: World) -> T:

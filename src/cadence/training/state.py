@@ -45,6 +45,11 @@ class TrainState:
     # train.on_spike: the recent training losses a spike is judged against, and the spikes
     recent_losses: list[float] = field(default_factory=list)
     spikes: list[dict[str, Any]] = field(default_factory=list)
+    # Samples per forward/backward pass on each process when batch.micro_size is unset and the
+    # run went on with fewer processes than wrote its checkpoint (an elastic job that lost a
+    # node): each one's share of the largest batch then, so a process accumulates over several
+    # passes instead of needing more memory than it had. Kept once set (None: no limit).
+    pass_size: int | None = None
     stop_reason: StopReason | None = None
 
     def state_dict(self) -> dict[str, Any]:

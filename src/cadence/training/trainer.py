@@ -221,9 +221,8 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
         return self.compiler.run(step, lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def _read_batches(self, position: int, size: int) -> tuple[list[Any], int]:
-        return global_batch(
-            self.workload, self.sampler, self.world, position, size, self.cfg.batch.micro_size
-        )
+        micro = self.cfg.batch.micro_size or self.state.pass_size
+        return global_batch(self.workload, self.sampler, self.world, position, size, micro)
 
     def close(self) -> None:
         """Stop the background reader, undo in-place compilation, take privacy's hooks off the
