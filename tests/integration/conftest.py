@@ -73,3 +73,43 @@ def served_lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lm_server(served_lm_run: Path) -> Iterator[Server]:
     """A real server on 127.0.0.1 holding the tiny GPT, stopped when the module ends."""
     yield from serve(served_lm_run, LIMIT)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server's URL for the shared-study tests (test_tune_storage.py).
+
+    CADENCE_TEST_POSTGRES when set (.ci/run starts a server and sets it); else a throwaway server
+    started here by the same script, .ci/postgres.sh, where the server's binaries are installed
+    (stopped when the session ends); else the tests are skipped, except under CI=true, where a
+    missing server is a failure: CI must not pass by skipping them.
+    """
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    given = os.environ.get("CADENCE_TEST_POSTGRES")
+    if given:
+        yield given
+        return
+    script = Path(__file__).resolve().parents[2] / ".ci" / "postgres.sh"
+    in_ci = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+    folder = tempfile.mkdtemp(prefix="cadence-postgres-")  # not under pytest's 0700 basetemp:
+    # as root, the server runs as the postgres user, which must reach its folder
+    res = None
+    if script.is_file() and shutil.which("bash"):
+        res = subprocess.run(
+            ["bash", str(script), "start", folder], capture_output=True, text=True, timeout=120
+        )
+    if res is None or res.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        why = "no .ci/postgres.sh" if res is None else res.stderr.strip()[-400:]
+        message = f"no PostgreSQL server (set CADENCE_TEST_POSTGRES=postgresql://...): {why}"
+        if in_ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield res.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", folder], capture_output=True, timeout=120)

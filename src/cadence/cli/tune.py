@@ -20,6 +20,7 @@ from rich.table import Table
 from cadence.cli.args import add_config_args
 from cadence.config import ConfigError
 from cadence.config.privacy import refuse_unaccounted
+from cadence.tune.storage import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_RETRY
 
 __all__ = ["add_parsers", "cmd_find_batch", "cmd_find_lr", "cmd_tune"]
 
@@ -54,10 +55,43 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna, pruning bad trials")
     add_config_args(p)
-    p.add_argument("--trials", type=int, required=True, help="trials to run (added to a study)")
+    # One of the two is needed; checked by cmd_tune (not argparse's required=True) so that a
+    # bare `cadence tune` quoted in the docs still parses, as `cadence train` does.
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--trials", type=int, metavar="N", help="run N more trials (added to the study)"
+    )
+    budget.add_argument(
+        "--study-trials",
+        type=int,
+        metavar="N",
+        help="run until the study holds N trials, together with every worker on the same "
+        "--storage and --study; run again to resume, with a larger N to extend",
+    )
     p.add_argument("--space", default=None, help="search-space YAML (else the config's search:)")
-    p.add_argument("--storage", default=None, help="Optuna RDB URL (default: RUN_DIR/study.db)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="where the study lives: sqlite:///FILE, postgresql://USER@HOST/DB (shared by "
+        "machines) or journal:PATH (a file on a shared filesystem); default RUN_DIR/study.db",
+    )
     p.add_argument("--study", default=None, help="study name; an existing study is resumed")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=DEFAULT_HEARTBEAT_S,
+        metavar="SECONDS",
+        help="a running trial beats this often; one silent for two beats is failed and "
+        f"retried by another worker (default {DEFAULT_HEARTBEAT_S})",
+    )
+    p.add_argument(
+        "--max-retry",
+        type=int,
+        default=DEFAULT_MAX_RETRY,
+        metavar="N",
+        help=f"retries of a trial whose worker died (default {DEFAULT_MAX_RETRY})",
+    )
     p.add_argument(
         "--pruner",
         default="median",
@@ -199,6 +233,7 @@ def cmd_find_batch(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     from cadence.tune.space import load_space, parse_space, split_search_section
+    from cadence.tune.storage import open_storage
     from cadence.tune.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,11 +245,28 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
             "tune: no search space; add a search: section to the config or give --space FILE"
         )
     params = parse_space(space, base)
-    if args.trials < 1:
-        raise ConfigError(f"--trials: must be >= 1, got {args.trials}")
+    if args.trials is None and args.study_trials is None:
+        raise ConfigError(
+            "tune: give --trials N (run N more trials) or --study-trials N (run until the "
+            "study holds N, with every worker on the same --storage and --study)"
+        )
+    for flag, value in (("--trials", args.trials), ("--study-trials", args.study_trials)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    # A named storage is opened (and so checked) before the run directory is made.
+    store = None
+    if args.storage is not None:
+        store = open_storage(
+            args.storage, Path("."), heartbeat_s=args.heartbeat, max_retry=args.max_retry
+        )
     out = _out_dir(args.run_dir, "tune", base.workload)
+    budget = (
+        f"{args.trials} trials"
+        if args.trials is not None
+        else f"until the study holds {args.study_trials} trials"
+    )
     console.print(
-        f"tuning {', '.join(p.key for p in params)} on {base.workload}: {args.trials} trials, "
+        f"tuning {', '.join(p.key for p in params)} on {base.workload}: {budget}, "
         f"pruner {args.pruner}, {base.train.max_steps} steps each at most"
     )
 
@@ -222,19 +274,23 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
         vals = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in row["params"].items())
         value = "-" if row["value"] is None else f"{row['value']:.5g}"
         state = row["state"].lower()
+        retry = "" if row["retry_of"] is None else f", retries trial {row['retry_of']}"
         console.print(
-            f"trial {i}/{n} [{state}] {vals} -> {args.metric} {value} ({row['steps']} steps)"
+            f"trial {i}/{n} \\[{state}] {vals} -> {args.metric} {value} ({row['steps']} steps{retry})"
         )
 
     result = run_sweep(
         base,
         params,
         trials=args.trials,
+        study_trials=args.study_trials,
         out_dir=out,
-        storage=args.storage,
+        storage=store,
         study_name=args.study,
         pruner=args.pruner,
         metric=args.metric,
+        heartbeat_s=args.heartbeat,
+        max_retry=args.max_retry,
         on_trial=on_trial,
     )
     table = Table(title=f"best of {result.study_name}", show_header=False)
@@ -242,9 +298,11 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
         table.add_row(k, f"[bold]{_fmt(v)}")
     table.add_row(result.metric, f"{result.best_value:.6g}")
     table.add_row(
-        "trials",
+        "trials" if len(result.workers) < 2 else "trials (this worker)",
         f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed",
     )
+    if len(result.workers) > 1 or result.study_trials is not None:
+        table.add_row("study", f"{result.n_study_trials} trials by {len(result.workers)} worker(s)")
     table.add_row("steps spent", f"{result.total_steps:,}")
     table.add_row("storage", result.storage)
     table.add_row("wrote", f"{out / 'best.yaml'}, {out / 'tune.json'}, {out / 'plots'}")
