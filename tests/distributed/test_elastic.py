@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from cadence.config import ConfigError
+from cadence.run.rundir import prepare_run_dir
 from cli_helpers import as_sets, cli_env
 
 from .conftest import (
@@ -182,3 +186,16 @@ def test_a_node_that_joins_a_running_job_is_used_from_the_restart_it_causes(tmp_
     run_in_process("train", *as_sets(cfg), "--run-dir", str(ref))
     assert_same_rows(rows(run), rows(ref))
     assert_same_weights(run / "model.safetensors", ref / "model.safetensors")
+
+
+def test_a_worker_restarted_over_its_run_without_resume_auto_is_told_to_add_it(
+    tmp_path, monkeypatch
+):
+    """torchrun's agent restarts a job whose membership changed with the same command line and
+    no restart count; a plain `--run-dir` then finds its directory taken."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="resume it with `cadence train --resume"):
+        prepare_run_dir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    with pytest.raises(ConfigError, match="add --resume auto so that torchrun's restarts"):
+        prepare_run_dir(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,16 @@ def prepare_run_dir(run_dir: Path, over_partial: bool = False) -> None:
     died before its first checkpoint (``--resume auto``, a torchrun restart) has nothing to
     resume, and starts again in its directory."""
     if (run_dir / "metrics.jsonl").exists() and not over_partial:
+        # Under torchrun (an agent's run id in the environment), the same command is started
+        # again by the agent itself when the job's membership changes; --resume auto is the
+        # form that continues then.
+        how = (
+            "add --resume auto so that torchrun's restarts continue it"
+            if os.environ.get("TORCHELASTIC_RUN_ID")
+            else f"resume it with `cadence train --resume {run_dir}`"
+        )
         raise ConfigError(
-            f"--run-dir {run_dir}: already holds a run; resume it with "
-            f"`cadence train --resume {run_dir}`, or choose another directory"
+            f"--run-dir {run_dir}: already holds a run; {how}, or choose another directory"
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
