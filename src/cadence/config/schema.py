@@ -126,7 +126,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # save a checkpoint every N steps (always at the end)
     keep_checkpoints: int = 3  # keep the newest N checkpoints (plus the best by the metric)
     # write checkpoints on a background thread: training pauses only to copy the state to host
-    # memory (not for sharded FSDP2 checkpoints; the run's last checkpoint is written at once)
+    # memory (FSDP2: DCP's async_save of each rank's shards); the run's last one is written at once
     async_checkpoint: bool = False
     on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"  # policy for a NaN/inf step
     rollback_lr_factor: float = 0.5  # rollback: multiply the LR by this after each reload

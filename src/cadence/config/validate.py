@@ -373,11 +373,6 @@ def _check_train(cfg: Config) -> None:
         "train.on_nonfinite: rollback needs train.checkpoint_every (a checkpoint to go back to)",
     )
     _check_inspection(t)
-    _check(
-        not (t.async_checkpoint and t.distributed == "fsdp"),
-        "train.async_checkpoint: sharded (FSDP2) checkpoints are written synchronously; set "
-        "train.async_checkpoint=false, or train.distributed=ddp",
-    )
     _check(t.eval_every >= 1, f"train.eval_every: must be >= 1, got {t.eval_every}")
     _check(t.log_every >= 1, f"train.log_every: must be >= 1, got {t.log_every}")
     _check(

@@ -7,7 +7,9 @@ replicas are identical) and "sharded" (FSDP: `sharded/`, written by every rank t
 torch.distributed.checkpoint, see sharded.py). The folder is built under a temporary name,
 fsynced and renamed into place: a crash mid-save leaves the previous checkpoints as they were,
 and a file damaged later (truncated, flipped bytes, replaced) fails its checksum and is passed
-over for an older one.
+over for an older one. With train.async_checkpoint the same folder is written in the background
+(both layouts; the sharded one through DCP's async_save, renamed by rank 0 once every rank's
+shards are written): async_save.py says who waits where.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,8 +30,15 @@ from torch import Tensor
 
 from cadence.io import sha256_file
 from cadence.runtime.distributed import World, barrier, broadcast_object
+from cadence.training.async_save import BackgroundWriter, host_copy
 from cadence.training.errors import CheckpointError  # also imported from here
-from cadence.training.sharded import DIRNAME, load_sharded, save_sharded
+from cadence.training.sharded import (
+    DIRNAME,
+    failed_writes,
+    load_sharded,
+    save_sharded,
+    start_sharded_save,
+)
 
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
@@ -102,8 +112,8 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
 
     Sharded runs: every rank writes its shards into the temporary folder rank 0 created; rank 0
     then adds trainer.pt and the manifest and renames the folder into place. Otherwise rank 0
-    alone writes (DDP replicas are identical), in the background with train.async_checkpoint
-    (async_save.py) unless this is the run's last checkpoint.
+    alone writes (DDP replicas are identical). With train.async_checkpoint both happen in the
+    background (async_save.py), unless this is the run's last checkpoint.
     """
     world = trainer.world
     final = root / f"step_{trainer.state.step:08d}"
@@ -117,16 +127,15 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier(world)
-    if writer is not None and not trainer.sharded and not trainer.stopping:
-        if world.is_main:
-            job = _Job(trainer, root, tmp, final, keep_last, snapshot=True)
-            writer.submit(job.write)
+    if writer is not None and not trainer.stopping:
+        job = _Job.make(trainer, root, tmp, final, keep_last, snapshot=True)
+        _submit(trainer, writer, tmp, job)
         barrier(world)
         return final
     try:
         sharded = save_sharded(trainer, tmp / DIRNAME) if trainer.sharded else None  # collective
-        if world.is_main:
-            job = _Job(trainer, root, tmp, final, keep_last, snapshot=False)
+        job = _Job.make(trainer, root, tmp, final, keep_last, snapshot=False)
+        if job is not None:
             if sharded is not None:
                 job.state["sharded"] = sharded
             job.write()
@@ -135,6 +144,35 @@ def save_checkpoint(trainer: Trainer, root: Path, keep_last: int = 3) -> Path:
             shutil.rmtree(tmp)
     barrier(world)
     return final
+
+
+def _submit(trainer: Trainer, writer: BackgroundWriter, tmp: Path, job: _Job | None) -> None:
+    """Hand this save to the background writer; `job`: rank 0's part (None on the others).
+
+    Whole checkpoints: rank 0's thread writes the folder. Sharded: every rank starts DCP's
+    asynchronous save of its shards (a collective, at the same save on every rank) and its
+    thread waits for it; rank 0's then writes trainer.pt and the manifest and renames the
+    folder. DCP gathers every rank's write on rank 0 before its save there ends, so the manifest
+    lists every rank's finished shards without a barrier. A rank killed before that leaves the
+    folder unrenamed; the others' saves then fail (at the latest at train.dist_timeout_s).
+    """
+    if not trainer.sharded:
+        if job is not None:
+            writer.submit(job.write)
+        return
+    small, written = start_sharded_save(trainer, tmp / DIRNAME)
+    if job is None:
+        writer.submit(lambda: _finished(written))
+        return
+    job.state["sharded"] = host_copy(small)
+    writer.submit(lambda: job.write(after=lambda: _finished(written)))
+
+
+def _finished(written: Future) -> None:
+    """Until DCP's background save of this rank's shards ends; its error if it failed (on any
+    rank: DCP's write step tells every rank)."""
+    with failed_writes():
+        written.result()
 
 
 def _files(folder: Path) -> list[str]:
@@ -146,6 +184,13 @@ class _Job:
     (the write happens later, on another thread, while training changes the live tensors);
     otherwise read from the trainer while writing, as a synchronous save does."""
 
+    @classmethod
+    def make(
+        cls, trainer: Trainer, root: Path, tmp: Path, final: Path, keep: int, snapshot: bool
+    ) -> _Job | None:
+        """Rank 0's job; None on the other ranks (they write shards, if anything)."""
+        return cls(trainer, root, tmp, final, keep, snapshot) if trainer.world.is_main else None
+
     def __init__(
         self, trainer: Trainer, root: Path, tmp: Path, final: Path, keep: int, snapshot: bool
     ) -> None:
@@ -155,16 +200,19 @@ class _Job:
         self.step, self.world_size = trainer.state.step, trainer.world.size
         self.weights: Callable[[Path], None] = trainer.save_weights
         if snapshot:
-            from cadence.training.async_save import host_copy
-
             self.state = host_copy(self.state)
+        if snapshot and not trainer.sharded:  # sharded weights: in DCP's copy (sharded.py)
             with trainer.averaged_weights():  # what save_weights would write
                 weights = host_copy(dict(trainer.model.state_dict()))
             model = trainer.model
             self.weights = lambda path: save_whole_weights(model, weights, path)
 
-    def write(self) -> None:
+    def write(self, after: Callable[[], None] | None = None) -> None:
+        """The folder, checksummed and renamed into place; ``after``: what must end first (a
+        sharded save: every rank's shards). Whatever fails, no temporary folder is left."""
         try:
+            if after is not None:
+                after()
             self._write()
         finally:
             if self.tmp.exists():

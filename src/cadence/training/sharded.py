@@ -16,6 +16,10 @@ The DCP state is flat and keyed by name, so nothing depends on the order of opti
 Why not DCP's `get_optimizer_state_dict`: its name mapping fails on cadence's optimizers (a tied
 embedding/head weight, Muon + AdamW as two torch optimizers). Keying by parameter name ourselves
 is a few lines; group hyperparameters and non-tensor state go into trainer.pt with the rest.
+
+With train.async_checkpoint, `start_sharded_save` hands the same tensors to DCP's
+``async_save`` (staged to host memory, written on a thread over a gloo group of its own); see
+async_save.py for who waits where.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +44,14 @@ from cadence.training.errors import CheckpointError
 if TYPE_CHECKING:
     from cadence.training.trainer import Trainer
 
-__all__ = ["DIRNAME", "consolidate", "load_sharded", "save_sharded"]
+__all__ = [
+    "DIRNAME",
+    "consolidate",
+    "failed_writes",
+    "load_sharded",
+    "save_sharded",
+    "start_sharded_save",
+]
 
 DIRNAME = "sharded"
 
@@ -56,17 +69,15 @@ def _names(trainer: Trainer) -> dict[int, str]:
     return {id(p): n for n, p in reshard(trainer.model).named_parameters()}
 
 
-def save_sharded(trainer: Trainer, path: Path) -> dict[str, Any]:
-    """Write this rank's shards under `path` (a collective: every rank calls it).
-
-    Returns what goes into trainer.pt instead: the optimizer groups with parameter names, the
-    optimizer's non-tensor state and the EMA decay.
-    """
+def _tensors_and_small(trainer: Trainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Everything but the evaluated weights (``model/``, read under `averaged_weights`): the
+    DCP tensors, and what goes into trainer.pt instead (the optimizer groups with parameter
+    names, the optimizer's non-tensor state, the EMA decay)."""
     names = _names(trainer)
-    model = trainer.model
     tensors: dict[str, Tensor] = {}
     if is_schedule_free(trainer.optimizer):
-        tensors.update({f"train/{k}": v.detach().clone() for k, v in model.state_dict().items()})
+        sd = trainer.model.state_dict()
+        tensors.update({f"train/{k}": v.detach().clone() for k, v in sd.items()})
     groups: list[list[dict[str, Any]]] = []
     extra: dict[str, Any] = {}
     for opt in inner_optimizers(trainer.optimizer):
@@ -81,14 +92,89 @@ def save_sharded(trainer: Trainer, path: Path) -> dict[str, Any]:
         groups.append(own)
     if trainer.ema is not None:
         tensors.update({f"ema/{n}": s for n, s in zip(trainer.ema.names, trainer.ema.shadow)})
-    with trainer.averaged_weights():
-        tensors.update({f"model/{k}": v for k, v in reshard(model).state_dict().items()})
-        with _single_process_ok():
-            _dcp().save(tensors, checkpoint_id=path, no_dist=not trainer.world.active)
     small: dict[str, Any] = {"optimizer_groups": groups, "optimizer_extra": extra}
     if trainer.ema is not None:
         small["ema_decay"] = trainer.ema.decay
+    return tensors, small
+
+
+def save_sharded(trainer: Trainer, path: Path) -> dict[str, Any]:
+    """Write this rank's shards under `path` (a collective: every rank calls it).
+
+    Returns what goes into trainer.pt instead: the optimizer groups with parameter names, the
+    optimizer's non-tensor state and the EMA decay.
+    """
+    tensors, small = _tensors_and_small(trainer)
+    with trainer.averaged_weights():
+        tensors.update({f"model/{k}": v for k, v in reshard(trainer.model).state_dict().items()})
+        with _single_process_ok(), failed_writes():
+            _dcp().save(tensors, checkpoint_id=path, no_dist=not trainer.world.active)
     return small
+
+
+def start_sharded_save(trainer: Trainer, path: Path) -> tuple[dict[str, Any], Future]:
+    """`save_sharded` in the background (every rank calls it, at the same save).
+
+    DCP's ``async_save`` copies this rank's shards into host memory before it returns (inside
+    `averaged_weights`, so schedule-free's averaged weights are what is copied), then plans and
+    writes them on a thread of its own, over `background_group`. Returns trainer.pt's part, as
+    `save_sharded` does, and the future of the write: it resolves once every rank's shards and
+    DCP's metadata are on disk, or raises DCP's CheckpointException on every rank.
+    """
+    tensors, small = _tensors_and_small(trainer)
+    active = trainer.world.active
+    if not active:
+        _quiet_single_process_saves()
+    with trainer.averaged_weights():
+        tensors.update({f"model/{k}": v for k, v in reshard(trainer.model).state_dict().items()})
+        started = _dcp().async_save(
+            tensors, checkpoint_id=path, process_group=background_group(trainer), no_dist=not active
+        )
+    # torch returns an AsyncSaveResponse where staging itself is asynchronous (not here)
+    return small, getattr(started, "upload_completion", started)
+
+
+def background_group(trainer: Trainer) -> Any:
+    """The gloo group of DCP's background saves, made at the first (every rank is at that save).
+
+    Not the training group: DCP's collectives run on its thread while training's run on the
+    loop, and collectives of one group must come in the same order on every rank. gloo even
+    where training uses nccl: DCP's async save needs a CPU backend. None in one process."""
+    writer = trainer.writer
+    assert writer is not None, "a background save needs train.async_checkpoint"
+    if writer.group is None and trainer.world.active:
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=trainer.cfg.train.dist_timeout_s)
+        writer.group = dist.new_group(backend="gloo", timeout=timeout)
+    return writer.group
+
+
+@contextlib.contextmanager
+def failed_writes() -> Iterator[None]:
+    """A DCP save that failed on some rank as that rank's OSError (a full disk), raised on every
+    rank: the CLI reports an OSError in one line, as it does for a whole checkpoint's failed
+    write, where DCP's CheckpointException (a BaseException) prints every rank's traceback.
+    Other failures stay DCP's exception, which names the ranks."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        for _, (error, _trace) in sorted(exc.failures.items()):
+            if isinstance(error, OSError):
+                raise error from None
+        raise
+
+
+def _quiet_single_process_saves() -> None:
+    """DCP warns that it "assumes the intent is to save in a single process" from the thread of
+    a background save, where `_single_process_ok`'s catch_warnings (not thread-safe, and over by
+    then) cannot reach; one process under train.distributed=fsdp means exactly that, so the
+    message is filtered for the process (filterwarnings drops a filter it already has)."""
+    warnings.filterwarnings(
+        "ignore", message=".*intent is to save in a single process", category=UserWarning
+    )
 
 
 def _metadata(path: Path) -> dict[str, Any]:
