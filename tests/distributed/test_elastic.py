@@ -125,7 +125,7 @@ def test_a_job_that_loses_a_node_finishes_on_the_other_as_one_process_would(tmp_
         "train.keep_checkpoints=20",
     ]
     port, logs = _free_port(), [tmp_path / "node0.log", tmp_path / "node1.log"]
-    nodes = [agent(n, port, run, cfg, logs[n]) for n in (0, 1)]
+    nodes = [agent(n, port, run, cfg, logs[n], last_call=3) for n in (0, 1)]
     wait_rows(run / "metrics.jsonl", 30, nodes)  # past the step-20 checkpoint
     assert written_by(run)[20] == 2  # both nodes trained until now
     for pid in reversed(process_tree(nodes[1].pid)):  # the agent and its worker, at once
