@@ -230,3 +230,41 @@ def _writable(folder: Path) -> bool:
         return False
     probe.unlink()
     return True
+
+
+def test_a_database_lost_mid_study_is_one_line_and_exit_1(config, tmp_path, monkeypatch, capsys):
+    """The server going away mid-study (seen by hand: PostgreSQL stopped under a running worker)
+    reaches the trial loop as a chain: psycopg's error, SQLAlchemy's OperationalError, Optuna's
+    StorageInternalError, and then an error of Optuna's own loop (UnboundLocalError in Optuna
+    5.1) with the rest as its context. The CLI finds the database error in the chain."""
+    import psycopg
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import OperationalError
+
+    from cadence.cli import main as cadence_main
+
+    refused = 'connection failed: connection to server at "127.0.0.1", port 1 failed'
+
+    def lost(*args: object, **kwargs: object) -> None:
+        db = OperationalError("SELECT 1", {}, psycopg.OperationalError(refused))
+        commit = StorageInternalError("An exception is raised during the commit.")
+        commit.__cause__ = db
+        loop = UnboundLocalError("cannot access local variable 'updated_state'")
+        loop.__context__ = commit
+        raise loop
+
+    monkeypatch.setattr("cadence.tune.sweep.run_sweep", lost)
+    journal = f"journal:{tmp_path / 'study.log'}"
+    argv = ["tune", str(config), "--study-trials", "2", "--storage", journal, "--run-dir"]
+    rc = cadence_main([*argv, str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"cadence: error: --storage {journal}: the study's database failed")
+    assert refused in err[0] and "run the same command again to resume" in err[0]
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise UnboundLocalError("a bug of ours, not the database's")
+
+    monkeypatch.setattr("cadence.tune.sweep.run_sweep", bug)
+    with pytest.raises(UnboundLocalError):  # anything else is not hidden
+        cadence_main([*argv, str(tmp_path / "out2")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,33 @@ def add_parsers(sub: Any) -> None:
         "--run-dir", "--out", dest="run_dir", default=None, help="default: runs/tune-NAME-TIME"
     )
     p.set_defaults(func=cmd_tune)
+
+
+def _database_lost(exc: BaseException) -> str | None:
+    """The first line of the database error behind ``exc`` (a server that went away, a connection
+    cut), or None when none is: a runtime fault of the machine, like a full disk, not a bug to
+    show a traceback for. The whole chain is searched: Optuna re-raises a failed commit as its
+    own StorageInternalError, and its trial loop can then fail on its own (seen with Optuna 5.1:
+    an UnboundLocalError whose context is the database error)."""
+    try:
+        from optuna.exceptions import StorageInternalError
+        from sqlalchemy.exc import DBAPIError
+    except ImportError:  # pragma: no cover - optuna depends on sqlalchemy
+        return None
+    found: str | None = None
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DBAPIError):
+            text = str(getattr(e, "orig", None) or e).strip()
+            return text.splitlines()[0][:200] if text else type(e).__name__
+        if isinstance(e, StorageInternalError) and found is None:
+            found = str(e).strip().splitlines()[0][:200] or type(e).__name__
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return found
 
 
 def _out_dir(given: str | None, kind: str, workload: str) -> Path:
@@ -279,20 +307,32 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
             f"trial {i}/{n} \\[{state}] {vals} -> {args.metric} {value} ({row['steps']} steps{retry})"
         )
 
-    result = run_sweep(
-        base,
-        params,
-        trials=args.trials,
-        study_trials=args.study_trials,
-        out_dir=out,
-        storage=store,
-        study_name=args.study,
-        pruner=args.pruner,
-        metric=args.metric,
-        heartbeat_s=args.heartbeat,
-        max_retry=args.max_retry,
-        on_trial=on_trial,
-    )
+    try:
+        result = run_sweep(
+            base,
+            params,
+            trials=args.trials,
+            study_trials=args.study_trials,
+            out_dir=out,
+            storage=store,
+            study_name=args.study,
+            pruner=args.pruner,
+            metric=args.metric,
+            heartbeat_s=args.heartbeat,
+            max_retry=args.max_retry,
+            on_trial=on_trial,
+        )
+    except Exception as exc:
+        lost = _database_lost(exc)
+        if lost is None:
+            raise
+        where = store.display if store is not None else str(out / "study.db")
+        print(
+            f"cadence: error: --storage {where}: the study's database failed mid-study ({lost}); "
+            "finished trials are kept there: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 1
     table = Table(title=f"best of {result.study_name}", show_header=False)
     for k, v in result.best_params.items():
         table.add_row(k, f"[bold]{_fmt(v)}")
