@@ -110,6 +110,19 @@ def test_the_draw_is_poisson_at_the_sampling_rate_and_a_function_of_the_step() -
     assert torch.equal(priv.draw(7), priv.draw(7)) and not torch.equal(priv.draw(7), priv.draw(8))
 
 
+def test_a_run_resumed_on_fewer_processes_draws_the_same_examples_in_passes_of_its_share():
+    """TrainState.pass_size (an elastic job that lost a node) splits the draw into passes no
+    larger than each process had; the examples and the loss units are the draw's."""
+    cfg, w, _ = _private("privacy.noise_multiplier=1")
+    priv = Trainer(cfg, w).privacy
+    whole, units = priv.batches(3)
+    share = -(-64 // 2)  # batch.size 64 over the two processes that wrote the checkpoint
+    parts, parts_units = priv.batches(3, share)
+    assert len(whole) == 1 and units == parts_units == len(priv.draw(3))
+    assert len(parts) == -(-units // share)
+    torch.testing.assert_close(torch.cat([x for x, _ in parts]), whole[0][0], rtol=0, atol=0)
+
+
 def test_disabled_privacy_is_bitwise_the_plain_run() -> None:
     def weights(cfg):
         w = build_workload(cfg)

@@ -189,7 +189,7 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
         """The micro-batches of the next global batch, taken at the current data position
         (privacy.enabled: the step's Poisson draw)."""
         if self.privacy is not None:
-            return self.privacy.batches(self.state.step)
+            return self.privacy.batches(self.state.step, self.state.pass_size)
         self.skip_data()  # train.skip_samples, or the window a spike's rollback skips
         if self.prefetcher is None:
             micro, units = self._read_batches(self.state.samples, size)
