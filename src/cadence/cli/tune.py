@@ -106,33 +106,6 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def _database_lost(exc: BaseException) -> str | None:
-    """The first line of the database error behind ``exc`` (a server that went away, a connection
-    cut), or None when none is: a runtime fault of the machine, like a full disk, not a bug to
-    show a traceback for. The whole chain is searched: Optuna re-raises a failed commit as its
-    own StorageInternalError, and its trial loop can then fail on its own (seen with Optuna 5.1:
-    an UnboundLocalError whose context is the database error)."""
-    try:
-        from optuna.exceptions import StorageInternalError
-        from sqlalchemy.exc import DBAPIError
-    except ImportError:  # pragma: no cover - optuna depends on sqlalchemy
-        return None
-    found: str | None = None
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DBAPIError):
-            text = str(getattr(e, "orig", None) or e).strip()
-            return text.splitlines()[0][:200] if text else type(e).__name__
-        if isinstance(e, StorageInternalError) and found is None:
-            found = str(e).strip().splitlines()[0][:200] or type(e).__name__
-        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return found
-
-
 def _out_dir(given: str | None, kind: str, workload: str) -> Path:
     if given is not None:
         path = Path(given)
@@ -261,8 +234,8 @@ def cmd_find_batch(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_tune(args: argparse.Namespace, console: Console) -> int:
     from cadence.tune.space import load_space, parse_space, split_search_section
-    from cadence.tune.storage import open_storage
-    from cadence.tune.sweep import run_sweep
+    from cadence.tune.storage import database_error, open_storage
+    from cadence.tune.sweep import check_budget, run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         base, space = split_search_section(args.config, args.overrides, Path(tmp))
@@ -273,14 +246,7 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
             "tune: no search space; add a search: section to the config or give --space FILE"
         )
     params = parse_space(space, base)
-    if args.trials is None and args.study_trials is None:
-        raise ConfigError(
-            "tune: give --trials N (run N more trials) or --study-trials N (run until the "
-            "study holds N, with every worker on the same --storage and --study)"
-        )
-    for flag, value in (("--trials", args.trials), ("--study-trials", args.study_trials)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    check_budget(args.trials, args.study_trials)
     # A named storage is opened (and so checked) before the run directory is made.
     store = None
     if args.storage is not None:
@@ -323,7 +289,7 @@ def cmd_tune(args: argparse.Namespace, console: Console) -> int:
             on_trial=on_trial,
         )
     except Exception as exc:
-        lost = _database_lost(exc)
+        lost = database_error(exc)
         if lost is None:
             raise
         where = store.display if store is not None else str(out / "study.db")

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT_S",
     "DEFAULT_MAX_RETRY",
     "StudyStorage",
+    "database_error",
     "open_storage",
 ]
 
@@ -194,6 +195,30 @@ def _first_line(exc: object) -> str:
     """A driver's message, often several lines (libpq adds hints), as one line."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def database_error(exc: BaseException) -> str | None:
+    """The first line of the database error behind ``exc`` raised mid-study (a server that went
+    away, a connection cut), or None when there is none: a runtime fault of the machine, like a
+    full disk, not a bug to show a traceback for. The whole chain is searched: Optuna re-raises a
+    failed commit as its own StorageInternalError, and its trial loop can then fail on its own
+    (seen with Optuna 5.1: an UnboundLocalError whose context is the database error)."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy import exc as sa_exc
+
+    found: str | None = None
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sa_exc.DBAPIError):
+            return _first_line(getattr(e, "orig", None) or e)[:200]
+        if isinstance(e, StorageInternalError) and found is None:
+            found = _first_line(e)[:200]
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return found
 
 
 def _postgres_driver(display: str) -> str:

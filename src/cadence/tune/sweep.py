@@ -50,6 +50,7 @@ __all__ = [
     "PruningCallback",
     "TuneResult",
     "apply_params",
+    "check_budget",
     "load_space",
     "make_pruner",
     "parse_space",
@@ -175,6 +176,19 @@ class _WorkloadCache:
         return w
 
 
+def check_budget(trials: int | None, study_trials: int | None) -> None:
+    """Exactly one budget, at least one trial: checked by `run_sweep` and, before it opens the
+    storage or makes the run directory, by `cadence tune`."""
+    if (trials is None) == (study_trials is None):
+        raise ConfigError(
+            "tune: give one of --trials N (run N more trials) or --study-trials N (run until the "
+            "study holds N, with every worker on the same --storage and --study)"
+        )
+    for flag, value in (("--trials", trials), ("--study-trials", study_trials)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+
+
 def run_sweep(
     base: Config,
     space: dict[str, Any] | Sequence[Param],
@@ -218,12 +232,7 @@ def run_sweep(
         worker_id,
     )
 
-    if (trials is None) == (study_trials is None):
-        raise ConfigError("tune: give either --trials N (more trials) or --study-trials N")
-    if trials is not None and trials < 1:
-        raise ConfigError(f"--trials: must be >= 1, got {trials}")
-    if study_trials is not None and study_trials < 1:
-        raise ConfigError(f"--study-trials: must be >= 1, got {study_trials}")
+    check_budget(trials, study_trials)
     params = list(space) if not isinstance(space, dict) else parse_space(space, base)
     out = Path(out_dir)
     store = storage
