@@ -115,7 +115,7 @@ def test_a_run_resumed_on_fewer_processes_draws_the_same_examples_in_passes_of_i
     larger than each process had; the examples and the loss units are the draw's."""
     cfg, w, _ = _private("privacy.noise_multiplier=1")
     priv = Trainer(cfg, w).privacy
-    whole, units = priv.batches(3)
+    whole, units = priv.batches(3, cfg.batch.micro_size)  # none: one pass
     share = -(-64 // 2)  # batch.size 64 over the two processes that wrote the checkpoint
     parts, parts_units = priv.batches(3, share)
     assert len(whole) == 1 and units == parts_units == len(priv.draw(3))

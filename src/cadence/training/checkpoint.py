@@ -364,7 +364,7 @@ def adapt_to_world(trainer: Trainer, written_by: int) -> None:
     now = trainer.world.size
     if written_by == now:
         return
-    limit = trainer.cfg.batch.micro_size or trainer.state.pass_size
+    limit = trainer.micro_size
     if written_by > now and limit is None:
         limit = trainer.state.pass_size = -(-trainer.ramp.max_size // written_by)
     if trainer.world.is_main:

@@ -227,11 +227,10 @@ class PrivateGradients:
         chosen = torch.rand(self.n, generator=_generator(self.seed, step, _DRAW)) < self.sample_rate
         return torch.nonzero(chosen).flatten()
 
-    def batches(self, step: int, pass_size: int | None = None) -> tuple[list[Any], int]:
-        """Step ``step``'s draw as micro-batches (batch.micro_size, else ``pass_size``: the
-        limit a run resumed on fewer processes keeps, TrainState.pass_size), and its loss units."""
+    def batches(self, step: int, micro_size: int | None) -> tuple[list[Any], int]:
+        """Step ``step``'s draw as micro-batches of at most ``micro_size`` (the trainer's: its
+        batch.micro_size, or the limit of a run resumed on fewer processes), and its loss units."""
         # no padding across ranks: the model is called outside DDP, so no forward is collective
-        micro_size = self.cfg.batch.micro_size or pass_size
         return share_of(self.workload, self.draw(step), self.world, micro_size, pad_to=None)
 
     def backward(

@@ -189,7 +189,7 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
         """The micro-batches of the next global batch, taken at the current data position
         (privacy.enabled: the step's Poisson draw)."""
         if self.privacy is not None:
-            return self.privacy.batches(self.state.step, self.state.pass_size)
+            return self.privacy.batches(self.state.step, self.micro_size)
         self.skip_data()  # train.skip_samples, or the window a spike's rollback skips
         if self.prefetcher is None:
             micro, units = self._read_batches(self.state.samples, size)
@@ -220,8 +220,14 @@ class Trainer(Checkpointable, StopDecisions, ScheduledReads, Guards, InspectDeci
 
         return self.compiler.run(step, lambda: self.optimizer.zero_grad(set_to_none=True))
 
+    @property
+    def micro_size(self) -> int | None:
+        """Samples per forward/backward pass on a process: batch.micro_size, else the limit a
+        run resumed on fewer processes keeps (TrainState.pass_size), else none."""
+        return self.cfg.batch.micro_size or self.state.pass_size
+
     def _read_batches(self, position: int, size: int) -> tuple[list[Any], int]:
-        micro = self.cfg.batch.micro_size or self.state.pass_size
+        micro = self.micro_size
         return global_batch(self.workload, self.sampler, self.world, position, size, micro)
 
     def close(self) -> None:
