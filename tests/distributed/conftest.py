@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,13 @@ def _no_plots() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("cadence.run.rundir.plot_run", lambda *a, **k: None)
         yield
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a rendezvous endpoint on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from .conftest import (
     DIGITS,
     assert_same_rows,
     assert_same_weights,
+    free_port,
     rows,
     run_in_process,
     truncated_copy,
@@ -47,12 +47,6 @@ ELASTIC = [*DIGITS, "batch.micro_size=null", "train.eval_every=100"]
 # node dead and started a job of its own on the same directory (seen on torch 2.13); torch's
 # default (5 s, 3 beats) is what the growing test uses.
 FAST = "keep_alive_interval=1,keep_alive_max_attempt=2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent(
@@ -124,7 +118,7 @@ def test_a_job_that_loses_a_node_finishes_on_the_other_as_one_process_would(tmp_
         "train.checkpoint_every=20",
         "train.keep_checkpoints=20",
     ]
-    port, logs = _free_port(), [tmp_path / "node0.log", tmp_path / "node1.log"]
+    port, logs = free_port(), [tmp_path / "node0.log", tmp_path / "node1.log"]
     nodes = [agent(n, port, run, cfg, logs[n], last_call=3) for n in (0, 1)]
     wait_rows(run / "metrics.jsonl", 30, nodes)  # past the step-20 checkpoint
     assert written_by(run)[20] == 2  # both nodes trained until now
@@ -158,7 +152,7 @@ def test_a_node_that_joins_a_running_job_is_used_from_the_restart_it_causes(tmp_
     so the growth comes at the same step however fast this machine starts node 1."""
     run, ref = tmp_path / "run", tmp_path / "ref"
     cfg = [*ELASTIC, "train.max_steps=300", "train.checkpoint_every=100"]
-    port, logs = _free_port(), [tmp_path / "node0.log", tmp_path / "node1.log"]
+    port, logs = free_port(), [tmp_path / "node0.log", tmp_path / "node1.log"]
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "LOGLEVEL": "INFO"}
     nodes = [agent(0, port, run, cfg, logs[0], fast=False, last_call=1, **env)]
     wait_rows(run / "metrics.jsonl", 50, nodes)  # one process is training

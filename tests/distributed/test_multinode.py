@@ -6,7 +6,6 @@ exactly as two machines would at a shared address. The run must be the run one p
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +15,16 @@ from cli_helpers import as_sets, cli_env
 from .conftest import (
     DIGITS,
     assert_same_rows,
+    free_port,
     rows,
     run_in_process,
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_through_rendezvous_match_one_process(tmp_path: Path) -> None:
     cfg = [*DIGITS, "train.max_steps=6", "train.eval_every=3"]
     run_in_process("train", *as_sets(cfg), "--run-dir", str(tmp_path / "one"))
-    port = _free_port()
+    port = free_port()
     nodes = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
